@@ -26,6 +26,7 @@ __all__ = [
     "default_model_path",
     "load_default_model",
     "load_model",
+    "model_source",
 ]
 
 #: The name that stands for the embedded default model wherever a model id or path is accepted.
@@ -199,3 +200,20 @@ def _load_folder(source: str | Path, name: str, kwargs: dict[str, Any]):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {name!r} as a causal LM: {reason}") from None
     return model, tokenizer
+
+
+def model_source(model) -> dict[str, str | None]:
+    """Where a model came from, for artifacts and model cards: ``{"name", "revision", "note"}``.
+
+    For the default model's cache folder this names the original checkpoint and says that the
+    weights are dequantised Q4_1, rather than reporting a local path.
+    """
+    from .architectures import unwrap_model
+
+    config = unwrap_model(model).config
+    name = getattr(config, "_name_or_path", "") or type(unwrap_model(model)).__name__
+    marker = Path(name) / _SOURCE_FILE if name else None
+    if marker is not None and marker.is_file():
+        info = json.loads(marker.read_text())
+        return {"name": info["base_model"], "revision": None, "note": f"{info['note']} (from {info['source']})"}
+    return {"name": name, "revision": getattr(config, "_commit_hash", None), "note": None}

@@ -1,0 +1,52 @@
+"""Publishing to the Hugging Face Hub: checks first, then one commit of a freshly written folder."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import IVTrainerError
+
+__all__ = ["HubError", "push_folder"]
+
+
+class HubError(IVTrainerError, ValueError):
+    """Pushing cannot start: no repo id or no token."""
+
+
+def _check(repo_id: str | None, token: str | None) -> str:
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        raise HubError("pushing needs a repo id such as 'your-name/model-name'")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubError(f"invalid repo id {repo_id!r}: {str(exc).splitlines()[0]}") from None
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass token=...")
+    return token
+
+
+def push_folder(
+    write: Callable[[Path], object],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload with ivtrainer",
+) -> str:
+    """Check the repo id and token, let ``write(folder)`` fill a temporary folder, upload it as one
+    commit (creating the model repo if needed) and return the commit URL."""
+    from huggingface_hub import HfApi
+
+    token = _check(repo_id, token)
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp))
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message)
+    return commit.commit_url if hasattr(commit, "commit_url") else str(commit)

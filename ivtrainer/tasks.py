@@ -1,0 +1,109 @@
+"""Task data: built-in word-level tasks and loading of a user's ``{"input", "output"}`` pairs.
+
+Built-in tasks are JSON files shipped in the package (``ivtrainer/data/tasks``), written by hand
+(antonym, country_capital, present_past, singular_plural) or generated from those words
+(uppercase, first_letter). Each splits deterministically into *extraction* pairs (two thirds:
+for extracting instruction vectors and choosing settings) and *held-out* pairs (one third: for
+reporting only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Example", "list_tasks", "load_examples", "load_task"]
+
+Example = dict[str, str]
+Split = Literal["extraction", "held_out", "all"]
+_FIELDS = ("input", "output")
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in tasks."""
+    folder = resources.files("ivtrainer") / "data" / "tasks"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_task(name: str, split: Split = "extraction") -> list[Example]:
+    """Pairs of a built-in task: ``split`` is ``"extraction"`` (2/3), ``"held_out"`` (1/3) or ``"all"``."""
+    tasks = list_tasks()
+    if name not in tasks:
+        raise ValueError(f"no built-in task {name!r}; choose one of {tasks} or pass a JSON/JSONL file")
+    if split not in ("extraction", "held_out", "all"):
+        raise ValueError(f"split must be 'extraction', 'held_out' or 'all', not {split!r}")
+    data = json.loads((resources.files("ivtrainer") / "data" / "tasks" / f"{name}.json").read_text())
+    pairs = [{"input": i, "output": o} for i, o in data["pairs"]]
+    if split == "all":
+        return pairs
+    random.Random(name).shuffle(pairs)  # fixed per task, independent of any user seed
+    cut = (2 * len(pairs)) // 3
+    return pairs[:cut] if split == "extraction" else pairs[cut:]
+
+
+def load_examples(examples: Any, *, source: str | None = None) -> list[Example]:
+    """Normalise task data to a list of ``{"input": str, "output": str}`` dicts.
+
+    Accepts a built-in task name (its extraction split), a JSON or JSONL file, a list of dicts or
+    a ``datasets.Dataset``. Raises ``ValueError`` naming the first missing or non-text field.
+    """
+    if isinstance(examples, (str, os.PathLike)):
+        path = Path(examples).expanduser()
+        if path.is_file():
+            return load_examples(_read_json_records(path), source=str(path))
+        if isinstance(examples, str) and examples in list_tasks():
+            return load_task(examples)
+        raise ValueError(
+            f"{os.fspath(examples)!r} is neither a file nor a built-in task; built-in tasks: {list_tasks()}"
+        )
+    if hasattr(examples, "column_names") and hasattr(examples, "to_list"):  # datasets.Dataset
+        missing = [f for f in _FIELDS if f not in examples.column_names]
+        if missing:
+            raise ValueError(
+                f"the dataset has no {missing[0]!r} column (columns: {examples.column_names}); "
+                "rename them with dataset.rename_column(old, new)"
+            )
+        examples = examples.to_list()
+    if not isinstance(examples, Iterable) or isinstance(examples, Mapping):
+        raise ValueError(f"examples must be a list of {{'input', 'output'}} dicts, not {type(examples).__name__}")
+    where = f" in {source}" if source else ""
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping):
+            raise ValueError(f"example {i}{where} is a {type(ex).__name__}, not a dict with 'input' and 'output'")
+        for field in _FIELDS:
+            if field not in ex:
+                raise ValueError(
+                    f"example {i}{where} has no {field!r} field (it has {sorted(ex)}); "
+                    "every example needs 'input' and 'output'"
+                )
+            if not isinstance(ex[field], str) or not ex[field].strip():
+                raise ValueError(f"example {i}{where}: {field!r} must be a non-empty string, got {ex[field]!r}")
+        out.append({"input": ex["input"], "output": ex["output"]})
+    if not out:
+        raise ValueError(f"no examples{where}: pass at least one {{'input', 'output'}} pair")
+    return out
+
+
+def _read_json_records(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is neither JSON nor JSONL: {exc}") from None
+    if isinstance(data, Mapping):  # {"pairs": [...]} or {"examples": [...]} or {"data": [...]}
+        for key in ("examples", "data", "pairs"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if isinstance(data, list) and data and isinstance(data[0], list):  # [["in", "out"], ...]
+        data = [{"input": a, "output": b} for a, b in data]
+    return data if isinstance(data, list) else [data]
