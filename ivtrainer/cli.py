@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import IVTrainerError
@@ -29,6 +30,66 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit_layer(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer index or 'auto', got {value!r}") from None
+
+
+def _extract_iv(args: argparse.Namespace) -> int:
+    from .hub import _check as check_push
+    from .instruction_vector import extract_instruction_vector
+    from .models import load_model
+    from .tasks import load_examples
+
+    # Everything that can be checked without the model is checked before loading it.
+    examples = load_examples(args.task)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise IVTrainerError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if args.push_to_hub:
+        check_push(args.push_to_hub, None)
+
+    model, tokenizer = load_model(args.model)
+    iv = extract_instruction_vector(
+        model,
+        tokenizer,
+        args.task if args.task in _builtin_tasks() else examples,
+        n_heads=args.n_heads,
+        n_shots=args.n_shots,
+        n_mean_prompts=args.n_mean_prompts,
+        n_cie_prompts=args.n_cie_prompts,
+        method=args.method,
+        edit_layer=args.edit_layer,
+        chat_template=args.chat_template,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    iv.save_pretrained(out)
+    print(f"top {len(iv.heads)} heads (layer, head: mean CIE):")
+    for (layer, head), score in zip(iv.heads, iv.head_scores, strict=True):
+        print(f"  L{layer:<3d} H{head:<3d} {score:+.4f}")
+    print(f"edit layer {iv.edit_layer} of {iv.n_layers}; vector norm {iv.vector.norm():.3f}")
+    print(f"saved to {out}")
+    if args.plot:
+        from .plotting import plot_cie
+
+        png = plot_cie(iv.cie, out / "cie_heatmap.png", heads=iv.heads, title=f"CIE, {iv.task or 'task'} ({args.method})")
+        print(f"heatmap: {png}")
+    if args.push_to_hub:
+        print(f"pushed: {iv.push_to_hub(args.push_to_hub)}")
+    return 0
+
+
+def _builtin_tasks() -> list[str]:
+    from .tasks import list_tasks
+
+    return list_tasks()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ivtrainer",
@@ -47,6 +108,29 @@ def _parser() -> argparse.ArgumentParser:
         "--model", default="default", help="'default', a Hub id, a local folder or a .gguf file"
     )
     info.set_defaults(func=_info)
+
+    ex = sub.add_parser(
+        "extract-iv",
+        help="extract a task's instruction vector by causal mediation analysis",
+        description="Find the attention heads that carry a task (causal mediation, Todd et al.) and save "
+        "their summed outputs as an instruction vector (safetensors + JSON + model card).",
+    )
+    ex.add_argument("--model", default="default", help="'default', a Hub id, a local folder or a .gguf file")
+    ex.add_argument("--task", required=True, help="a built-in task name or a JSON/JSONL file of {input, output}")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--method", choices=["exact", "atp"], default="exact")
+    ex.add_argument("--n-heads", type=int, default=10)
+    ex.add_argument("--n-shots", type=int, default=10)
+    ex.add_argument("--n-mean-prompts", type=int, default=100)
+    ex.add_argument("--n-cie-prompts", type=int, default=25)
+    ex.add_argument("--edit-layer", type=_edit_layer, default=None, help="layer index, or 'auto' (default: L // 3)")
+    ex.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--batch-size", type=int, default=16)
+    ex.add_argument("--plot", action="store_true", help="write the layers x heads CIE heatmap (cie_heatmap.png)")
+    ex.add_argument("--push-to-hub", metavar="REPO", help="also upload the vector to this Hub repo")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ex.set_defaults(func=_extract_iv)
     return parser
 
 
@@ -54,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except IVTrainerError as exc:
+    except (IVTrainerError, ValueError, FileNotFoundError) as exc:
+        # Bad input: one line naming the problem and the fix, no traceback.
         print(f"ivtrainer {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

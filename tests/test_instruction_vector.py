@@ -1,0 +1,225 @@
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+import ivtrainer
+from ivtrainer import InstructionVector, extract_instruction_vector
+from ivtrainer.architectures import get_layout
+from ivtrainer.errors import UnsupportedArchitectureError
+from ivtrainer.hub import HubError
+from ivtrainer.instruction_vector import IncompatibleVectorError, head_contributions
+from ivtrainer.testing import tiny_model, tiny_tokenizer
+
+SMALL = {"n_heads": 3, "n_shots": 3, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def iv(llama, tokenizer):
+    return extract_instruction_vector(llama, tokenizer, "antonym", **SMALL)
+
+
+def test_extraction(iv, llama):
+    layout = get_layout(llama)
+    assert iv.task == "antonym"
+    assert iv.cie.shape == (3, 4) and iv.mean_activations.shape == (3, 4, 16) and iv.vector.shape == (64,)
+    top = torch.topk(iv.cie.flatten(), 3)
+    assert iv.heads == [divmod(int(i), 4) for i in top.indices]
+    assert iv.head_scores == pytest.approx(top.values.tolist())
+    assert iv.edit_layer == 1  # n_layers // 3
+    torch.testing.assert_close(iv.vector, head_contributions(layout, iv.mean_activations, iv.heads).sum(0))
+    assert (iv.hidden_size, iv.n_layers, iv.n_heads, iv.head_dim, iv.model_type) == (64, 3, 4, 16, "llama")
+    assert iv.settings["method"] == "exact" and iv.settings["n_shots"] == 3
+
+
+def test_head_contribution_is_the_projection_of_that_head_alone(llama, iv):
+    layout = get_layout(llama)
+    layer, head = iv.heads[0]
+    x = torch.zeros(4, 16)
+    x[head] = iv.mean_activations[layer, head]
+    weight = layout.attn_outputs[layer].weight  # Linear without bias: W @ x
+    torch.testing.assert_close(head_contributions(layout, iv.mean_activations, [(layer, head)])[0], weight @ x.flatten())
+
+
+def test_gpt2_conv1d_with_bias():
+    model = tiny_model("gpt2")
+    layout = get_layout(model)
+    mean = torch.randn(3, 4, 16)
+    proj = layout.attn_outputs[2]
+    x = torch.zeros(4, 16)
+    x[1] = mean[2, 1]
+    expected = x.flatten() @ proj.weight  # Conv1D stores (in, out); the bias cancels
+    torch.testing.assert_close(head_contributions(layout, mean, [(2, 1)])[0], expected)
+
+
+def test_deterministic(llama, tokenizer, iv):
+    again = extract_instruction_vector(llama, tokenizer, "antonym", **SMALL)
+    assert again.heads == iv.heads and torch.equal(again.vector, iv.vector)
+
+
+def test_atp_and_chat_template(llama, tokenizer):
+    atp = extract_instruction_vector(llama, tokenizer, "antonym", method="atp", chat_template=True, **SMALL)
+    assert atp.settings["method"] == "atp" and atp.settings["chat_template"] is True
+    assert atp.vector.shape == (64,)
+
+
+def test_auto_edit_layer_uses_extraction_pairs(llama, tokenizer):
+    iv = extract_instruction_vector(llama, tokenizer, "antonym", edit_layer="auto", n_layer_search_prompts=8, **SMALL)
+    by_layer = iv.metrics["zero_shot_accuracy_with_iv_by_layer"]
+    assert len(by_layer) == 3 and by_layer[iv.edit_layer] == max(by_layer)
+    assert iv.settings["edit_layer"] == "auto"
+
+
+def test_tokenizer_without_pad_token(llama):
+    tokenizer = tiny_tokenizer(pad_token=False)
+    assert tokenizer.pad_token is None
+    extract_instruction_vector(llama, tokenizer, "uppercase", **SMALL)
+
+
+def test_save_and_load(iv, tmp_path, llama):
+    iv.save_pretrained(tmp_path / "iv")
+    assert sorted(os.listdir(tmp_path / "iv")) == ["README.md", "instruction_vector.json", "instruction_vector.safetensors"]
+    loaded = InstructionVector.from_pretrained(tmp_path / "iv")
+    for name in ("vector", "cie", "mean_activations"):
+        assert torch.equal(getattr(loaded, name), getattr(iv, name))
+    assert loaded.heads == iv.heads and loaded.settings == iv.settings and loaded.edit_layer == iv.edit_layer
+    config = json.loads((tmp_path / "iv" / "instruction_vector.json").read_text())
+    assert config["format_version"] == 1 and config["heads"] == [list(h) for h in iv.heads]
+    card = (tmp_path / "iv" / "README.md").read_text()
+    assert "library_name: ivtrainer" in card and f"decoder layer {iv.edit_layer}" in card
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an instruction vector folder"):
+        InstructionVector.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        InstructionVector.from_pretrained("nobody/no-such-vector")
+
+
+def test_apply_steers_and_checks_shapes(iv, llama):
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        plain = llama(ids).logits
+        with iv.apply(llama, strength=2.0):
+            steered = llama(ids).logits
+    assert not torch.allclose(plain[0, -1], steered[0, -1])
+    torch.testing.assert_close(plain[0, :-1], steered[0, :-1])  # only the last token is edited
+    other = tiny_model("llama", hidden_size=32, num_attention_heads=2)
+    with pytest.raises(IncompatibleVectorError, match="hidden size 64, 3 layers"), iv.apply(other):
+        pass
+
+
+def test_push_to_hub_sends_the_saved_files(iv, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, repo_type, commit_message):
+        uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), message=commit_message)
+        uploaded["config"] = json.loads(open(os.path.join(folder_path, "instruction_vector.json")).read())
+        uploaded["card"] = open(os.path.join(folder_path, "README.md")).read()
+        return mock.Mock(commit_url="https://hub.invalid/commit/1")
+
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo") as create_repo,
+        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
+    ):
+        url = iv.push_to_hub("me/antonym-iv", private=True)
+    create_repo.assert_called_once_with("me/antonym-iv", repo_type="model", private=True, exist_ok=True)
+    assert url == "https://hub.invalid/commit/1"
+    assert uploaded["files"] == ["README.md", "instruction_vector.json", "instruction_vector.safetensors"]
+    assert uploaded["config"]["heads"] == [list(h) for h in iv.heads]
+    assert "instruction-vector" in uploaded["card"]
+
+
+def test_push_without_token_or_repo_fails_before_work(iv, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored token either
+    with mock.patch("huggingface_hub.HfApi.create_repo") as create_repo:
+        with pytest.raises(HubError, match="no Hugging Face token"):
+            iv.push_to_hub("me/antonym-iv")
+        with pytest.raises(HubError, match="needs a repo id"):
+            iv.push_to_hub("")
+    create_repo.assert_not_called()
+
+
+class _CountForwards:
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *args):
+        self.n += 1
+
+
+@pytest.mark.parametrize(
+    ("examples", "kwargs", "message"),
+    [
+        ([], {}, "no examples"),
+        ([{"input": "a", "output": "b"}] * 3, {"n_shots": 3}, "3 examples are too few for 3-shot prompts"),
+        ("antonym", {"n_heads": 13}, r"n_heads must be between 1 and the model's 3 x 4 = 12 heads"),
+        ("antonym", {"n_heads": 0}, "n_heads must be between 1"),
+        ("no_such_task", {}, "neither a file nor a built-in task"),
+        ("antonym", {"method": "fast"}, "method must be 'exact' or 'atp'"),
+        ("antonym", {"edit_layer": 7}, r"edit_layer must be None, 'auto' or a layer in \[0, 3\)"),
+        ("antonym", {"n_cie_prompts": 0}, "n_cie_prompts must be an integer >= 1"),
+        ([{"input": "a"}], {}, "example 0 has no 'output' field"),
+    ],
+)
+def test_bad_input_fails_before_any_forward(llama, tokenizer, examples, kwargs, message):
+    counter = _CountForwards(llama)
+    try:
+        with pytest.raises(ValueError, match=message):
+            extract_instruction_vector(llama, tokenizer, examples, **{**SMALL, **kwargs})
+    finally:
+        counter.handle.remove()
+    assert counter.n == 0
+
+
+def test_unsupported_architecture(tokenizer):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=320, state_size=4))
+    with pytest.raises(UnsupportedArchitectureError):
+        extract_instruction_vector(model, tokenizer, "antonym", **SMALL)
+
+
+def test_chat_template_missing(llama):
+    with pytest.raises(ValueError, match="no chat template"):
+        extract_instruction_vector(llama, tiny_tokenizer(chat_template=False), "antonym", chat_template=True, **SMALL)
+
+
+def test_peft_model_extraction_and_apply(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=2, target_modules=["o_proj"]))
+    iv = extract_instruction_vector(model, tokenizer, "antonym", **SMALL)
+    with torch.no_grad(), iv.apply(model):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_cli_extract_iv(tmp_path, tokenizer):
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "iv"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ivtrainer"), "extract-iv", "--model", str(folder)]
+    args = ["--task", "antonym", "--out", str(out), "--n-heads", "2", "--n-shots", "2", "--n-mean-prompts", "4",
+            "--n-cie-prompts", "2", "--plot", "--method", "atp"]  # fmt: skip
+    result = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "top 2 heads" in result.stdout and "causal effects (atp)" in result.stderr  # tqdm progress
+    assert (out / "cie_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ivtrainer.InstructionVector.from_pretrained(out).settings["method"] == "atp"
+    again = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+    bad = subprocess.run(cmd + ["--task", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "neither a file nor a built-in task" in bad.stderr
