@@ -77,7 +77,9 @@ def _extract_iv(args: argparse.Namespace) -> int:
     if args.plot:
         from .plotting import plot_cie
 
-        png = plot_cie(iv.cie, out / "cie_heatmap.png", heads=iv.heads, title=f"CIE, {iv.task or 'task'} ({args.method})")
+        png = plot_cie(
+            iv.cie, out / "cie_heatmap.png", heads=iv.heads, title=f"CIE, {iv.task or 'task'} ({args.method})"
+        )
         print(f"heatmap: {png}")
     if args.push_to_hub:
         print(f"pushed: {iv.push_to_hub(args.push_to_hub)}")
@@ -116,18 +118,26 @@ def _parser() -> argparse.ArgumentParser:
         "their summed outputs as an instruction vector (safetensors + JSON + model card).",
     )
     ex.add_argument("--model", default="default", help="'default', a Hub id, a local folder or a .gguf file")
-    ex.add_argument("--task", required=True, help="a built-in task name or a JSON/JSONL file of {input, output}")
+    ex.add_argument(
+        "--task", required=True, help="a built-in task name or a JSON/JSONL file of {input, output}"
+    )
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--method", choices=["exact", "atp"], default="exact")
     ex.add_argument("--n-heads", type=int, default=10)
     ex.add_argument("--n-shots", type=int, default=10)
     ex.add_argument("--n-mean-prompts", type=int, default=100)
     ex.add_argument("--n-cie-prompts", type=int, default=25)
-    ex.add_argument("--edit-layer", type=_edit_layer, default=None, help="layer index, or 'auto' (default: L // 3)")
-    ex.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    ex.add_argument(
+        "--edit-layer", type=_edit_layer, default=None, help="layer index, or 'auto' (default: L // 3)"
+    )
+    ex.add_argument(
+        "--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template"
+    )
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--batch-size", type=int, default=16)
-    ex.add_argument("--plot", action="store_true", help="write the layers x heads CIE heatmap (cie_heatmap.png)")
+    ex.add_argument(
+        "--plot", action="store_true", help="write the layers x heads CIE heatmap (cie_heatmap.png)"
+    )
     ex.add_argument("--push-to-hub", metavar="REPO", help="also upload the vector to this Hub repo")
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     ex.set_defaults(func=_extract_iv)

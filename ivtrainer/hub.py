@@ -48,5 +48,7 @@ def push_folder(
         write(Path(tmp))
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
+        )
     return commit.commit_url if hasattr(commit, "commit_url") else str(commit)

@@ -44,7 +44,9 @@ class PromptBuilder:
 
     def __post_init__(self) -> None:
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("chat_template=True, but the tokenizer has no chat template; pass chat_template=False")
+            raise ValueError(
+                "chat_template=True, but the tokenizer has no chat template; pass chat_template=False"
+            )
 
     def text(self, demos: Sequence[Example], query: str) -> str:
         shots = [f"{self.input_prefix}{d['input']}{self.output_prefix} {d['output']}" for d in demos]
@@ -141,7 +143,9 @@ def last_token_forward(
     return torch.cat(out)
 
 
-def first_token_accuracy(model: nn.Module, prompts: Sequence[EncodedPrompt], *, batch_size: int = 16) -> float:
+def first_token_accuracy(
+    model: nn.Module, prompts: Sequence[EncodedPrompt], *, batch_size: int = 16
+) -> float:
     """Fraction of prompts whose argmax next token is the answer's first token."""
     logits = last_token_forward(model, prompts, batch_size=batch_size)
     answers = torch.tensor([p.answer_id for p in prompts])

@@ -82,7 +82,12 @@ class InstructionVector:
 
     @contextlib.contextmanager
     def apply(
-        self, model: nn.Module, strength: float = 1.0, positions: Positions = "last", *, layer: int | None = None
+        self,
+        model: nn.Module,
+        strength: float = 1.0,
+        positions: Positions = "last",
+        *,
+        layer: int | None = None,
     ) -> Iterator[Intervention]:
         """Add ``strength * vector`` to the edit layer's output while the block runs::
 
@@ -94,7 +99,10 @@ class InstructionVector:
         """
         self.check_compatible(model)
         with add_to_residual(
-            model, [(self.edit_layer if layer is None else layer, self.vector)], strength=strength, positions=positions
+            model,
+            [(self.edit_layer if layer is None else layer, self.vector)],
+            strength=strength,
+            positions=positions,
         ) as handle:
             yield handle
 
@@ -149,8 +157,12 @@ class InstructionVector:
             from huggingface_hub import hf_hub_download
 
             try:
-                config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, revision=revision, token=token)
-                weights_file = hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, revision=revision, token=token)
+                config_file = hf_hub_download(
+                    str(path_or_repo_id), CONFIG_NAME, revision=revision, token=token
+                )
+                weights_file = hf_hub_download(
+                    str(path_or_repo_id), WEIGHTS_NAME, revision=revision, token=token
+                )
             except Exception as exc:
                 raise FileNotFoundError(
                     f"cannot load an instruction vector from {os.fspath(path_or_repo_id)!r}: not a local folder, "
@@ -176,7 +188,9 @@ class InstructionVector:
         """Upload the files of :meth:`save_pretrained` to a Hub model repo; returns the commit URL."""
         from .hub import push_folder
 
-        return push_folder(self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message)
+        return push_folder(
+            self.save_pretrained, repo_id, private=private, token=token, commit_message=commit_message
+        )
 
     def model_card(self):
         """A ``huggingface_hub.ModelCard`` describing the vector and how it was extracted."""
@@ -185,9 +199,14 @@ class InstructionVector:
         data = ModelCardData(
             library_name="ivtrainer",
             tags=["ivtrainer", "instruction-vector", "function-vector"],
-            base_model=self.model_name if "/" in self.model_name and not Path(self.model_name).exists() else None,
+            base_model=self.model_name
+            if "/" in self.model_name and not Path(self.model_name).exists()
+            else None,
         )
-        heads = "\n".join(f"| {layer} | {head} | {score:.4f} |" for (layer, head), score in zip(self.heads, self.head_scores, strict=True))
+        heads = "\n".join(
+            f"| {layer} | {head} | {score:.4f} |"
+            for (layer, head), score in zip(self.heads, self.head_scores, strict=True)
+        )
         metrics = "\n".join(f"- {k}: {v}" for k, v in self.metrics.items()) or "- none recorded"
         settings = "\n".join(f"- {k}: {v}" for k, v in self.settings.items())
         content = f"""---
@@ -258,10 +277,16 @@ def head_contributions(layout: ModelLayout, mean: torch.Tensor, heads: list[tupl
     return torch.stack(out)
 
 
-def _validate(layout: ModelLayout, examples, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer):
+def _validate(
+    layout: ModelLayout, examples, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer
+):
     if method not in ("exact", "atp"):
         raise ValueError(f"method must be 'exact' or 'atp', not {method!r}")
-    for name, value, low in (("n_shots", n_shots, 0), ("n_mean_prompts", n_mean_prompts, 1), ("n_cie_prompts", n_cie_prompts, 1)):
+    for name, value, low in (
+        ("n_shots", n_shots, 0),
+        ("n_mean_prompts", n_mean_prompts, 1),
+        ("n_cie_prompts", n_cie_prompts, 1),
+    ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if len(examples) < n_shots + 1:
@@ -274,8 +299,12 @@ def _validate(layout: ModelLayout, examples, n_heads, n_shots, n_mean_prompts, n
         raise ValueError(
             f"n_heads must be between 1 and the model's {layout.n_layers} x {layout.n_heads} = {total} heads, got {n_heads!r}"
         )
-    if edit_layer not in (None, "auto") and not (isinstance(edit_layer, int) and 0 <= edit_layer < layout.n_layers):
-        raise ValueError(f"edit_layer must be None, 'auto' or a layer in [0, {layout.n_layers}), got {edit_layer!r}")
+    if edit_layer not in (None, "auto") and not (
+        isinstance(edit_layer, int) and 0 <= edit_layer < layout.n_layers
+    ):
+        raise ValueError(
+            f"edit_layer must be None, 'auto' or a layer in [0, {layout.n_layers}), got {edit_layer!r}"
+        )
 
 
 def extract_instruction_vector(

@@ -32,7 +32,9 @@ class Intervention:
         self.positions = positions
         self._where: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _locate(self, input_shape: tuple[int, int], attention_mask: torch.Tensor | None, past: int, device) -> None:
+    def _locate(
+        self, input_shape: tuple[int, int], attention_mask: torch.Tensor | None, past: int, device
+    ) -> None:
         """Set the (rows, cols) to edit in this forward from the model's own inputs."""
         batch, seq = input_shape
         positions = self.positions
@@ -47,7 +49,11 @@ class Intervention:
         if past > 0:  # a cached decoding step: the prompt was edited when it was processed
             self._where = None
             return
-        mask = torch.ones(batch, seq, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+        mask = (
+            torch.ones(batch, seq, dtype=torch.long, device=device)
+            if attention_mask is None
+            else attention_mask
+        )
         mask = mask[:, -seq:].to(device)
         if positions == "all":
             self._where = mask.bool().nonzero(as_tuple=True)
@@ -85,7 +91,9 @@ def add_to_residual(
         if not 0 <= layer < layout.n_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {layout.n_layers} layers")
         if vector.shape != (layout.hidden_size,):
-            raise ValueError(f"vector has shape {tuple(vector.shape)}, the model's hidden size is {layout.hidden_size}")
+            raise ValueError(
+                f"vector has shape {tuple(vector.shape)}, the model's hidden size is {layout.hidden_size}"
+            )
     handle = Intervention(strength, positions)
     bare = unwrap_model(model)
     signature = inspect.signature(bare.forward)
@@ -101,7 +109,12 @@ def add_to_residual(
             raise ValueError("cannot intervene: the forward got neither input_ids nor inputs_embeds")
         past = bound.get("past_key_values", extra.get("past_key_values"))
         past_len = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
-        handle._locate(tuple(source.shape[:2]), bound.get("attention_mask", extra.get("attention_mask")), past_len, source.device)
+        handle._locate(
+            tuple(source.shape[:2]),
+            bound.get("attention_mask", extra.get("attention_mask")),
+            past_len,
+            source.device,
+        )
 
     def make_hook(vector: torch.Tensor):
         cache: dict[tuple, torch.Tensor] = {}

@@ -89,7 +89,9 @@ def _answer_prob(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)[..., answer_id]
 
 
-def _patch_hook(layout: ModelLayout, rows: torch.Tensor, heads: torch.Tensor, values: torch.Tensor, token: int | None):
+def _patch_hook(
+    layout: ModelLayout, rows: torch.Tensor, heads: torch.Tensor, values: torch.Tensor, token: int | None
+):
     """Pre-hook replacing head ``heads[i]`` in row ``rows[i]`` by ``values[i]``.
 
     ``token=None``: rows index the sequence dimension of a batch-1 input (the tree layout);
@@ -109,14 +111,18 @@ def _patch_hook(layout: ModelLayout, rows: torch.Tensor, heads: torch.Tensor, va
 
 
 @torch.no_grad()
-def cie_reference(model: nn.Module, layout: ModelLayout, prompt: EncodedPrompt, mean: torch.Tensor) -> torch.Tensor:
+def cie_reference(
+    model: nn.Module, layout: ModelLayout, prompt: EncodedPrompt, mean: torch.Tensor
+) -> torch.Tensor:
     """The plain loop: one full forward per (layer, head). The baseline for :func:`cie_exact`."""
     ids = torch.tensor([prompt.input_ids], device=_device(model))
     base = _answer_prob(model(ids, use_cache=False).logits[0, -1], prompt.answer_id)
     out = torch.zeros(layout.n_layers, layout.n_heads)
     for layer in range(layout.n_layers):
         for head in range(layout.n_heads):
-            hook = _patch_hook(layout, torch.tensor([0]), torch.tensor([head]), mean[layer, head][None], token=-1)
+            hook = _patch_hook(
+                layout, torch.tensor([0]), torch.tensor([head]), mean[layer, head][None], token=-1
+            )
             with hooks(layout.attn_outputs[layer].register_forward_pre_hook(hook)):
                 p = _answer_prob(model(ids, use_cache=False).logits[0, -1], prompt.answer_id)
             out[layer, head] = p - base
@@ -167,12 +173,16 @@ def cie_exact(
         cache.crop(-1)  # negative: drop that many tokens (the API all cache versions accept)
         for start in range(0, total_rows, max_rows):
             stop = min(start + max_rows, total_rows)
-            probs[start:stop] = _tree_step(model, layout, ids, cache, n_prefix, start, stop, layers, heads, mean, prompt)
+            probs[start:stop] = _tree_step(
+                model, layout, ids, cache, n_prefix, start, stop, layers, heads, mean, prompt
+            )
             cache.crop(start - stop)
         if (probs[0] - _answer_prob(base_logits, prompt.answer_id)).abs() > atol:
             raise RuntimeError("unpatched tree row differs from the plain forward")
     except Exception as exc:  # any failure here means: use the exact batched path
-        logger.warning("shared-prefix CIE unsupported for %s (%s); using batched full forwards", layout.model_type, exc)
+        logger.warning(
+            "shared-prefix CIE unsupported for %s (%s); using batched full forwards", layout.model_type, exc
+        )
         _NO_SHARED_PREFIX.add(model)
         return _cie_batched(model, layout, ids, prompt, mean, base_logits, max_rows)
     return (probs[1:] - probs[0]).view(layout.n_layers, layout.n_heads).float().cpu()
@@ -231,7 +241,9 @@ def cie_atp(model: nn.Module, layout: ModelLayout, prompt: EncodedPrompt, mean: 
     dtype = next(model.parameters()).dtype
     # A zero added at the last token makes each head input a differentiable point even when the
     # model's parameters are frozen; its gradient is the gradient w.r.t. the activation.
-    deltas = [torch.zeros(width, device=device, dtype=dtype, requires_grad=True) for _ in range(layout.n_layers)]
+    deltas = [
+        torch.zeros(width, device=device, dtype=dtype, requires_grad=True) for _ in range(layout.n_layers)
+    ]
     acts: list[torch.Tensor | None] = [None] * layout.n_layers
 
     def make_hook(layer: int):

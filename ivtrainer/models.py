@@ -215,5 +215,9 @@ def model_source(model) -> dict[str, str | None]:
     marker = Path(name) / _SOURCE_FILE if name else None
     if marker is not None and marker.is_file():
         info = json.loads(marker.read_text())
-        return {"name": info["base_model"], "revision": None, "note": f"{info['note']} (from {info['source']})"}
+        return {
+            "name": info["base_model"],
+            "revision": None,
+            "note": f"{info['note']} (from {info['source']})",
+        }
     return {"name": name, "revision": getattr(config, "_commit_hash", None), "note": None}

@@ -28,7 +28,9 @@ def plot_cie(cie: torch.Tensor, path: str | os.PathLike, *, heads=(), title: str
     limit = float(cie.abs().max()) or 1.0
     image = ax.imshow(cie.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
     for layer, head in heads:
-        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5))
+        ax.add_patch(
+            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5)
+        )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_heads))

@@ -70,12 +70,16 @@ def load_examples(examples: Any, *, source: str | None = None) -> list[Example]:
             )
         examples = examples.to_list()
     if not isinstance(examples, Iterable) or isinstance(examples, Mapping):
-        raise ValueError(f"examples must be a list of {{'input', 'output'}} dicts, not {type(examples).__name__}")
+        raise ValueError(
+            f"examples must be a list of {{'input', 'output'}} dicts, not {type(examples).__name__}"
+        )
     where = f" in {source}" if source else ""
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping):
-            raise ValueError(f"example {i}{where} is a {type(ex).__name__}, not a dict with 'input' and 'output'")
+            raise ValueError(
+                f"example {i}{where} is a {type(ex).__name__}, not a dict with 'input' and 'output'"
+            )
         for field in _FIELDS:
             if field not in ex:
                 raise ValueError(
@@ -83,7 +87,9 @@ def load_examples(examples: Any, *, source: str | None = None) -> list[Example]:
                     "every example needs 'input' and 'output'"
                 )
             if not isinstance(ex[field], str) or not ex[field].strip():
-                raise ValueError(f"example {i}{where}: {field!r} must be a non-empty string, got {ex[field]!r}")
+                raise ValueError(
+                    f"example {i}{where}: {field!r} must be a non-empty string, got {ex[field]!r}"
+                )
         out.append({"input": ex["input"], "output": ex["output"]})
     if not out:
         raise ValueError(f"no examples{where}: pass at least one {{'input', 'output'}} pair")

@@ -47,7 +47,9 @@ def test_head_contribution_is_the_projection_of_that_head_alone(llama, iv):
     x = torch.zeros(4, 16)
     x[head] = iv.mean_activations[layer, head]
     weight = layout.attn_outputs[layer].weight  # Linear without bias: W @ x
-    torch.testing.assert_close(head_contributions(layout, iv.mean_activations, [(layer, head)])[0], weight @ x.flatten())
+    torch.testing.assert_close(
+        head_contributions(layout, iv.mean_activations, [(layer, head)])[0], weight @ x.flatten()
+    )
 
 
 def test_gpt2_conv1d_with_bias():
@@ -73,7 +75,9 @@ def test_atp_and_chat_template(llama, tokenizer):
 
 
 def test_auto_edit_layer_uses_extraction_pairs(llama, tokenizer):
-    iv = extract_instruction_vector(llama, tokenizer, "antonym", edit_layer="auto", n_layer_search_prompts=8, **SMALL)
+    iv = extract_instruction_vector(
+        llama, tokenizer, "antonym", edit_layer="auto", n_layer_search_prompts=8, **SMALL
+    )
     by_layer = iv.metrics["zero_shot_accuracy_with_iv_by_layer"]
     assert len(by_layer) == 3 and by_layer[iv.edit_layer] == max(by_layer)
     assert iv.settings["edit_layer"] == "auto"
@@ -87,7 +91,11 @@ def test_tokenizer_without_pad_token(llama):
 
 def test_save_and_load(iv, tmp_path, llama):
     iv.save_pretrained(tmp_path / "iv")
-    assert sorted(os.listdir(tmp_path / "iv")) == ["README.md", "instruction_vector.json", "instruction_vector.safetensors"]
+    assert sorted(os.listdir(tmp_path / "iv")) == [
+        "README.md",
+        "instruction_vector.json",
+        "instruction_vector.safetensors",
+    ]
     loaded = InstructionVector.from_pretrained(tmp_path / "iv")
     for name in ("vector", "cie", "mean_activations"):
         assert torch.equal(getattr(loaded, name), getattr(iv, name))
@@ -194,7 +202,9 @@ def test_unsupported_architecture(tokenizer):
 
 def test_chat_template_missing(llama):
     with pytest.raises(ValueError, match="no chat template"):
-        extract_instruction_vector(llama, tiny_tokenizer(chat_template=False), "antonym", chat_template=True, **SMALL)
+        extract_instruction_vector(
+            llama, tiny_tokenizer(chat_template=False), "antonym", chat_template=True, **SMALL
+        )
 
 
 def test_peft_model_extraction_and_apply(tokenizer):
@@ -220,6 +230,12 @@ def test_cli_extract_iv(tmp_path, tokenizer):
     assert (out / "cie_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ivtrainer.InstructionVector.from_pretrained(out).settings["method"] == "atp"
     again = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
-    bad = subprocess.run(cmd + ["--task", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert (
+        again.returncode == 2
+        and "exists and is not empty" in again.stderr
+        and "Traceback" not in again.stderr
+    )
+    bad = subprocess.run(
+        cmd + ["--task", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "neither a file nor a built-in task" in bad.stderr

@@ -23,7 +23,10 @@ def _batch(padding_side):
     ids = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 13, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     if padding_side == "left":
-        ids, mask = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]]), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+        ids, mask = (
+            torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]]),
+            torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]),
+        )
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -87,7 +90,9 @@ def test_peft_model():
     before = _edit_layer_output(model, LAYER, **batch)
     with add_to_residual(model, [(LAYER, torch.ones(64))]):
         diff = _edit_layer_output(model, LAYER, **batch) - before
-    assert diff[0, 4, 0].item() == pytest.approx(1.0, abs=1e-5) and diff[1, 2, 0].item() == pytest.approx(1.0, abs=1e-5)
+    assert diff[0, 4, 0].item() == pytest.approx(1.0, abs=1e-5) and diff[1, 2, 0].item() == pytest.approx(
+        1.0, abs=1e-5
+    )
     assert diff.abs().sum().item() == pytest.approx(2 * 64, rel=1e-4)
 
 
@@ -129,13 +134,19 @@ def test_batched_generation_matches_single_rows(tokenizer):
     ],
 )
 def test_bad_positions(kwargs, message):
-    with pytest.raises(ValueError, match=message), add_to_residual(tiny_model("llama"), [(0, torch.ones(64))], **kwargs):
+    with (
+        pytest.raises(ValueError, match=message),
+        add_to_residual(tiny_model("llama"), [(0, torch.ones(64))], **kwargs),
+    ):
         pass
 
 
 def test_bad_layer_or_vector():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="layer 3 is out of range"), add_to_residual(model, [(3, torch.ones(64))]):
+    with (
+        pytest.raises(ValueError, match="layer 3 is out of range"),
+        add_to_residual(model, [(3, torch.ones(64))]),
+    ):
         pass
     with pytest.raises(ValueError, match="hidden size is 64"), add_to_residual(model, [(0, torch.ones(65))]):
         pass

@@ -44,7 +44,9 @@ def test_mean_activations_do_not_depend_on_batching(prompts):
     model = tiny_model("llama")
     layout = get_layout(model)
     one = mean_head_activations(model, layout, clean, batch_size=1)
-    torch.testing.assert_close(mean_head_activations(model, layout, clean, batch_size=4), one, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        mean_head_activations(model, layout, clean, batch_size=4), one, atol=1e-5, rtol=1e-4
+    )
     assert one.shape == (3, 4, 16)
 
 
