@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -132,8 +133,9 @@ def test_push_to_hub_sends_the_saved_files(iv, monkeypatch):
 
     def upload_folder(self, *, repo_id, folder_path, repo_type, commit_message):
         uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), message=commit_message)
-        uploaded["config"] = json.loads(open(os.path.join(folder_path, "instruction_vector.json")).read())
-        uploaded["card"] = open(os.path.join(folder_path, "README.md")).read()
+        folder = Path(folder_path)
+        uploaded["config"] = json.loads((folder / "instruction_vector.json").read_text())
+        uploaded["card"] = (folder / "README.md").read_text()
         return mock.Mock(commit_url="https://hub.invalid/commit/1")
 
     with (
@@ -236,6 +238,6 @@ def test_cli_extract_iv(tmp_path, tokenizer):
         and "Traceback" not in again.stderr
     )
     bad = subprocess.run(
-        cmd + ["--task", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True
+        [*cmd, "--task", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "neither a file nor a built-in task" in bad.stderr
