@@ -11,18 +11,21 @@ Both compute in float32 and cast back to the stored dtype.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import IVTrainerError
 
-__all__ = ["AdapterMismatchError", "subtract_adapter"]
+__all__ = ["AdapterMismatchError", "subtract_adapter", "subtract_task_vector"]
 
 
 class AdapterMismatchError(IVTrainerError, ValueError):
@@ -249,3 +252,177 @@ def _attach_and_subtract(model: nn.Module, loaded, lams: Sequence[float]) -> nn.
         names.append(name)
     _subtract_in_place(peft_model, names, lams)
     return peft_model.unload()
+
+
+# -- full-model task vectors, streamed ------------------------------------------------------------
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_SKIP_FILES = {"README.md", "ivtrainer_source.json", ".gitattributes"}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset where its data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read(f, info: dict, start: int) -> torch.Tensor:
+    """One tensor, read with plain file I/O: no mmap, so only this tensor is resident."""
+    begin, end = info["data_offsets"]
+    f.seek(start + begin)
+    buffer = bytearray(end - begin)
+    if f.readinto(buffer) != len(buffer):
+        raise ValueError(f"{f.name} is truncated: a tensor ends past the end of the file")
+    dtype = _DTYPES[info["dtype"]]
+    if not buffer:
+        return torch.empty(info["shape"], dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    """tensor name -> shard file name."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return dict.fromkeys(_header(single)[0], "model.safetensors")
+    raise ValueError(
+        f"{folder} has no model.safetensors(.index.json); re-save it with model.save_pretrained(dir) "
+        "(safetensors is the default)"
+    )
+
+
+def _model_folder(name_or_path: str | os.PathLike) -> Path:
+    from .models import DEFAULT_MODEL, default_model_path
+
+    name = os.fspath(name_or_path)
+    if name == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as exc:
+        raise ValueError(
+            f"cannot find model {name!r}: not a local folder, and the Hub download failed ({type(exc).__name__})"
+        ) from None
+
+
+def subtract_task_vector(
+    base: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    lam: float,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``theta - lam * (theta_ft - theta)`` as a model folder, one tensor in memory at a time.
+
+    ``base`` and ``finetuned`` are ``"default"``, local folders or Hub ids with safetensors
+    weights of identical names and shapes. The output keeps the base's shard layout, config,
+    generation config and tokenizer, plus ``ivtrainer_task_vector.json`` recording the operation.
+    It is written to a temporary folder and renamed into place; nothing is left on failure.
+    """
+    (lam,) = _check_lambdas([lam], 1)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
+    base_dir, ft_dir = _model_folder(base), _model_folder(finetuned)
+    base_map, ft_map = _weight_map(base_dir), _weight_map(ft_dir)
+    if base_map.keys() != ft_map.keys():
+        only_base, only_ft = sorted(base_map.keys() - ft_map.keys()), sorted(ft_map.keys() - base_map.keys())
+        raise ValueError(
+            f"the models have different tensors: only in base {only_base[:3]}, only in finetuned {only_ft[:3]}; "
+            "a task vector needs two checkpoints of the same architecture"
+        )
+    ft_headers = {shard: _header(ft_dir / shard) for shard in set(ft_map.values())}
+    base_headers = {shard: _header(base_dir / shard) for shard in set(base_map.values())}
+    for name, shard in base_map.items():
+        b, f = base_headers[shard][0][name], ft_headers[ft_map[name]][0][name]
+        if b["shape"] != f["shape"]:
+            raise ValueError(f"{name} has shape {b['shape']} in base but {f['shape']} in finetuned")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        handles = {shard: open(ft_dir / shard, "rb") for shard in ft_headers}  # noqa: SIM115 - closed below
+        try:
+            for shard, (header, start) in tqdm(
+                sorted(base_headers.items()), desc="task vector", unit="shard"
+            ):
+                with open(base_dir / shard, "rb") as fb:
+                    _write_shard(tmp / shard, header, start, fb, ft_map, ft_headers, handles, lam)
+        finally:
+            for handle in handles.values():
+                handle.close()
+        for item in base_dir.iterdir():
+            if item.is_file() and item.name not in _SKIP_FILES and not item.name.endswith(".safetensors"):
+                shutil.copy2(item, tmp / item.name)
+        record = {"operation": "theta - lam * (theta_finetuned - theta)", "lam": lam,
+                  "base": os.fspath(base), "finetuned": os.fspath(finetuned)}  # fmt: skip
+        (tmp / "ivtrainer_task_vector.json").write_text(json.dumps(record, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_shard(path: Path, header: dict, start: int, fb, ft_map, ft_headers, handles, lam: float) -> None:
+    """Stream one output shard: the header first (shapes and dtypes are known), then each tensor."""
+    names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    out_header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        size = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+        out_header[name] = {
+            "dtype": header[name]["dtype"],
+            "shape": header[name]["shape"],
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(out_header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte alignment, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            theta = _read(fb, header[name], start)
+            shard = ft_map[name]
+            tuned = _read(handles[shard], ft_headers[shard][0][name], ft_headers[shard][1])
+            if theta.is_floating_point():
+                theta32 = theta.float()
+                result = (theta32 - lam * (tuned.float() - theta32)).to(theta.dtype)
+            else:  # integer buffers are not parameters: keep the base's
+                result = theta
+            f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` onto ``target``; an existing target is moved aside first, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
