@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _readme import replace_block
 
 from ivtrainer.architectures import get_layout
 from ivtrainer.icl import PromptBuilder
 from ivtrainer.mediation import cie_atp, cie_exact, cie_reference, mean_head_activations
 from ivtrainer.models import load_model
 from ivtrainer.tasks import list_tasks, load_task
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN, END = "<!-- cie-speed:begin -->", "<!-- cie-speed:end -->"
 
 
 def _timed(fn, *args):
@@ -106,11 +102,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write_readme:
-        readme = README.read_text()
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-        README.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme))
+        replace_block("cie-speed", text)
 
 
 if __name__ == "__main__":

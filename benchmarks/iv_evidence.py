@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import time
 from pathlib import Path
 
 import torch
+from _readme import replace_block
 
 from ivtrainer.architectures import get_layout
 from ivtrainer.icl import PromptBuilder, first_token_accuracy
@@ -31,8 +31,6 @@ from ivtrainer.tasks import list_tasks, load_task
 
 STRENGTHS = (1.0, 2.0, 4.0)
 N_HEADS = (5, 10, 20)
-README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN, END = "<!-- iv-evidence:begin -->", "<!-- iv-evidence:end -->"
 
 
 def run_task(model, tokenizer, task: str, seed: int, iv_cache: Path | None) -> dict:
@@ -137,11 +135,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.write_readme:
-        readme = README.read_text()
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-        README.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme))
+        replace_block("iv-evidence", text)
 
 
 if __name__ == "__main__":
