@@ -39,10 +39,14 @@ base.save_pretrained({out!r})
 
 
 def _peak_rss_mb(code: str) -> float:
-    """Peak resident memory of a fresh Python process running ``code``."""
-    probe = f"{code}\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """Peak resident memory of a fresh Python process running ``code``.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by this
+    (large) process would report this process's peak; VmHWM belongs to the new address space.
+    """
+    probe = f"{code}\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB on Linux
+    return int(out.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
 
 
 def lora_timing(runs: int) -> list[float]:
