@@ -40,7 +40,7 @@ def _edit_layer(value: str) -> int | str:
 
 
 def _extract_iv(args: argparse.Namespace) -> int:
-    from .hub import _check as check_push
+    from .hub import check_push_target
     from .instruction_vector import extract_instruction_vector
     from .models import load_model
     from .tasks import load_examples
@@ -51,7 +51,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise IVTrainerError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if args.push_to_hub:
-        check_push(args.push_to_hub, None)
+        check_push_target(args.push_to_hub)
 
     model, tokenizer = load_model(args.model)
     iv = extract_instruction_vector(

@@ -8,14 +8,15 @@ from pathlib import Path
 
 from .errors import IVTrainerError
 
-__all__ = ["HubError", "push_folder"]
+__all__ = ["HubError", "check_push_target", "push_folder"]
 
 
 class HubError(IVTrainerError, ValueError):
     """Pushing cannot start: no repo id or no token."""
 
 
-def _check(repo_id: str | None, token: str | None) -> str:
+def check_push_target(repo_id: str | None, token: str | None = None) -> str:
+    """The token to push with; raises HubError naming the fix if the repo id or token is missing."""
     from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -43,7 +44,7 @@ def push_folder(
     commit (creating the model repo if needed) and return the commit URL."""
     from huggingface_hub import HfApi
 
-    token = _check(repo_id, token)
+    token = check_push_target(repo_id, token)
     with tempfile.TemporaryDirectory() as tmp:
         write(Path(tmp))
         api = HfApi(token=token)

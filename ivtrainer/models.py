@@ -194,8 +194,6 @@ def _load_folder(source: str | Path, name: str, kwargs: dict[str, Any]):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
-    except ImportError:
-        raise
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {name!r} as a causal LM: {reason}") from None
