@@ -86,6 +86,52 @@ def _extract_iv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget(args: argparse.Namespace) -> int:
+    from .hub import check_push_target, push_folder
+    from .parameter_arithmetic import _check_lambdas, _replace_dir, subtract_adapter, subtract_task_vector
+
+    # Checked before any model is loaded or anything is written.
+    if bool(args.adapter) == bool(args.finetuned):
+        raise IVTrainerError("pass either --adapter (one or more) or --finetuned, not both and not neither")
+    n = len(args.adapter) if args.adapter else 1
+    lams = _check_lambdas(args.lam * n if len(args.lam) == 1 else args.lam, n)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise IVTrainerError(f"{out} already exists; choose another --out or pass --overwrite")
+    if args.push_to_hub:
+        check_push_target(args.push_to_hub)
+
+    if args.finetuned:
+        subtract_task_vector(args.base, args.finetuned, lams[0], out, overwrite=args.overwrite)
+    else:
+        import tempfile
+
+        from .models import load_model
+
+        model, tokenizer = load_model(args.base)
+        model = subtract_adapter(
+            model, args.adapter if n > 1 else args.adapter[0], lams if n > 1 else lams[0]
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, out)
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
+    print(f"wrote {out}: {args.base} - lambda {lams} x {delta}")
+    if args.push_to_hub:
+        import shutil
+
+        url = push_folder(lambda folder: shutil.copytree(out, folder, dirs_exist_ok=True), args.push_to_hub)
+        print(f"pushed: {url}")
+    return 0
+
+
 def _builtin_tasks() -> list[str]:
     from .tasks import list_tasks
 
@@ -141,6 +187,23 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--push-to-hub", metavar="REPO", help="also upload the vector to this Hub repo")
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     ex.set_defaults(func=_extract_iv)
+
+    fo = sub.add_parser(
+        "forget",
+        help="subtract lambda x a LoRA adapter or a full fine-tuning delta from a model (F-Learning)",
+        description="Write base - lambda * delta, where delta is a LoRA adapter's update or "
+        "finetuned - base (Ni et al., 2024: forgetting before learning).",
+    )
+    fo.add_argument("--base", required=True, help="'default', a Hub id or a local folder")
+    fo.add_argument("--adapter", action="append", help="a LoRA adapter folder or Hub id (repeat for several)")
+    fo.add_argument("--finetuned", help="a full fine-tune of --base (Hub id or folder)")
+    fo.add_argument(
+        "--lam", type=float, action="append", required=True, help="lambda (repeat: one per adapter)"
+    )
+    fo.add_argument("--out", required=True, help="output model folder")
+    fo.add_argument("--overwrite", action="store_true")
+    fo.add_argument("--push-to-hub", metavar="REPO")
+    fo.set_defaults(func=_forget)
     return parser
 
 

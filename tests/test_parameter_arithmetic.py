@@ -232,3 +232,70 @@ def test_task_vector_bad_input_writes_nothing(tmp_path, tokenizer):
     assert not leftovers & {"o1", "o2", "o3", "o4"} and not [n for n in leftovers if ".tmp-" in n]
     subtract_task_vector(tmp_path / "base", tmp_path / "base", 0.5, tmp_path / "exists", overwrite=True)
     assert not (tmp_path / "exists" / "keep.txt").exists()
+
+
+# -- ivtrainer forget ------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "ivtrainer")
+    return subprocess.run([exe, "forget", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_forget_adapter_and_task_vector(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    _finetuned_pair(tmp_path, tokenizer)
+    _trained_adapter("llama").save_pretrained(tmp_path / "adapter")
+    result = _cli(
+        "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--lam", 0.3, "--out", tmp_path / "o"
+    )
+    assert result.returncode == 0, result.stderr
+    expected = subtract_adapter(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter", 0.3
+    )
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    for key, value in _weights(expected).items():
+        torch.testing.assert_close(_weights(got)[key], value)
+    assert (tmp_path / "o" / "tokenizer.json").is_file()
+
+    result = _cli(
+        "--base", tmp_path / "base", "--finetuned", tmp_path / "tuned", "--lam", 0.3, "--out", tmp_path / "t"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "t" / "ivtrainer_task_vector.json").read_text())["lam"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lam", "0.3"], "pass either --adapter"),
+        (["--adapter", "a", "--finetuned", "b", "--lam", "0.3"], "pass either --adapter"),
+        (["--adapter", "a", "--lam", "nan"], "lambda must be a finite number"),
+        (
+            ["--adapter", "a", "--adapter", "b", "--lam", "1", "--lam", "2", "--lam", "3"],
+            "got 3 lambdas for 2 adapters",
+        ),
+    ],
+)
+def test_cli_forget_bad_input(tmp_path, args, message):
+    result = _cli("--base", tmp_path / "base", *args, "--out", tmp_path / "o")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_forget_push_checks_token_first(tmp_path, monkeypatch):
+    from unittest import mock
+
+    from ivtrainer.cli import main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with mock.patch("ivtrainer.models.load_model") as load:
+        code = main(["forget", "--base", "x", "--adapter", "a", "--lam", "0.3", "--out", str(tmp_path / "o"),
+                     "--push-to-hub", "me/forgot"])  # fmt: skip
+    assert code == 2 and not load.called and not (tmp_path / "o").exists()
