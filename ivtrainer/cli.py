@@ -88,7 +88,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
 
 def _forget(args: argparse.Namespace) -> int:
     from .hub import check_push_target, push_folder
-    from .parameter_arithmetic import _check_lambdas, _replace_dir, subtract_adapter, subtract_task_vector
+    from .parameter_arithmetic import _check_lambdas, atomic_dir, subtract_adapter, subtract_task_vector
 
     # Checked before any model is loaded or anything is written.
     if bool(args.adapter) == bool(args.finetuned):
@@ -104,24 +104,15 @@ def _forget(args: argparse.Namespace) -> int:
     if args.finetuned:
         subtract_task_vector(args.base, args.finetuned, lams[0], out, overwrite=args.overwrite)
     else:
-        import tempfile
-
         from .models import load_model
 
         model, tokenizer = load_model(args.base)
         model = subtract_adapter(
             model, args.adapter if n > 1 else args.adapter[0], lams if n > 1 else lams[0]
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, out)
-        finally:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
     print(f"wrote {out}: {args.base} - lambda {lams} x {delta}")
     if args.push_to_hub:

@@ -25,6 +25,7 @@ from .architectures import ModelLayout, get_layout
 from .icl import PromptBuilder, first_token_accuracy
 from .intervention import Intervention, Positions, add_to_residual
 from .mediation import cie_atp, cie_exact, eval_mode, mean_head_activations
+from .models import model_source
 from .tasks import load_examples
 
 __all__ = ["IncompatibleVectorError", "InstructionVector", "extract_instruction_vector", "head_contributions"]
@@ -371,7 +372,7 @@ def extract_instruction_vector(
         elif edit_layer is None:
             edit_layer = layout.n_layers // 3
 
-    source = _model_source(model)
+    source = model_source(model)
     return InstructionVector(
         vector=vector,
         edit_layer=int(edit_layer),
@@ -401,12 +402,6 @@ def extract_instruction_vector(
         },
         metrics=metrics,
     )
-
-
-def _model_source(model: nn.Module) -> dict[str, str | None]:
-    from .models import model_source
-
-    return model_source(model)
 
 
 def _search_edit_layer(model, layout, builder, data, vector, rng, n_prompts, batch_size, progress):

@@ -130,12 +130,11 @@ def cie_reference(
 
 
 def _row_plan(layout: ModelLayout, mean: torch.Tensor, device: torch.device):
-    """Row r = 1 + l*H + h patches (l, h); row 0 patches nothing (the corrupted baseline)."""
-    n = layout.n_layers * layout.n_heads
-    rows = torch.arange(1, n + 1, device=device)
+    """Patch i is (layers[i], heads[i]), i = l*H + h; in the tree step it is row i + 1, row 0
+    patching nothing (the corrupted baseline)."""
     layers = torch.arange(layout.n_layers, device=device).repeat_interleave(layout.n_heads)
     heads = torch.arange(layout.n_heads, device=device).repeat(layout.n_layers)
-    return rows, layers, heads, mean.to(device)
+    return layers, heads, mean.to(device)
 
 
 @torch.no_grad()
@@ -165,8 +164,8 @@ def cie_exact(
     cache = out.past_key_values
     n_prefix = ids.shape[1] - 1
     vocab = base_logits.shape[-1]
-    rows, layers, heads, mean = _row_plan(layout, mean, device)
-    total_rows = len(rows) + 1
+    layers, heads, mean = _row_plan(layout, mean, device)
+    total_rows = len(layers) + 1
     max_rows = max_rows or max(2, min(total_rows, (1 << 26) // vocab))  # logits chunk <= 256 MB
     probs = torch.empty(total_rows, device=device)
     try:
@@ -217,11 +216,12 @@ def _tree_step(model, layout, ids, cache, n_prefix, start, stop, layers, heads, 
 def _cie_batched(model, layout, ids, prompt, mean, base_logits, max_rows) -> torch.Tensor:
     """Exact fallback: the patched runs as batch rows of full forwards."""
     base = _answer_prob(base_logits, prompt.answer_id)
-    rows, layers, heads, mean = _row_plan(layout, mean, ids.device)
-    batch = max(1, min(len(rows), max_rows, 64))
-    probs = torch.empty(len(rows), device=ids.device)
-    for start in range(0, len(rows), batch):
-        idx = torch.arange(start, min(start + batch, len(rows)), device=ids.device)
+    layers, heads, mean = _row_plan(layout, mean, ids.device)
+    n = len(layers)
+    batch = max(1, min(n, max_rows, 64))
+    probs = torch.empty(n, device=ids.device)
+    for start in range(0, n, batch):
+        idx = torch.arange(start, min(start + batch, n), device=ids.device)
         handles = []
         for layer in layers[idx].unique().tolist():
             sel = idx[layers[idx] == layer]

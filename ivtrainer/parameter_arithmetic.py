@@ -11,12 +11,13 @@ Both compute in float32 and cast back to the stored dtype.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -363,9 +364,7 @@ def subtract_task_vector(
         if b["shape"] != f["shape"]:
             raise ValueError(f"{name} has shape {b['shape']} in base but {f['shape']} in finetuned")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         handles = {shard: open(ft_dir / shard, "rb") for shard in ft_headers}  # noqa: SIM115 - closed below
         try:
             for shard, (header, start) in tqdm(
@@ -382,9 +381,6 @@ def subtract_task_vector(
         record = {"operation": "theta - lam * (theta_finetuned - theta)", "lam": lam,
                   "base": os.fspath(base), "finetuned": os.fspath(finetuned)}  # fmt: skip
         (tmp / "ivtrainer_task_vector.json").write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -417,12 +413,23 @@ def _write_shard(path: Path, header: dict, start: int, fb, ft_map, ft_headers, h
             f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``; an existing target is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A temporary folder next to ``target``, renamed onto it when the block succeeds.
+
+    An existing ``target`` is moved aside first and deleted after the rename; on failure the
+    temporary folder is removed and ``target`` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
