@@ -7,16 +7,23 @@
 from __future__ import annotations
 
 from .architectures import ArchitectureSpec, ModelLayout, get_layout, register_architecture, unwrap_model
+from .edit_metrics import evaluate_edits
+from .edits import build_counterfacts, edit_dataset, load_edits, split_edits
 from .errors import IVTrainerError, MissingDependencyError, ModelLoadError, UnsupportedArchitectureError
+from .f_learning_config import FLearningConfig
+from .f_learning_trainer import FLearningTrainer
 from .hooks import record_head_outputs
 from .instruction_vector import IncompatibleVectorError, InstructionVector, extract_instruction_vector
 from .models import load_default_model, load_model
+from .parameter_arithmetic import subtract_adapter, subtract_model_delta, subtract_task_vector
 from .tasks import list_tasks, load_task
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ArchitectureSpec",
+    "FLearningConfig",
+    "FLearningTrainer",
     "IVTrainerError",
     "IncompatibleVectorError",
     "InstructionVector",
@@ -25,13 +32,21 @@ __all__ = [
     "ModelLoadError",
     "UnsupportedArchitectureError",
     "__version__",
+    "build_counterfacts",
+    "edit_dataset",
+    "evaluate_edits",
     "extract_instruction_vector",
     "get_layout",
     "list_tasks",
     "load_default_model",
+    "load_edits",
     "load_model",
     "load_task",
     "record_head_outputs",
     "register_architecture",
+    "split_edits",
+    "subtract_adapter",
+    "subtract_model_delta",
+    "subtract_task_vector",
     "unwrap_model",
 ]

@@ -123,6 +123,33 @@ def _forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_edits(args: argparse.Namespace) -> int:
+    import json
+
+    from .edit_metrics import evaluate_edits
+    from .edits import BUILTIN, load_edits
+    from .models import load_model
+
+    records = None if args.data == BUILTIN else load_edits(args.data)  # file errors before any load
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise IVTrainerError(f"{args.json} already exists; choose another --json or pass --overwrite")
+    base = tokenizer = None
+    if args.base:
+        base, tokenizer = load_model(args.base)
+    model, model_tokenizer = load_model(args.model)
+    tokenizer = tokenizer or model_tokenizer
+    if records is None:  # the facts the unedited model knows
+        records = load_edits(BUILTIN, model=base if base is not None else model, tokenizer=tokenizer)
+    scores = evaluate_edits(model, tokenizer, records, base_model=base, batch_size=args.batch_size)
+    print(f"{len(records)} edits, {args.model}" + (f" vs unedited {args.base}" if base is not None else ""))
+    for name in ("reliability", "generality", "locality"):
+        value = f"{100 * scores[name]:.1f}" if name in scores else "n/a (pass --base, the unedited model)"
+        print(f"{name:<12} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"n_edits": len(records), **scores}, indent=2) + "\n")
+    return 0
+
+
 def _builtin_tasks() -> list[str]:
     from .tasks import list_tasks
 
@@ -195,6 +222,26 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--overwrite", action="store_true")
     fo.add_argument("--push-to-hub", metavar="REPO")
     fo.set_defaults(func=_forget)
+
+    ev = sub.add_parser(
+        "evaluate-edits",
+        help="Reliability, Generality and Locality of a knowledge-edited model (EasyEdit semantics)",
+        description="Teacher-forced token accuracy of the new targets after the edit prompts (Reliability) "
+        "and their paraphrases (Generality), and agreement with the unedited --base model on unrelated "
+        "prompts (Locality).",
+    )
+    ev.add_argument("--model", required=True, help="the edited model: 'default', a Hub id or a folder")
+    ev.add_argument(
+        "--data",
+        default="builtin",
+        help="'builtin' (counterfactuals built from the facts the unedited model knows), or a JSON/JSONL "
+        "file in CounterFact (EasyEdit) or ZsRE (MEND) format",
+    )
+    ev.add_argument("--base", help="the unedited model, for Locality (and for building the built-in set)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--json", help="also write the scores to this JSON file")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(func=_evaluate_edits)
     return parser
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 from .errors import IVTrainerError
 
-__all__ = ["AdapterMismatchError", "subtract_adapter", "subtract_task_vector"]
+__all__ = [
+    "AdapterMismatchError",
+    "save_adapter",
+    "subtract_adapter",
+    "subtract_model_delta",
+    "subtract_task_vector",
+]
 
 
 class AdapterMismatchError(IVTrainerError, ValueError):
@@ -181,24 +187,23 @@ def subtract_adapter(
     adapter_name: str | None = None,
     check_base_model: bool = True,
 ) -> nn.Module:
-    """``W <- W - lam * delta_W`` for every module a LoRA adapter touches; returns a plain model.
+    """``W <- W - lam * delta_W`` for every module a LoRA adapter touches.
 
     Args:
-        model: a transformers model, or a ``PeftModel`` whose own adapters are subtracted when
-            ``adapter`` is None (``adapter_name`` picks one; default all).
+        model: a transformers model, or a ``PeftModel``. With ``adapter=None`` the PeftModel's own
+            adapters are subtracted (``adapter_name`` picks one; default all) and the plain base
+            model is returned. With an ``adapter``, it is subtracted from the PeftModel's base
+            weights and the PeftModel is returned with its own adapters untouched (F-Learning's
+            LoRA variant: forget one adapter, then train another).
         adapter: an adapter folder, a Hub id, a ``PeftModel``, or a list of these.
         lam: one lambda, or one per adapter.
 
-    Returns the base model without LoRA layers, ready for ``save_pretrained``/``push_to_hub``.
-    Everything is checked before any weight changes: lambdas finite, LoRA (not DoRA, not another
-    PEFT type), trained on this base model (``check_base_model``), shapes matching.
+    Returns the model without the subtracted LoRA layers, ready for ``save_pretrained`` /
+    ``push_to_hub``. Everything is checked before any weight changes: lambdas finite, LoRA (not
+    DoRA, not another PEFT type), trained on this base model (``check_base_model``), shapes matching.
     """
     PeftModel, _ = _peft_types()
-    if isinstance(model, PeftModel):
-        if adapter is not None:
-            raise ValueError(
-                "model is already a PeftModel: subtract its own adapters (adapter=None), or pass the base model"
-            )
+    if isinstance(model, PeftModel) and adapter is None:
         names = [adapter_name] if adapter_name else list(model.peft_config)
         lams = _check_lambdas(_as_list(lam, len(names)), len(names))
         for name in names:
@@ -206,29 +211,35 @@ def subtract_adapter(
                 raise ValueError(f"the PeftModel has no adapter {name!r}; it has {list(model.peft_config)}")
             _check_config(name, model.peft_config[name], None, False)
         _subtract_in_place(model, names, lams)
-        return model.unload()
+        return _unload(model)
 
     if adapter is None:
         raise ValueError("pass the adapter to subtract (a folder, a Hub id or a PeftModel)")
     adapters = _as_list(adapter)
     lams = _check_lambdas(_as_list(lam, len(adapters)), len(adapters))
-    model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    model_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     loaded = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, item in enumerate(adapters):
             if isinstance(item, PeftModel):  # its trained adapter, as files
-                item.save_pretrained(
-                    Path(tmp) / str(i), selected_adapters=[adapter_name] if adapter_name else None
-                )
-                folder = Path(tmp) / str(i)
-                if adapter_name:
-                    folder = folder / adapter_name if (folder / adapter_name).is_dir() else folder
-                item = folder
+                item = save_adapter(item, Path(tmp) / str(i), adapter_name)
             config, state, where = _load_adapter_files(item)
             _check_config(where, config, model_name if check_base_model else None, check_base_model)
-            _check_shapes(model, state, where)
+            _check_shapes(base, state, where)
             loaded.append((config, state, where))
         return _attach_and_subtract(model, loaded, lams)
+
+
+def save_adapter(peft_model, target: Path, adapter_name: str | None = None) -> Path:
+    """Save one adapter of a PeftModel (default: its active one) as a plain adapter folder
+    (PEFT puts adapters not named "default" in a subfolder; this returns the folder itself)."""
+    name = adapter_name or peft_model.active_adapter
+    if isinstance(name, list):
+        name = name[0]
+    target = Path(target)
+    peft_model.save_pretrained(str(target), selected_adapters=[name])
+    return target / name if (target / name / "adapter_config.json").is_file() else target
 
 
 def _attach_and_subtract(model: nn.Module, loaded, lams: Sequence[float]) -> nn.Module:
@@ -236,7 +247,11 @@ def _attach_and_subtract(model: nn.Module, loaded, lams: Sequence[float]) -> nn.
     copies of them, which PEFT's loader would write over this model's own) and subtract."""
     from peft import get_peft_model, set_peft_model_state_dict
 
-    peft_model = None
+    PeftModel, _ = _peft_types()
+    keep = isinstance(model, PeftModel)  # subtract from its base, keep its own adapters
+    peft_model = model if keep else None
+    trainable = None if keep else {n: p.requires_grad for n, p in model.named_parameters()}
+    active = model.active_adapter if keep else None
     names = []
     for i, (config, state, where) in enumerate(loaded):
         name = f"subtract_{i}"
@@ -252,7 +267,94 @@ def _attach_and_subtract(model: nn.Module, loaded, lams: Sequence[float]) -> nn.
             )
         names.append(name)
     _subtract_in_place(peft_model, names, lams)
-    return peft_model.unload()
+    if not keep:
+        return _unload(peft_model, trainable)
+    peft_model.set_adapter(active)
+    for name in names:
+        peft_model.delete_adapter(name)
+    return peft_model
+
+
+def _unload(peft_model, trainable: dict[str, bool] | None = None) -> nn.Module:
+    """``unload()``, with ``requires_grad`` as before PEFT froze the base weights (default: all
+    trainable, as a freshly loaded model)."""
+    model = peft_model.unload()
+    for name, p in model.named_parameters():
+        p.requires_grad_(True if trainable is None else trainable.get(name, True))
+    return model
+
+
+@torch.no_grad()
+def subtract_model_delta(
+    model: nn.Module,
+    finetuned: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    lam: float,
+    *,
+    base: nn.Module | Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """In memory: every parameter of ``model`` becomes ``theta - lam * (theta_ft - theta)``.
+
+    ``theta`` is ``base`` (a module or state dict, e.g. a CPU snapshot taken before ``model`` was
+    fine-tuned in place) or, by default, ``model``'s current weights. ``finetuned`` is a module, a
+    state dict or a model folder (read one tensor at a time). A PeftModel's base weights are
+    updated and its LoRA weights left alone. Computed in float32, cast back; returns ``model``.
+    """
+    (lam,) = _check_lambdas([lam], 1)
+    params = {_plain_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
+    tuned = _tensor_source(finetuned)
+    theta = _tensor_source(base) if base is not None else None
+    missing = [n for n in params if n not in tuned]
+    if missing:
+        raise ValueError(
+            f"the fine-tuned weights lack {missing[:3]} ({len(missing)} tensors); "
+            "the delta needs a fine-tune of this same model"
+        )
+    for name, p in params.items():
+        t = tuned[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} in the fine-tuned weights but {tuple(p.shape)} here"
+            )
+    for name, p in tqdm(params.items(), desc="subtract delta", unit="tensor", leave=False):
+        theta32 = (theta[name] if theta is not None else p.data).to(p.device, torch.float32)
+        delta = tuned[name].to(p.device, torch.float32) - theta32
+        p.data.copy_((theta32 - lam * delta).to(p.dtype))
+    return model
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name as the plain transformers model saves it (no PEFT wrapping)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+class _FolderTensors(Mapping):
+    """Tensors of a safetensors model folder, read on access."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.map = folder, _weight_map(folder)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.map
+
+    def __iter__(self):
+        return iter(self.map)
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+
+def _tensor_source(source) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, nn.Module):
+        return {_plain_name(n): p.detach() for n, p in source.named_parameters() if "lora_" not in n}
+    if isinstance(source, Mapping):
+        return {_plain_name(n): t for n, t in source.items()}
+    return _FolderTensors(_model_folder(source))
 
 
 # -- full-model task vectors, streamed ------------------------------------------------------------

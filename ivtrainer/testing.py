@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = ["TINY_ARCHITECTURES", "peft_subtraction", "tiny_config", "tiny_model", "tiny_tokenizer"]
 
 _WIDTH = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}
 
@@ -100,3 +100,14 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype =
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def peft_subtraction(peft_model, lam: float, adapter_name: str = "default"):
+    """PEFT's own route to ``W - lam * delta`` (scale the adapter by ``-lam``, then merge): the
+    reference that ivtrainer's subtraction is checked against."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale(adapter_name, -lam)
+    return peft_model.merge_and_unload()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ivtrainer.parameter_arithmetic import AdapterMismatchError, subtract_adapter
-from ivtrainer.testing import tiny_model
+from ivtrainer.testing import peft_subtraction, tiny_model
 
 TARGETS = {"llama": ["q_proj", "o_proj", "embed_tokens"], "gpt2": ["c_attn", "c_proj"]}
 
@@ -32,16 +32,6 @@ def _trained_adapter(model_type, *, seed=0, use_rslora=False, **kwargs):
     return peft_model
 
 
-def _peft_route(peft_model, lam, adapter_name="default"):
-    """PEFT's own way to W - lam * delta: scale the adapter by -lam, then merge."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            module.set_scale(adapter_name, -lam)
-    return peft_model.merge_and_unload()
-
-
 def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -51,7 +41,7 @@ def _weights(model):
 def test_matches_peft_set_scale_and_merge(model_type, use_rslora, tmp_path):
     trained = _trained_adapter(model_type, use_rslora=use_rslora)
     trained.save_pretrained(tmp_path / "adapter")
-    expected = _weights(_peft_route(copy.deepcopy(trained), 0.7))
+    expected = _weights(peft_subtraction(copy.deepcopy(trained), 0.7))
     result = subtract_adapter(tiny_model(model_type), tmp_path / "adapter", 0.7)
     from transformers import PreTrainedModel
 

@@ -1,0 +1,114 @@
+"""Configuration of F-Learning (forgetting before learning; Ni et al., ACL 2024)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from transformers import TrainingArguments
+
+__all__ = ["FLearningConfig"]
+
+_METHODS = ("full", "lora")
+
+
+@dataclasses.dataclass
+class FLearningConfig(TrainingArguments):
+    """``TrainingArguments`` for :class:`~ivtrainer.FLearningTrainer`.
+
+    The inherited arguments (epochs, learning rate, batch size, ...) drive the *learning* phase on
+    the new knowledge; the ``old_*`` ones drive the fine-tuning on the old knowledge whose delta is
+    subtracted first. Variants (the paper's names): FT = full/full, LoRA = lora/lora,
+    LoRA->FT = lora/full.
+    """
+
+    forget_method: Literal["full", "lora"] = dataclasses.field(
+        default="full",
+        metadata={
+            "help": "How the old-knowledge delta is trained when old_dataset is given: 'full' fine-tuning "
+            "or a 'lora' adapter.",
+            "choices": list(_METHODS),
+        },
+    )
+    learn_method: Literal["full", "lora"] = dataclasses.field(
+        default="full",
+        metadata={
+            "help": "How the new knowledge is learned: 'full' fine-tuning or 'lora'.",
+            "choices": list(_METHODS),
+        },
+    )
+    forget_lambda: float = dataclasses.field(
+        default=1.0,
+        metadata={
+            "help": "lambda in theta' = theta - lambda * (theta_old - theta); 0 is plain fine-tuning. The paper "
+            "uses 0.1-3 depending on the variant: choose it on a validation split."
+        },
+    )
+    old_num_train_epochs: float = dataclasses.field(
+        default=3.0, metadata={"help": "Epochs of the old-knowledge fine-tuning (paper: 3)."}
+    )
+    old_learning_rate: float = dataclasses.field(
+        default=5e-5, metadata={"help": "Learning rate of the old-knowledge fine-tuning (paper: 5e-5)."}
+    )
+    lora_r: int = dataclasses.field(default=8, metadata={"help": "LoRA rank (both phases)."})
+    lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha (both phases)."})
+    lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "LoRA dropout (both phases)."})
+    lora_target_modules: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Modules LoRA adapts; default: PEFT's choice for the architecture (e.g. q_proj, v_proj)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("forget_method", "learn_method"):
+            if getattr(self, name) not in _METHODS:
+                raise ValueError(f"{name} must be 'full' or 'lora', not {getattr(self, name)!r}")
+        lam = self.forget_lambda
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(
+                f"forget_lambda must be a finite number >= 0 (0 = plain fine-tuning), got {lam!r}"
+            )
+        for name in ("old_num_train_epochs", "old_learning_rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        super().__post_init__()
+
+    @property
+    def variant(self) -> str:
+        """The paper's name for this combination: FT, LoRA, LoRA->FT or FT->LoRA."""
+        names = {"full": "FT", "lora": "LoRA"}
+        if self.forget_method == self.learn_method:
+            return names[self.learn_method]
+        return f"{names[self.forget_method]}->{names[self.learn_method]}"
+
+    def lora_config(self):
+        """The ``peft.LoraConfig`` both phases use."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    def old_phase_arguments(self) -> TrainingArguments:
+        """Plain ``TrainingArguments`` of the old-knowledge phase: these ones, with the ``old_*``
+        values, writing under ``<output_dir>/forget``."""
+        fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        values = {name: getattr(self, name) for name in fields}
+        values.update(
+            output_dir=f"{self.output_dir}/forget",
+            num_train_epochs=self.old_num_train_epochs,
+            learning_rate=self.old_learning_rate,
+            max_steps=-1,
+            run_name=f"{self.run_name}-forget" if self.run_name else None,
+            push_to_hub=False,
+        )
+        return TrainingArguments(**values)

@@ -1,0 +1,204 @@
+"""F-Learning, forgetting before learning (Ni et al., ACL 2024), as a drop-in ``Trainer``.
+
+``train()`` runs three phases:
+
+1. *old*: fine-tune on the old knowledge (full, or a LoRA adapter named ``"forget"``), written to
+   ``<output_dir>/forget`` with its own checkpoints and ``trainer_state.json``; its result, the
+   delta's source, goes to ``<output_dir>/forget/delta`` (skipped when ``old_adapter`` /
+   ``old_model`` is given);
+2. *forget*: ``theta' = theta - lambda * (theta_old - theta)``, in memory;
+3. *learn*: this Trainer's own training loop on ``train_dataset``, from ``theta'``.
+
+The subtraction is recomputed from ``<output_dir>/forget/delta`` on every ``train()`` call, so
+``train(resume_from_checkpoint=True)`` resumes an interrupted run in either training phase.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .f_learning_config import FLearningConfig
+from .parameter_arithmetic import _unload, atomic_dir, save_adapter, subtract_adapter, subtract_model_delta
+
+__all__ = ["FLearningTrainer"]
+
+_MARKER = "f_learning.json"
+
+
+class FLearningTrainer(Trainer):
+    """A ``Trainer`` that forgets the old knowledge before learning the new.
+
+    Args:
+        model: the model holding the old knowledge (a transformers model; a ``PeftModel`` when
+            ``learn_method="lora"`` and you brought your own adapter).
+        args: an :class:`~ivtrainer.FLearningConfig`.
+        train_dataset: the new knowledge.
+        old_dataset: the old knowledge, to fine-tune on first (``args.forget_method``) ...
+        old_adapter: ... or a LoRA adapter already trained on it (folder, Hub id or PeftModel) ...
+        old_model: ... or a full fine-tune of ``model`` on it (module or folder).
+
+    Everything else is passed to ``transformers.Trainer`` unchanged; the old phase uses the same
+    data collator, processing class and callbacks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: FLearningConfig | None = None,
+        train_dataset=None,
+        *,
+        old_dataset=None,
+        old_adapter=None,
+        old_model: nn.Module | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from peft import PeftModel, get_peft_model
+
+        args = FLearningConfig(output_dir="trainer_output") if args is None else args
+        if not isinstance(args, FLearningConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; FLearningTrainer needs an FLearningConfig "
+                "(a TrainingArguments subclass with the forget_* settings)"
+            )
+        given = [n for n, v in (("old_dataset", old_dataset), ("old_adapter", old_adapter), ("old_model", old_model)) if v is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(
+                f"pass exactly one source of the old knowledge: old_dataset (to fine-tune on), old_adapter "
+                f"or old_model (an existing fine-tune); got {given or 'none'}"
+            )
+        if train_dataset is None:
+            raise ValueError("pass train_dataset: the new knowledge to learn")
+        is_peft = isinstance(model, PeftModel)
+        if args.learn_method == "full" and is_peft:
+            raise ValueError(
+                "learn_method='full' but model is a PeftModel: pass the base model, or set learn_method='lora'"
+            )
+        if old_dataset is not None and args.forget_method == "full" and args.learn_method == "lora":
+            raise ValueError(
+                "forget_method='full' with learn_method='lora' (FT->LoRA) is not supported with old_dataset: "
+                "fine-tune on the old knowledge yourself and pass old_model=, or use forget_method='lora'"
+            )
+        if args.learn_method == "lora" and not is_peft:
+            model = get_peft_model(model, args.lora_config())
+        self.old_dataset, self.old_adapter, self.old_model = old_dataset, old_adapter, old_model
+        self._old_kwargs = {
+            k: kwargs[k] for k in ("data_collator", "processing_class", "callbacks") if k in kwargs
+        }
+        self._forget_logs: dict[str, float] = {}
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+
+    @property
+    def forget_dir(self) -> Path:
+        return Path(self.args.output_dir) / "forget"
+
+    # -- phases ------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Old-knowledge fine-tuning (unless a delta was given), subtraction, new-knowledge training.
+
+        ``resume_from_checkpoint=True`` picks up wherever the last run stopped; a checkpoint path
+        under ``<output_dir>/forget`` resumes the old phase, any other the learning phase.
+        """
+        old_resume, new_resume = self._split_resume(resume_from_checkpoint)
+        delta, kind = self._old_delta(old_resume)
+        self._forget(delta, kind)
+        return super().train(resume_from_checkpoint=new_resume, **kwargs)
+
+    def _split_resume(self, resume):
+        if resume is True:
+            return True, get_last_checkpoint(self.args.output_dir) if Path(
+                self.args.output_dir
+            ).is_dir() else None
+        if resume and Path(resume).resolve().is_relative_to(self.forget_dir.resolve()):
+            return resume, None
+        return None, resume
+
+    def _old_delta(self, resume) -> tuple[Any, str]:
+        """(source, "lora" | "full") of the old-knowledge delta: given, saved by an earlier run, or
+        trained now."""
+        if self.old_adapter is not None:
+            return self.old_adapter, "lora"
+        if self.old_model is not None:
+            return self.old_model, "full"
+        marker = self.forget_dir / _MARKER
+        if not marker.is_file():
+            self._train_old(resume)
+        saved = json.loads(marker.read_text())
+        return self.forget_dir / saved["delta"], saved["forget_method"]
+
+    def _train_old(self, resume) -> None:
+        """Phase 1: fine-tune on the old knowledge, save the result as the delta's source, and put
+        the model back as it was (the subtraction reads the saved delta, as a resumed run does)."""
+        from peft import PeftModel, get_peft_model
+
+        args = self.args
+        model = self.model
+        snapshot = active = trainable = None
+        if args.forget_method == "lora":
+            if isinstance(model, PeftModel):
+                active = model.active_adapter
+                model.add_adapter("forget", args.lora_config())
+                model.set_adapter("forget")
+            else:
+                trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+                model = get_peft_model(model, args.lora_config(), adapter_name="forget")
+        else:  # the base weights, to subtract the delta from after training in place
+            snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        if resume is True:
+            resume = get_last_checkpoint(self.forget_dir) if self.forget_dir.is_dir() else None
+        old = Trainer(
+            model=model, args=args.old_phase_arguments(), train_dataset=self.old_dataset, **self._old_kwargs
+        )
+        old.train(resume_from_checkpoint=resume)
+        with atomic_dir(self.forget_dir / "delta") as tmp:
+            if args.forget_method == "lora":
+                folder = save_adapter(model, tmp / "adapter", "forget")
+                for item in folder.iterdir():
+                    item.rename(tmp / item.name)
+                _remove_tree(tmp / "adapter")
+            else:
+                model.save_pretrained(tmp)
+        if args.forget_method == "lora":  # back to the model as it was, then subtract from files
+            if active is not None:
+                self.model.set_adapter(active)
+                self.model.delete_adapter("forget")
+            else:
+                _unload(model, trainable)
+        else:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.data.copy_(snapshot[n].to(p.device))
+        del old, snapshot
+        gc.collect()
+        marker = {"delta": "delta", "forget_method": args.forget_method, "complete": True}
+        (self.forget_dir / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+    def _forget(self, delta, kind: str) -> None:
+        """Phase 2: ``theta' = theta - lambda * delta``, in place on ``self.model``'s base weights."""
+        lam = self.args.forget_lambda
+        if kind == "lora":
+            subtract_adapter(self.model, delta, lam, check_base_model=False)
+        else:
+            subtract_model_delta(self.model, delta, lam)
+        self._forget_logs = {"forget_lambda": lam}  # logged with the learning phase's first log
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._forget_logs:  # once, with the learning phase's first log
+            logs = {**logs, **self._forget_logs}
+            self._forget_logs = {}
+        super().log(logs, *args, **kwargs)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

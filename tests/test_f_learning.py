@@ -1,0 +1,262 @@
+"""FLearningConfig and FLearningTrainer: the three phases, the variants, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from ivtrainer import FLearningConfig, FLearningTrainer
+from ivtrainer.edits import edit_dataset
+from ivtrainer.parameter_arithmetic import subtract_model_delta
+from ivtrainer.testing import peft_subtraction, tiny_model
+
+CITIES = ["Paris", "Rome", "Madrid", "Berlin", "Lima", "Oslo"]
+
+
+def _records(n: int = 6):
+    return [
+        {
+            "prompt": f"The capital of land {i} is",
+            "subject": f"land {i}",
+            "target_old": CITIES[i % 6],
+            "target_new": CITIES[(i + 2) % 6],
+            "rephrase_prompt": f"Land {i}'s capital:",
+            "locality_prompt": "The sky is",
+            "locality_ground_truth": "blue",
+            "relation": "capital",
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def data(tokenizer):
+    records = _records()
+    return {
+        "old": edit_dataset(records, tokenizer, "old"),
+        "new": edit_dataset(records, tokenizer, "new"),
+        "collator": DataCollatorForSeq2Seq(tokenizer, padding=True),
+    }
+
+
+def _config(tmp_path, **kw) -> FLearningConfig:
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        old_num_train_epochs=1,
+        learning_rate=1e-3,
+        old_learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    return FLearningConfig(**(values | kw))
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    """Base weights by their plain names, with or without LoRA layers injected."""
+    return {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_config_parses_from_the_command_line():
+    (config,) = HfArgumentParser(FLearningConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "o",
+            "--forget_method",
+            "lora",
+            "--learn_method",
+            "full",
+            "--forget_lambda",
+            "0.3",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert (config.variant, config.forget_lambda, config.lora_target_modules) == (
+        "LoRA->FT",
+        0.3,
+        ["q_proj", "v_proj"],
+    )
+    assert (config.old_num_train_epochs, config.old_learning_rate) == (3.0, 5e-5)  # the paper's
+    old = config.old_phase_arguments()
+    assert type(old) is TrainingArguments and old.output_dir == "o/forget" and old.num_train_epochs == 3.0
+    assert config.lora_config().target_modules == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"forget_lambda": float("nan")}, "finite number >= 0"),
+        ({"forget_lambda": -1.0}, "finite number >= 0"),
+        ({"forget_method": "qlora"}, "forget_method must be 'full' or 'lora'"),
+        ({"learn_method": "adapter"}, "learn_method must be"),
+        ({"old_num_train_epochs": 0}, "old_num_train_epochs must be > 0"),
+        ({"lora_r": 0}, "lora_r must be >= 1"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FLearningConfig(output_dir="o", **kw)
+
+
+def test_trainer_bad_input_fails_before_any_work(tmp_path, data):
+    model = tiny_model("llama")
+    config = _config(tmp_path)
+    for sources, match in [
+        ({}, "got none"),
+        ({"old_dataset": data["old"], "old_model": model}, r"got \['old_dataset', 'old_model'\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            FLearningTrainer(model, config, train_dataset=data["new"], **sources)
+    with pytest.raises(ValueError, match="pass train_dataset"):
+        FLearningTrainer(model, config, old_dataset=data["old"])
+    with pytest.raises(TypeError, match="needs an FLearningConfig"):
+        FLearningTrainer(model, TrainingArguments("o"), train_dataset=data["new"], old_dataset=data["old"])
+    peft = get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="learn_method='full' but model is a PeftModel"):
+        FLearningTrainer(peft, config, train_dataset=data["new"], old_dataset=data["old"])
+    with pytest.raises(ValueError, match="FT->LoRA"):
+        FLearningTrainer(
+            model, _config(tmp_path, learn_method="lora"), train_dataset=data["new"], old_dataset=data["old"]
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_ft_variant_equals_the_manual_route(tmp_path, data):
+    """FT -> subtract -> FT, by hand with plain Trainers, gives the same weights."""
+    config = _config(tmp_path, forget_lambda=0.7)
+    model = tiny_model("llama", seed=5)
+    trainer = FLearningTrainer(
+        model, config, train_dataset=data["new"], old_dataset=data["old"], data_collator=data["collator"]
+    )
+    trainer.train()
+
+    manual = tiny_model("llama", seed=5)
+    theta = _params(manual)
+    Trainer(
+        manual, config.old_phase_arguments(), train_dataset=data["old"], data_collator=data["collator"]
+    ).train()
+    old = _params(manual)
+    subtract_model_delta(manual, old, 0.7, base=theta)
+    learn = _config(tmp_path, output_dir=str(tmp_path / "manual"))  # same learning-phase settings
+    Trainer(manual, learn, train_dataset=data["new"], data_collator=data["collator"]).train()
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p, dict(manual.named_parameters())[name], rtol=0, atol=1e-6)
+
+    saved = json.loads((tmp_path / "run" / "forget" / "f_learning.json").read_text())
+    assert saved == {"delta": "delta", "forget_method": "full", "complete": True}
+    logs = trainer.state.log_history
+    assert logs[0]["forget_lambda"] == 0.7 and "loss" in logs[0]
+
+
+@pytest.mark.parametrize("learn", ["lora", "full"])
+def test_lora_forget_subtracts_the_trained_adapter(tmp_path, data, learn):
+    """LoRA and LoRA->FT: with a zero learning rate in the learning phase the result is exactly
+    theta - lambda * delta_LoRA, the adapter saved under forget/delta."""
+    config = _config(tmp_path, forget_method="lora", learn_method=learn, forget_lambda=2.0, learning_rate=0.0)
+    model = tiny_model("llama", seed=6)
+    theta = _params(model)
+    trainer = FLearningTrainer(
+        model, config, train_dataset=data["new"], old_dataset=data["old"], data_collator=data["collator"]
+    )
+    trainer.train()
+    delta_dir = tmp_path / "run" / "forget" / "delta"
+    assert (delta_dir / "adapter_config.json").is_file()
+
+    expected = peft_subtraction(PeftModel.from_pretrained(tiny_model("llama", seed=6), delta_dir), 2.0)
+    result = trainer.model.get_base_model() if learn == "lora" else trainer.model
+    if learn == "lora":
+        assert list(trainer.model.peft_config) == ["default"]  # the forget adapter is gone
+        assert all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())
+    else:
+        assert not isinstance(trainer.model, PeftModel)
+        assert all(p.requires_grad for p in trainer.model.parameters())
+    changed = 0
+    mine = _base_weights(result)
+    for name, p in expected.named_parameters():
+        torch.testing.assert_close(mine[name], p, rtol=0, atol=1e-6)
+        changed += not torch.equal(p, theta[name])
+    assert changed > 0
+
+
+def test_given_old_model_and_old_adapter_skip_the_old_phase(tmp_path, data):
+    base = tiny_model("llama", seed=7)
+    old = tiny_model("llama", seed=8)
+    config = _config(tmp_path, forget_lambda=0.5, learning_rate=0.0)
+    trainer = FLearningTrainer(
+        base, config, train_dataset=data["new"], old_model=old, data_collator=data["collator"]
+    )
+    expected = {
+        n: p - 0.5 * (dict(old.named_parameters())[n] - p)
+        for n, p in _params(tiny_model("llama", seed=7)).items()
+    }
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-6)
+    assert not (tmp_path / "run" / "forget").exists()
+
+    folder = tmp_path / "adapter"
+    peft = get_peft_model(
+        tiny_model("llama", seed=7), LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM")
+    )
+    peft.save_pretrained(folder)
+    config = _config(tmp_path, forget_lambda=1.0, learning_rate=0.0, learn_method="lora")
+    trainer = FLearningTrainer(
+        tiny_model("llama", seed=7),
+        config,
+        train_dataset=data["new"],
+        old_adapter=folder,
+        data_collator=data["collator"],
+    )
+    trainer.train()
+    expected = peft_subtraction(peft, 1.0)
+    mine = _base_weights(trainer.model.get_base_model())
+    for name, p in expected.named_parameters():
+        torch.testing.assert_close(mine[name], p, rtol=0, atol=1e-6)
+
+
+class _Stop(TrainerCallback):
+    """Raise once the given phase's training reaches ``step`` (simulates a crash)."""
+
+    def __init__(self, phase_dir: str, step: int):
+        self.phase_dir, self.step = phase_dir, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.output_dir.endswith(self.phase_dir) and state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("crash_in", ["forget", "run"])
+def test_resume_after_a_crash_in_either_phase(tmp_path, data, crash_in):
+    kw = dict(save_strategy="steps", save_steps=1, num_train_epochs=2, old_num_train_epochs=2)
+
+    def trainer(out, callbacks=()):
+        config = _config(tmp_path, output_dir=str(out), forget_lambda=0.5, **kw)
+        return FLearningTrainer(tiny_model("llama", seed=9), config, train_dataset=data["new"],
+                                old_dataset=data["old"], data_collator=data["collator"], callbacks=list(callbacks))  # fmt: skip
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    crashed = trainer(tmp_path / "run", [_Stop(crash_in, 3)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    assert (tmp_path / "run" / "forget" / "f_learning.json").is_file() == (crash_in == "run")
+    resumed = trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)
+    for name, p in resumed.model.named_parameters():
+        torch.testing.assert_close(p, dict(whole.model.named_parameters())[name], rtol=0, atol=1e-5)
