@@ -6,19 +6,42 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .architectures import ArchitectureSpec, ModelLayout, get_layout, register_architecture, unwrap_model
 from .edit_metrics import evaluate_edits
 from .edits import build_counterfacts, edit_dataset, load_edits, split_edits
 from .errors import IVTrainerError, MissingDependencyError, ModelLoadError, UnsupportedArchitectureError
-from .f_learning_config import FLearningConfig
-from .f_learning_trainer import FLearningTrainer
 from .hooks import record_head_outputs
 from .instruction_vector import IncompatibleVectorError, InstructionVector, extract_instruction_vector
 from .models import load_default_model, load_model
 from .parameter_arithmetic import subtract_adapter, subtract_model_delta, subtract_task_vector
 from .tasks import list_tasks, load_task
 
+if TYPE_CHECKING:
+    from .f_learning_config import FLearningConfig
+    from .f_learning_trainer import FLearningTrainer
+
 __version__ = "0.1.0.dev0"
+
+# Trainer classes import transformers' training stack (seconds): loaded on first use, so that
+# `import ivtrainer` and the CLI stay fast.
+_LAZY = {"FLearningConfig": ".f_learning_config", "FLearningTrainer": ".f_learning_trainer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ivtrainer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ArchitectureSpec",

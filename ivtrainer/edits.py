@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .tasks import read_json_or_jsonl
+
 __all__ = [
     "EDIT_FIELDS",
     "build_counterfacts",
@@ -135,14 +137,7 @@ def _normalise(rec: Any, mapping: dict[str, str], i: int, where: str | None) -> 
 
 
 def _read_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is neither JSON nor JSONL: {exc}") from None
+    data = read_json_or_jsonl(path)
     if isinstance(data, Mapping):
         data = next((data[k] for k in ("records", "data", "edits") if isinstance(data.get(k), list)), [data])
     return data
@@ -213,8 +208,9 @@ def build_counterfacts(
 
     Only facts the model completes correctly (every target token is the teacher-forced argmax
     after the prompt) are kept: F-Learning presumes the model holds the old knowledge. A quarter
-    of the known facts per relation (``locality_fraction``) become locality prompts, never edited;
-    the rest are edits whose new target is another object of the same relation.
+    of the known facts per relation (``locality_fraction``) are never edited and serve as the
+    locality prompts of the *other* relations' edits (unrelated knowledge, as ZsRE's locality
+    questions are); the rest are edits whose new target is another object of the same relation.
     """
     if not 0 < locality_fraction < 1:
         raise ValueError(f"locality_fraction must be in (0, 1), got {locality_fraction}")
@@ -231,17 +227,22 @@ def build_counterfacts(
         if pred == gold:
             known.setdefault(rel["name"], []).append((subject, obj))
     rng = random.Random(seed)
-    records = []
+    split = {}
     for rel in relations:
         facts = known.get(rel["name"], [])
-        objects = sorted({o for _, o in rel["facts"]})
-        if len(facts) < 2 or len(objects) < 2:
+        if len(facts) < 2 or len({o for _, o in rel["facts"]}) < 2:
             continue
         rng.shuffle(facts)
         n_loc = max(1, round(len(facts) * locality_fraction))
-        locality, edits = facts[:n_loc], facts[n_loc:]
+        split[rel["name"]] = (rel, facts[:n_loc], facts[n_loc:])
+    records = []
+    for name, (rel, _, edits) in split.items():
+        # unrelated locality prompts: known facts of the other relations, never edited
+        pool = [(r, s, o) for other, (r, loc, _) in split.items() if other != name for s, o in loc]
+        pool = pool or [(rel, s, o) for s, o in split[name][1]]
+        objects = sorted({o for _, o in rel["facts"]})
         for i, (subject, obj) in enumerate(edits):
-            loc_subject, loc_obj = locality[i % len(locality)]
+            loc_rel, loc_subject, loc_obj = pool[i % len(pool)]
             records.append(
                 {
                     "prompt": rel["prompt"].format(subject),
@@ -249,7 +250,7 @@ def build_counterfacts(
                     "target_old": obj,
                     "target_new": rng.choice([o for o in objects if o != obj]),
                     "rephrase_prompt": rel["rephrase"].format(subject),
-                    "locality_prompt": rel["prompt"].format(loc_subject),
+                    "locality_prompt": loc_rel["prompt"].format(loc_subject),
                     "locality_ground_truth": loc_obj,
                     "relation": rel["name"],
                 }

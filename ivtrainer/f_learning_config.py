@@ -100,7 +100,7 @@ class FLearningConfig(TrainingArguments):
 
     def old_phase_arguments(self) -> TrainingArguments:
         """Plain ``TrainingArguments`` of the old-knowledge phase: these ones, with the ``old_*``
-        values, writing under ``<output_dir>/forget``."""
+        values, no evaluation and no pushing, writing under ``<output_dir>/forget``."""
         fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
         values = {name: getattr(self, name) for name in fields}
         values.update(
@@ -108,6 +108,8 @@ class FLearningConfig(TrainingArguments):
             num_train_epochs=self.old_num_train_epochs,
             learning_rate=self.old_learning_rate,
             max_steps=-1,
+            eval_strategy="no",  # the evaluation data belongs to the learning phase
+            load_best_model_at_end=False,
             run_name=f"{self.run_name}-forget" if self.run_name else None,
             push_to_hub=False,
         )

@@ -96,15 +96,20 @@ def load_examples(examples: Any, *, source: str | None = None) -> list[Example]:
     return out
 
 
-def _read_json_records(path: Path) -> list[Any]:
+def read_json_or_jsonl(path: Path) -> Any:
+    """A JSON document, or the list of a JSONL file's records."""
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
         try:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is neither JSON nor JSONL: {exc}") from None
+
+
+def _read_json_records(path: Path) -> list[Any]:
+    data = read_json_or_jsonl(path)
     if isinstance(data, Mapping):  # {"pairs": [...]} or {"examples": [...]} or {"data": [...]}
         for key in ("examples", "data", "pairs"):
             if isinstance(data.get(key), list):

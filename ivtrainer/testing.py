@@ -10,7 +10,14 @@ import functools
 
 import torch
 
-__all__ = ["TINY_ARCHITECTURES", "peft_subtraction", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = [
+    "TINY_ARCHITECTURES",
+    "peft_subtraction",
+    "tiny_config",
+    "tiny_edits",
+    "tiny_model",
+    "tiny_tokenizer",
+]
 
 _WIDTH = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}
 
@@ -111,3 +118,21 @@ def peft_subtraction(peft_model, lam: float, adapter_name: str = "default"):
         if isinstance(module, LoraLayer):
             module.set_scale(adapter_name, -lam)
     return peft_model.merge_and_unload()
+
+
+def tiny_edits(n: int = 6) -> list[dict[str, str]]:
+    """``n`` made-up edit records in ivtrainer's schema (two relations, alternating)."""
+    cities = ["Paris", "Rome", "Madrid", "Berlin", "Lima", "Oslo", "Cairo", "Tokyo"]
+    return [
+        {
+            "prompt": f"The capital of land {i} is",
+            "subject": f"land {i}",
+            "target_old": cities[i % 8],
+            "target_new": cities[(i + 3) % 8],
+            "rephrase_prompt": f"Land {i} has its capital in",
+            "locality_prompt": f"The river of place {i} is the",
+            "locality_ground_truth": "Nile",
+            "relation": "capital" if i % 2 else "other",
+        }
+        for i in range(n)
+    ]

@@ -12,13 +12,14 @@ from ivtrainer.cli import main
 from ivtrainer.edit_metrics import evaluate_edits, locality_reference, score_tokens
 from ivtrainer.edits import (
     EDIT_FIELDS,
+    _candidate_relations,
     build_counterfacts,
     edit_dataset,
     load_edits,
     split_edits,
     target_predictions,
 )
-from ivtrainer.testing import tiny_model
+from ivtrainer.testing import tiny_edits, tiny_model
 
 COUNTERFACT = {  # EasyEdit's CounterFact split
     "case_id": 0,
@@ -39,23 +40,6 @@ ZSRE = {  # MEND's ZsRE split
     "loc": "nq question: who played desmond doss father in hacksaw ridge",
     "loc_ans": "Hugo Weaving",
 }
-
-
-def _records(n: int = 6) -> list[dict[str, str]]:
-    cities = ["Paris", "Rome", "Madrid", "Berlin", "Lima", "Oslo", "Cairo", "Tokyo"]
-    return [
-        {
-            "prompt": f"The capital of country {i} is",
-            "subject": f"country {i}",
-            "target_old": cities[i % 8],
-            "target_new": cities[(i + 3) % 8],
-            "rephrase_prompt": f"Country {i} has its capital in",
-            "locality_prompt": f"The river of land {i} is the",
-            "locality_ground_truth": "Nile",
-            "relation": "capital" if i % 2 else "other",
-        }
-        for i in range(n)
-    ]
 
 
 def test_load_counterfact_zsre_and_own_format(tmp_path):
@@ -97,7 +81,7 @@ def test_load_edits_errors(source, match):
 
 
 def test_split_is_fixed_disjoint_and_stratified():
-    records = _records(30)
+    records = tiny_edits(30)
     val, test = split_edits(records)
     assert split_edits(records) == (val, test)
     assert len(val) == 10 and len(test) == 20
@@ -108,7 +92,7 @@ def test_split_is_fixed_disjoint_and_stratified():
 
 
 def test_edit_dataset_masks_the_prompt(tokenizer):
-    rec = _records(1)[0]
+    rec = tiny_edits(1)[0]
     row = edit_dataset([rec], tokenizer, "old")[0]
     answer = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     assert tokenizer.decode(answer) == " " + rec["target_old"]
@@ -123,7 +107,7 @@ def test_edit_dataset_masks_the_prompt(tokenizer):
 
 def test_target_predictions_batching_matches_one_by_one(tokenizer):
     model = tiny_model("llama", seed=1)
-    records = _records(5)
+    records = tiny_edits(5)
     prompts = [r["prompt"] for r in records] + ["x"]
     targets = [r["target_new"] for r in records] + ["a much longer target than the others"]
     batched = target_predictions(model, tokenizer, prompts, targets, batch_size=4)
@@ -151,7 +135,7 @@ def test_score_tokens_is_the_mean_of_per_record_fractions():
 
 def test_evaluate_edits_semantics(tokenizer):
     model = tiny_model("llama", seed=2)
-    records = _records(4)
+    records = tiny_edits(4)
     scores = evaluate_edits(model, tokenizer, records, base_model=model)
     assert scores["locality"] == 1.0  # an unedited model agrees with itself
     manual = target_predictions(
@@ -203,11 +187,14 @@ def test_builtin_counterfacts_are_facts_the_default_model_knows(default_model):
     records = build_counterfacts(model, tok)
     assert len(records) >= 60
     assert {r["relation"] for r in records} >= {"capital", "language", "landmark_city"}
-    edited = {r["subject"] for r in records}
+    relation_of = {
+        rel["prompt"].format(s): rel["name"] for rel in _candidate_relations() for s, _ in rel["facts"]
+    }
+    edit_prompts = {r["prompt"] for r in records}
     for r in records:
         assert r["target_new"] != r["target_old"]
-        assert r["locality_prompt"] not in {x["prompt"] for x in records}
-    assert not any(r["locality_prompt"].endswith(f" {s} is") for r in records for s in edited)
+        assert relation_of[r["locality_prompt"]] != r["relation"]  # unrelated knowledge
+        assert r["locality_prompt"] not in edit_prompts  # never edited
     # checked through another code path: greedy generation completes the old fact
     sample = records[:: max(1, len(records) // 12)]
     for r in sample:

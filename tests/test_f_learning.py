@@ -12,30 +12,12 @@ from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, Trai
 from ivtrainer import FLearningConfig, FLearningTrainer
 from ivtrainer.edits import edit_dataset
 from ivtrainer.parameter_arithmetic import subtract_model_delta
-from ivtrainer.testing import peft_subtraction, tiny_model
-
-CITIES = ["Paris", "Rome", "Madrid", "Berlin", "Lima", "Oslo"]
-
-
-def _records(n: int = 6):
-    return [
-        {
-            "prompt": f"The capital of land {i} is",
-            "subject": f"land {i}",
-            "target_old": CITIES[i % 6],
-            "target_new": CITIES[(i + 2) % 6],
-            "rephrase_prompt": f"Land {i}'s capital:",
-            "locality_prompt": "The sky is",
-            "locality_ground_truth": "blue",
-            "relation": "capital",
-        }
-        for i in range(n)
-    ]
+from ivtrainer.testing import peft_subtraction, tiny_edits, tiny_model
 
 
 @pytest.fixture
 def data(tokenizer):
-    records = _records()
+    records = tiny_edits()
     return {
         "old": edit_dataset(records, tokenizer, "old"),
         "new": edit_dataset(records, tokenizer, "new"),
