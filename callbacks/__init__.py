@@ -1,7 +1,11 @@
 """``ivtrainer.callbacks``: TrainerCallbacks usable on an unmodified ``Trainer`` or ``SFTTrainer``.
 
-Planned: ``IVInterventionCallback`` (anneals and applies an instruction vector during training)
-and ``IVKLCallback`` (adds the KL term towards the IV-intervened original model).
+- :class:`IVInterventionCallback` adds instruction vectors to the model being trained, with a
+  strength annealed to zero (progressive IV intervention);
+- :class:`IVKLCallback` adds the KL term towards the IV-intervened original model.
 """
 
-__all__: list[str] = []
+from .iv_intervention import IVCallback, IVInterventionCallback
+from .iv_kl import IVKLCallback
+
+__all__ = ["IVCallback", "IVInterventionCallback", "IVKLCallback"]

@@ -21,12 +21,19 @@ from .tasks import list_tasks, load_task
 if TYPE_CHECKING:
     from .f_learning_config import FLearningConfig
     from .f_learning_trainer import FLearningTrainer
+    from .iv_guided_config import IVGuidedConfig
+    from .iv_guided_trainer import IVGuidedTrainer
 
 __version__ = "0.1.0.dev0"
 
 # Trainer classes import transformers' training stack (seconds): loaded on first use, so that
 # `import ivtrainer` and the CLI stay fast.
-_LAZY = {"FLearningConfig": ".f_learning_config", "FLearningTrainer": ".f_learning_trainer"}
+_LAZY = {
+    "FLearningConfig": ".f_learning_config",
+    "FLearningTrainer": ".f_learning_trainer",
+    "IVGuidedConfig": ".iv_guided_config",
+    "IVGuidedTrainer": ".iv_guided_trainer",
+}
 
 
 def __getattr__(name: str):
@@ -47,6 +54,8 @@ __all__ = [
     "ArchitectureSpec",
     "FLearningConfig",
     "FLearningTrainer",
+    "IVGuidedConfig",
+    "IVGuidedTrainer",
     "IVTrainerError",
     "IncompatibleVectorError",
     "InstructionVector",

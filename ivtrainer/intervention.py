@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,11 +18,30 @@ from torch import nn
 from .architectures import get_layout, unwrap_model
 from .hooks import hooks
 
-__all__ = ["Intervention", "Positions", "add_to_residual"]
+__all__ = ["Intervention", "Positions", "add_to_residual", "last_prompt_positions", "suspend_interventions"]
 
-#: ``"last"``: the last non-pad token of each row; ``"all"``: every non-pad token; or a bool
-#: tensor ``(batch, seq)`` that matches the forward's input.
+#: ``"last"``: the last non-pad token of each row; ``"all"``: every non-pad token;
+#: ``"last_prompt"``: the token before each row's first label (the last prompt token of a training
+#: batch; ``"last"`` when the forward has no labels, as in generation); or a bool tensor
+#: ``(batch, seq)`` that matches the forward's input.
 Positions = str | torch.Tensor
+
+# bare model -> its active interventions, so that a teacher pass through the same modules can
+# switch the student's off (suspend_interventions)
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[Intervention]] = weakref.WeakKeyDictionary()
+
+
+def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` bool mask of the position before each row's first label != -100 (whose
+    logits predict the first answer token); rows without labels, or whose first token is a label,
+    select nothing."""
+    has = labels != -100
+    first = has.int().argmax(-1)
+    valid = has.any(-1) & (first > 0)
+    mask = torch.zeros_like(has)
+    rows = torch.nonzero(valid, as_tuple=True)[0]
+    mask[rows, first[rows] - 1] = True
+    return mask
 
 
 class Intervention:
@@ -30,14 +50,25 @@ class Intervention:
     def __init__(self, strength: float, positions: Positions) -> None:
         self.strength = strength
         self.positions = positions
+        self.suspended = False
         self._where: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _locate(
-        self, input_shape: tuple[int, int], attention_mask: torch.Tensor | None, past: int, device
+        self,
+        input_shape: tuple[int, int],
+        attention_mask: torch.Tensor | None,
+        past: int,
+        device,
+        labels: torch.Tensor | None = None,
     ) -> None:
         """Set the (rows, cols) to edit in this forward from the model's own inputs."""
         batch, seq = input_shape
         positions = self.positions
+        if positions == "last_prompt":
+            if labels is not None and labels.shape == (batch, seq):
+                positions = last_prompt_positions(labels)
+            else:
+                positions = "last"
         if isinstance(positions, torch.Tensor):
             if positions.shape != (batch, seq):
                 raise ValueError(
@@ -66,8 +97,10 @@ def _check_positions(positions: Positions) -> None:
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 2:
             raise ValueError(f"a positions mask must be (batch, seq), got shape {tuple(positions.shape)}")
-    elif positions not in ("last", "all"):
-        raise ValueError(f"positions must be 'last', 'all' or a (batch, seq) bool tensor, not {positions!r}")
+    elif positions not in ("last", "all", "last_prompt"):
+        raise ValueError(
+            f"positions must be 'last', 'all', 'last_prompt' or a (batch, seq) bool tensor, not {positions!r}"
+        )
 
 
 @contextlib.contextmanager
@@ -114,6 +147,7 @@ def add_to_residual(
             bound.get("attention_mask", extra.get("attention_mask")),
             past_len,
             source.device,
+            bound.get("labels", extra.get("labels")),
         )
 
     def make_hook(vector: torch.Tensor):
@@ -121,7 +155,7 @@ def add_to_residual(
 
         def hook(module: nn.Module, args: tuple, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if handle._where is None or handle.strength == 0:
+            if handle._where is None or handle.strength == 0 or handle.suspended:
                 return output
             key = (hidden.device, hidden.dtype)
             if key not in cache:
@@ -134,5 +168,25 @@ def add_to_residual(
 
     handles = [bare.register_forward_pre_hook(locate, with_kwargs=True)]
     handles += [layout.layers[layer].register_forward_hook(make_hook(vector)) for layer, vector in vectors]
-    with hooks(*handles):
-        yield handle
+    active = _ACTIVE.setdefault(bare, [])
+    active.append(handle)
+    try:
+        with hooks(*handles):
+            yield handle
+    finally:
+        active.remove(handle)
+
+
+@contextlib.contextmanager
+def suspend_interventions(model: nn.Module) -> Iterator[None]:
+    """Switch off the interventions already active on ``model`` for the body (a teacher pass
+    through the same modules, e.g. a PEFT model with adapters disabled, must not see the
+    student's annealed intervention); interventions entered inside the body are unaffected."""
+    suspended = [h for h in _ACTIVE.get(unwrap_model(model), []) if not h.suspended]
+    for handle in suspended:
+        handle.suspended = True
+    try:
+        yield
+    finally:
+        for handle in suspended:
+            handle.suspended = False

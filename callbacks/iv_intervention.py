@@ -1,0 +1,170 @@
+"""IVInterventionCallback: add instruction vectors to the model being trained, with a strength
+annealed by a schedule (progressive IV intervention, Jiang et al. 2024)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..instruction_vector import InstructionVector
+from ..intervention import Positions, add_to_residual
+from ..schedules import Schedule
+
+__all__ = ["IVCallback", "IVInterventionCallback", "load_vectors", "residual_pairs", "save_vectors"]
+
+IVLike = InstructionVector | str | os.PathLike
+
+
+def load_vectors(instruction_vectors: IVLike | Sequence[IVLike] | None) -> list[InstructionVector]:
+    """InstructionVectors from objects, folders or Hub ids; at least one."""
+    if instruction_vectors is None:
+        raise ValueError(
+            "no instruction vector given: pass instruction_vectors= (InstructionVector objects or folders "
+            "written by InstructionVector.save_pretrained / `ivtrainer extract-iv`)"
+        )
+    items = [instruction_vectors] if isinstance(instruction_vectors, (InstructionVector, str, os.PathLike)) else list(instruction_vectors)  # fmt: skip
+    if not items:
+        raise ValueError("instruction_vectors is empty: pass at least one InstructionVector or folder")
+    return [v if isinstance(v, InstructionVector) else InstructionVector.from_pretrained(v) for v in items]
+
+
+def residual_pairs(
+    vectors: Sequence[InstructionVector], weights: Sequence[float] | None = None
+) -> list[tuple[int, torch.Tensor]]:
+    """``(edit_layer, weight * vector)`` for each IV: several IVs are added together, each at
+    its own layer."""
+    weights = [1.0] * len(vectors) if weights is None else list(weights)
+    if len(weights) != len(vectors):
+        raise ValueError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
+    return [(iv.edit_layer, w * iv.vector) for iv, w in zip(vectors, weights, strict=True)]
+
+
+class IVCallback(TrainerCallback, ExportableState):
+    """What both IV callbacks share: their vectors, saved under ``<output_dir>/instruction_vectors/
+    <role>/<i>`` when training begins (the copy a callback restored from a checkpoint reloads) and
+    into every checkpoint."""
+
+    role = "iv"
+
+    def __init__(self, instruction_vectors, weights: Sequence[float] | None = None) -> None:
+        self.vectors = load_vectors(instruction_vectors)
+        self.weights = list(weights) if weights is not None else None
+        self.pairs = residual_pairs(self.vectors, self.weights)
+        self._saved: list[str] | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for iv in self.vectors:
+            iv.check_compatible(model)
+        folder = Path(args.output_dir) / "instruction_vectors" / self.role
+        if state.is_world_process_zero:
+            save_vectors(self.vectors, folder)
+        self._saved = [str(folder / str(i)) for i in range(len(self.vectors))]
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_vectors(self.vectors, folder / "instruction_vectors" / self.role)
+
+
+class IVInterventionCallback(IVCallback):
+    """Adds ``strength(t) * sum_i w_i * IV_i`` at each IV's edit layer while training.
+
+    ``strength(t)`` follows ``schedule`` (default: linear from 1 to 0 over the first half of
+    training), set at the start of every optimizer step from ``state.global_step`` and
+    ``state.max_steps`` alone, so a resumed run continues exactly. ``positions`` defaults to the
+    last prompt token of each training row (the token before its first label).
+
+    Works on an unmodified ``transformers.Trainer`` or ``trl.SFTTrainer``::
+
+        trainer = Trainer(model, args, ..., callbacks=[IVInterventionCallback(iv)])
+
+    The vectors are saved with every checkpoint (``<checkpoint>/instruction_vectors/<i>``) and the
+    schedule in its ``trainer_state.json``.
+    """
+
+    def __init__(
+        self,
+        instruction_vectors: IVLike | Sequence[IVLike] | None = None,
+        schedule: Schedule | dict | None = None,
+        *,
+        positions: Positions = "last_prompt",
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(instruction_vectors, weights)
+        if isinstance(schedule, dict):
+            schedule = Schedule(**schedule)
+        self.schedule = schedule if schedule is not None else Schedule("linear", 1.0, 0.0, 0.5)
+        self.positions = positions
+        self.strength = self.schedule(0, 1)
+        self.handle = None
+        self._stack: contextlib.ExitStack | None = None
+
+    # -- training events ---------------------------------------------------------------------------
+
+    role = "intervention"
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self.close()
+        self._stack = contextlib.ExitStack()
+        self.handle = self._stack.enter_context(
+            add_to_residual(model, self.pairs, strength=self.strength, positions=self.positions)
+        )
+        self._update(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._update(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and "iv_strength" not in logs:
+            logs["iv_strength"] = self.strength
+            _into_history(state, logs)
+
+    def metrics(self) -> dict[str, float]:
+        return {"iv_strength": self.strength}
+
+    def close(self) -> None:
+        """Remove the hooks (also done at the end of training)."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack, self.handle = None, None
+
+    def _update(self, state) -> None:
+        self.strength = self.schedule(state.global_step, state.max_steps)
+        if self.handle is not None:
+            self.handle.strength = self.strength
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "args": {
+                "instruction_vectors": self._saved,
+                "schedule": dataclasses.asdict(self.schedule),
+                "positions": self.positions if isinstance(self.positions, str) else "last_prompt",
+                "weights": self.weights,
+            },
+            "attributes": {"strength": self.strength},
+        }
+
+
+def save_vectors(vectors: Sequence[InstructionVector], folder: Path) -> None:
+    """``<folder>/<i>``, each an ``InstructionVector.save_pretrained`` folder."""
+    for i, iv in enumerate(vectors):
+        iv.save_pretrained(Path(folder) / str(i))
+
+
+def _into_history(state, logs: dict) -> None:
+    """Callbacks see ``logs`` after the Trainer copied it into ``log_history``: add ours there too."""
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update({k: v for k, v in logs.items() if k not in state.log_history[-1]})

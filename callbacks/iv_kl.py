@@ -1,0 +1,312 @@
+"""IVKLCallback: add ``w(t) * KL(student, teacher)`` to the training loss, where the teacher is
+the model as it was before this fine-tuning with the instruction vectors added (Jiang et al. 2024).
+
+The term is added by a forward hook on the trained model, so it works on an unmodified
+``transformers.Trainer`` or ``trl.SFTTrainer``: the hook sees the batch (labels, attention mask,
+``num_items_in_batch``), runs the teacher under ``no_grad`` and adds the KL to ``outputs.loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..hooks import record_head_outputs
+from ..intervention import add_to_residual, last_prompt_positions, suspend_interventions
+from ..kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
+from ..schedules import Schedule
+from .iv_intervention import IVCallback, IVLike, _into_history
+
+__all__ = ["IVKLCallback"]
+
+logger = logging.get_logger(__name__)
+
+
+class IVKLCallback(IVCallback):
+    """Adds the KL term towards the IV-intervened original model to every training loss.
+
+    Args:
+        instruction_vectors: the IV(s) added to the teacher (objects, folders or Hub ids).
+        weight: the KL weight, a number or a :class:`~ivtrainer.schedules.Schedule`.
+        teacher_strength: the strength of the teacher's IVs (default 1).
+        direction: ``"reverse"`` KL(student || teacher) (FvForgetting's), ``"forward"``
+            KL(teacher || student), or ``"jsd"``.
+        temperature: softmax temperature of both distributions (FvForgetting: 2).
+        positions: ``"all"`` attended tokens, ``"answer"`` tokens (those the CE covers) or the
+            ``"last_prompt"`` token.
+        threshold: per micro-batch, drop the term while its mean per-position value is below
+            this (FvForgetting: 0.1; 0 keeps gradient accumulation exact).
+        head_mse_weight: weight of an extra MSE between the student's and the teacher's outputs of
+            the IVs' heads at the last prompt token (from the teacher pass: no third forward).
+        teacher: ``"auto"``: a PEFT model's own base (adapters disabled, no copy in memory), else a
+            frozen copy made when training begins; or pass a module.
+
+    The teacher is fixed when the Trainer is built (``on_init_end``), so a run resumed from a
+    checkpoint keeps the original model as its teacher. The teacher pass runs with the student's
+    own interventions suspended. Batches must carry
+    ``labels``. A batch whose ``positions`` select no token adds nothing and is counted in the
+    logged ``kl_skipped``. Logged each logging step: ``ce``, ``kl``, ``kl_weight``.
+    """
+
+    def __init__(
+        self,
+        instruction_vectors: IVLike | Sequence[IVLike] | None = None,
+        weight: float | Schedule | dict = 1.0,
+        *,
+        teacher_strength: float = 1.0,
+        direction: str = "reverse",
+        temperature: float = 2.0,
+        positions: str = "all",
+        threshold: float = 0.0,
+        head_mse_weight: float = 0.0,
+        iv_weights: Sequence[float] | None = None,
+        teacher: str | nn.Module = "auto",
+    ) -> None:
+        super().__init__(instruction_vectors, iv_weights)
+        if isinstance(weight, dict):
+            weight = Schedule(**weight)
+        self.weight = (
+            weight if isinstance(weight, Schedule) else Schedule("constant", _finite("weight", weight))
+        )
+        for name, value in (("teacher_strength", teacher_strength), ("head_mse_weight", head_mse_weight),
+                            ("threshold", threshold)):  # fmt: skip
+            _finite(name, value)
+        if self.weight.start < 0 or self.weight.end < 0 or head_mse_weight < 0 or threshold < 0:
+            raise ValueError("KL weights, head_mse_weight and threshold must be >= 0")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if direction not in KL_DIRECTIONS:
+            raise ValueError(f"direction must be one of {KL_DIRECTIONS}, not {direction!r}")
+        if positions not in KL_POSITIONS:
+            raise ValueError(f"positions must be one of {KL_POSITIONS}, not {positions!r}")
+        self.teacher_strength, self.direction, self.temperature = teacher_strength, direction, temperature
+        self.positions, self.threshold, self.head_mse_weight = positions, threshold, head_mse_weight
+        self.teacher = teacher
+        self.kl_weight = self.weight(0, 1)
+        self._model: nn.Module | None = None
+        self._reference: nn.Module | None = None
+        self._reference_ready = False
+        self._stack: contextlib.ExitStack | None = None
+        self._student_heads: dict[int, torch.Tensor] | None = None
+        self._busy = False
+        self._sums = {"ce": 0.0, "kl": 0.0, "head_mse": 0.0}
+        self._steps, self._skipped, self._accumulation = 0, 0, 1
+
+    # -- training events ---------------------------------------------------------------------------
+
+    role = "kl"
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # the teacher is the model *before* fine-tuning: copied now, before a resumed run loads
+        # its checkpoint into the model
+        if model is not None and not self._reference_ready:
+            self._reference, self._reference_ready = self._make_reference(model), True
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self.close()
+        self._model, self._accumulation = model, args.gradient_accumulation_steps
+        if not self._reference_ready:
+            if state.global_step > 0 and not _is_peft(model) and not isinstance(self.teacher, nn.Module):
+                raise ValueError(
+                    "IVKLCallback was added after the Trainer was built, and training resumes from a checkpoint: "
+                    "the teacher would be the resumed model, not the model before fine-tuning. Pass the callback "
+                    "in Trainer(callbacks=[...]) or give it teacher=<the original model>"
+                )
+            self._reference, self._reference_ready = self._make_reference(model), True
+        self._stack = contextlib.ExitStack()
+        if self.head_mse_weight > 0:
+            self._student_heads = self._stack.enter_context(record_head_outputs(model, self._head_layers()))
+        self._stack.enter_context(_removing(model.register_forward_hook(self._hook, with_kwargs=True)))
+        self._update(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._update(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._steps += 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            for key, value in self.metrics().items():
+                logs.setdefault(key, value)
+            _into_history(state, logs)
+
+    def metrics(self) -> dict[str, float]:
+        """Averages since the last call (per optimizer step), then reset; {} if nothing new."""
+        if self._steps == 0:
+            return {}
+        out = {
+            "ce": self._sums["ce"] / self._steps,
+            "kl": self._sums["kl"] / self._steps,
+            "kl_weight": self.kl_weight,
+        }
+        if self.head_mse_weight > 0:
+            out["head_mse"] = self._sums["head_mse"] / self._steps
+        if self._skipped:
+            out["kl_skipped"] = self._skipped
+        self._sums = dict.fromkeys(self._sums, 0.0)
+        self._steps = self._skipped = 0
+        return out
+
+    def close(self) -> None:
+        """Remove the hooks (also done at the end of training). The teacher is kept for a later
+        ``train()``; :meth:`release` drops it."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        self._student_heads = None
+
+    def release(self) -> None:
+        """Drop the frozen reference copy (full fine-tuning) to free its memory."""
+        self.close()
+        self._reference, self._reference_ready = None, False
+
+    def _update(self, state) -> None:
+        self.kl_weight = self.weight(state.global_step, state.max_steps)
+
+    # -- the teacher -------------------------------------------------------------------------------
+
+    def _make_reference(self, model: nn.Module) -> nn.Module | None:
+        """None: the teacher is ``model`` itself with its adapters disabled (PEFT)."""
+        if isinstance(self.teacher, nn.Module):
+            return self.teacher
+        if self.teacher != "auto":
+            raise ValueError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
+        if _is_peft(model):
+            return None
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+        for module in reference.modules():  # the copy would carry the student's hooks (its IV) along
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+            module._forward_hooks_with_kwargs.clear()
+            module._forward_pre_hooks_with_kwargs.clear()
+        return reference
+
+    def _head_layers(self) -> list[int]:
+        return sorted({layer for iv in self.vectors for layer, _ in iv.heads})
+
+    @torch.no_grad()
+    def _teacher_pass(self, module: nn.Module, input_ids, attention_mask, positions):
+        """Teacher logits (and head outputs if needed), IVs at ``teacher_strength``."""
+        teacher = self._reference if self._reference is not None else module
+        with contextlib.ExitStack() as stack:
+            if self._reference is None:  # the same modules: adapters and student IVs off
+                stack.enter_context(module.disable_adapter())
+                stack.enter_context(suspend_interventions(module))
+            was_training = teacher.training
+            teacher.eval()
+            stack.callback(teacher.train, was_training)
+            stack.enter_context(
+                add_to_residual(teacher, self.pairs, strength=self.teacher_strength, positions=positions)
+            )
+            heads = stack.enter_context(record_head_outputs(teacher, self._head_layers())) if self.head_mse_weight > 0 else None  # fmt: skip
+            logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            return logits, (dict(heads) if heads is not None else None)
+
+    # -- the loss ----------------------------------------------------------------------------------
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if self._busy or not module.training or not torch.is_grad_enabled():
+            return output
+        labels = kwargs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "IV-guided KL needs labels in every training batch (to place the IV and the KL): tokenise with "
+                "labels, or use a collator that adds them (DataCollatorForLanguageModeling(mlm=False), "
+                "DataCollatorForSeq2Seq)"
+            )
+        if getattr(output, "logits", None) is None:
+            raise ValueError(
+                "the trainer asked the model for a loss without logits (trl's SFTTrainer uses a fused LM head), "
+                "so IVKLCallback cannot add its KL term there: use it with transformers.Trainer or IVGuidedTrainer "
+                "(IVInterventionCallback alone works with SFTTrainer)"
+            )
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if input_ids is None and args:
+            input_ids = args[0]
+        num_items = kwargs.get("num_items_in_batch")
+        prompt_end = last_prompt_positions(labels)
+        mask = kl_positions(self.positions, labels, attention_mask)
+        self._busy = True
+        try:
+            teacher_logits, teacher_heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end)
+        finally:
+            self._busy = False
+        kl = kl_term(output.logits, teacher_logits, mask, direction=self.direction, temperature=self.temperature,
+                     num_items_in_batch=num_items, threshold=self.threshold)  # fmt: skip
+        scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
+        self._sums["ce"] += float(output.loss.detach()) * scale
+        extra = output.loss.new_zeros(())
+        if kl is None:
+            self._skipped += 1
+        else:
+            extra = extra + self.kl_weight * kl
+            self._sums["kl"] += float(kl.detach()) * scale
+        if self.head_mse_weight > 0 and bool(prompt_end.any()):
+            mse = self._head_mse(teacher_heads, prompt_end, num_items)
+            extra = extra + self.head_mse_weight * mse
+            self._sums["head_mse"] += float(mse.detach()) * scale
+        output.loss = output.loss + extra
+        return output
+
+    def _head_mse(self, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
+        rows, cols = prompt_end.nonzero(as_tuple=True)
+        total = 0.0
+        for iv in self.vectors:
+            for layer, head in iv.heads:
+                s = self._student_heads[layer][rows, cols, head].float()
+                t = teacher_heads[layer][rows, cols, head].float()
+                total = total + ((s - t) ** 2).mean(-1).sum()
+        return total / (num_items if num_items is not None else rows.numel())
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "args": {
+                "instruction_vectors": self._saved,
+                "weight": dataclasses.asdict(self.weight),
+                "teacher_strength": self.teacher_strength,
+                "direction": self.direction,
+                "temperature": self.temperature,
+                "positions": self.positions,
+                "threshold": self.threshold,
+                "head_mse_weight": self.head_mse_weight,
+                "iv_weights": self.weights,
+            },
+            "attributes": {"kl_weight": self.kl_weight},
+        }
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def _removing(handle):
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,120 @@
+"""IV-guided training (Jiang et al. 2024) as a drop-in ``Trainer``: the Trainer plus the two
+callbacks of :mod:`ivtrainer.callbacks`, whose metrics it logs through ``Trainer.log``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
+
+from .callbacks import IVCallback
+from .callbacks.iv_intervention import IVLike, load_vectors
+from .iv_guided_config import IVGuidedConfig
+
+__all__ = ["IVGuidedTrainer", "tokenize_prompt_completion"]
+
+
+class IVGuidedTrainer(Trainer):
+    """A ``Trainer`` whose loss keeps the model close to its IV-intervened original self.
+
+    Args:
+        model: the model to fine-tune (a PEFT model trains adapters and uses its own base, adapters
+            disabled, as the teacher; a plain model gets a frozen copy as the teacher).
+        args: an :class:`~ivtrainer.IVGuidedConfig`.
+        instruction_vectors: InstructionVectors, folders or Hub ids (default:
+            ``args.instruction_vectors``); several are added together, each at its own layer.
+
+    ``train_dataset`` may be tokenised with ``labels`` or have ``prompt``/``completion`` text
+    columns (tokenised here with the ``processing_class``; the loss covers the completion).
+    Everything else is ``transformers.Trainer``'s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: IVGuidedConfig | None = None,
+        *,
+        instruction_vectors: IVLike | Sequence[IVLike] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = IVGuidedConfig(output_dir="trainer_output") if args is None else args
+        if not isinstance(args, IVGuidedConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; IVGuidedTrainer needs an IVGuidedConfig "
+                "(a TrainingArguments subclass with the IV and KL settings)"
+            )
+        vectors = load_vectors(
+            instruction_vectors if instruction_vectors is not None else args.instruction_vectors
+        )
+        for iv in vectors:
+            iv.check_compatible(model)  # before any work
+        tokenizer = kwargs.get("processing_class")
+        train = kwargs.get("train_dataset")
+        if train is not None and _is_prompt_completion(train):
+            if tokenizer is None:
+                raise ValueError(
+                    "prompt/completion data needs processing_class= (the tokenizer) to tokenise it"
+                )
+            kwargs["train_dataset"] = tokenize_prompt_completion(train, tokenizer)
+        if kwargs.get("data_collator") is None and tokenizer is not None:
+            kwargs["data_collator"] = DataCollatorForSeq2Seq(tokenizer, padding=True)  # pads labels with -100
+        if kwargs.get("train_dataset") is not None:
+            _check_labels(kwargs["train_dataset"], kwargs.get("data_collator") or default_data_collator)
+        self.iv_callbacks = args.callbacks(vectors)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.iv_callbacks]
+        super().__init__(model=model, args=args, **kwargs)
+
+    @property
+    def instruction_vectors(self):
+        return self.iv_callbacks[0].vectors
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: ce, kl, iv_strength, kl_weight, through report_to
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, IVCallback):
+                    logs = {**logs, **callback.metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # hooks never outlive training, even when it fails
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, IVCallback):
+                    callback.close()
+
+
+def _is_prompt_completion(dataset) -> bool:
+    columns = getattr(dataset, "column_names", None) or []
+    return "prompt" in columns and "completion" in columns and "input_ids" not in columns
+
+
+def tokenize_prompt_completion(dataset, tokenizer, *, add_eos: bool = True):
+    """``prompt``/``completion`` text rows -> input_ids, attention_mask and labels (-100 on the
+    prompt): the completion is what the model learns."""
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+
+    def encode(row):
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        full = tokenizer(row["prompt"] + row["completion"])["input_ids"] + eos
+        return {"input_ids": full, "attention_mask": [1] * len(full), "labels": [-100] * len(prompt) + full[len(prompt) :]}  # fmt: skip
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
+
+
+def _check_labels(dataset, collator) -> None:
+    """One collated example must carry labels: the IV goes before the first label and the KL is
+    masked by them."""
+    try:
+        example = dataset[0]
+    except Exception:  # an IterableDataset: checked on the first batch instead
+        return
+    batch = collator([example])
+    if batch.get("labels") is None:
+        raise ValueError(
+            "the training batches have no labels: IV-guided training places the IV before the first label and "
+            "masks the KL with them. Tokenise with labels (-100 on the prompt), pass prompt/completion columns, "
+            "or use DataCollatorForLanguageModeling(tokenizer, mlm=False)"
+        )

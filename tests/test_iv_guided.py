@@ -1,0 +1,322 @@
+"""IV-guided training: schedules, the KL term, the callbacks on a plain Trainer, IVGuidedTrainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from ivtrainer import IVGuidedConfig, IVGuidedTrainer, extract_instruction_vector
+from ivtrainer.edits import edit_dataset
+from ivtrainer.instruction_vector import IncompatibleVectorError
+from ivtrainer.kl_loss import kl_positions, kl_term, token_kl
+from ivtrainer.schedules import Schedule
+from ivtrainer.testing import tiny_edits, tiny_model
+
+SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def iv(tokenizer):
+    return extract_instruction_vector(tiny_model("llama"), tokenizer, "antonym", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    return edit_dataset(tiny_edits(8), tokenizer, "new")
+
+
+def _config(tmp_path, **kw) -> IVGuidedConfig:
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return IVGuidedConfig(**(values | kw))
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def test_schedules():
+    total = 100
+    assert [Schedule("linear", 1, 0, 0.5)(s, total) for s in (0, 25, 50, 99)] == [1.0, 0.5, 0.0, 0.0]
+    assert Schedule("cosine", 1, 0, 1)(50, total) == pytest.approx(0.5)
+    assert Schedule("cosine", 2, 1, 1)(0, total) == 2.0
+    assert [Schedule("step", 1, 0.2, 0.3)(s, total) for s in (0, 29, 30)] == [1.0, 1.0, 0.2]
+    assert Schedule("constant", 0.7, 0.0)(99, total) == 0.7
+    exp = [Schedule("exponential", 1, 0, 1)(s, total) for s in range(0, 101, 10)]
+    assert (
+        exp[0] == pytest.approx(1.0)
+        and exp[-1] == 0.0
+        and all(a > b for a, b in zip(exp, exp[1:], strict=False))
+    )
+    assert exp[1] < 0.65  # fast early decay
+    assert Schedule("linear", 1, 0, 0.0)(0, total) == 0.0  # an empty window: `end` from the start
+    for kwargs in ({"fraction": 1.5}, {"fraction": -0.1}, {"start": math.nan}, {"kind": "warmup"}):
+        with pytest.raises(ValueError):
+            Schedule(**kwargs)
+
+
+# -- the KL term ----------------------------------------------------------------------------------
+
+
+def test_token_kl_matches_torch():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 11), torch.randn(5, 11)
+    ref_reverse = F.kl_div(F.log_softmax(t / 2, -1), F.softmax(s / 2, -1), reduction="none").sum(-1)
+    torch.testing.assert_close(token_kl(s, t, "reverse", 2.0), ref_reverse)
+    ref_forward = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none").sum(-1)
+    torch.testing.assert_close(token_kl(s, t, "forward"), ref_forward)
+    torch.testing.assert_close(token_kl(s, t, "jsd"), token_kl(t, s, "jsd"))
+    assert token_kl(s, s, "reverse").abs().max() < 1e-6
+    assert (token_kl(s, t, "jsd") <= math.log(2) + 1e-6).all()
+
+
+def test_kl_positions_and_normalisation():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, 8, 9, 4]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert kl_positions("last_prompt", labels).nonzero().tolist() == [[0, 1], [1, 0]]
+    assert kl_positions("answer", labels).nonzero().tolist() == [
+        [0, 1],
+        [0, 2],
+        [1, 0],
+        [1, 1],
+        [1, 2],
+        [1, 3],
+    ]
+    assert kl_positions("all", labels, attention).sum() == 9
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = kl_positions("answer", labels)
+    per = token_kl(s[mask], t[mask])
+    torch.testing.assert_close(kl_term(s, t, mask, num_items_in_batch=12), per.sum() / 12)
+    torch.testing.assert_close(kl_term(s, t, mask), per.mean())
+    assert kl_term(s, t, torch.zeros_like(mask)) is None
+    assert kl_term(s, t, mask, threshold=1e9) == 0
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def _grads_after_one_step(tmp_path, iv, data, model, **kw):
+    """Parameters after one SGD step of lr 1: minus the gradient."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = _config(
+        tmp_path, optim="sgd", learning_rate=1.0, max_steps=1, lr_scheduler_type="constant", **kw
+    )
+    trainer = IVGuidedTrainer(model, config, instruction_vectors=iv, train_dataset=data.select(range(4)),
+                              data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True))  # fmt: skip
+    trainer.train()
+    return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
+
+
+def _tok(data):
+    from ivtrainer.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("peft", [False, True])
+@pytest.mark.parametrize("positions", ["all", "answer", "last_prompt"])
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, iv, data, peft, positions):
+    def model():
+        m = tiny_model("llama", seed=1)
+        if peft:
+            m = get_peft_model(m, LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM"))
+        return m
+
+    kw = dict(kl_positions=positions, kl_weight=3.0, teacher_iv_strength=2.0, head_mse_weight=0.5)
+    one = _grads_after_one_step(tmp_path / "a", iv, data, model(), per_device_train_batch_size=4, **kw)
+    two = _grads_after_one_step(tmp_path / "b", iv, data, model(), per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2, **kw)  # fmt: skip
+    assert any(g.abs().max() > 0 for g in one.values())
+    for name, grad in one.items():
+        torch.testing.assert_close(two[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_changes_the_gradient_and_zero_weights_give_plain_training(tmp_path, iv, data):
+    plain = _grads_after_one_step(tmp_path / "p", iv, data, tiny_model("llama", seed=2), iv_strength_start=0.0,
+                                  kl_weight=0.0)  # fmt: skip
+    model = tiny_model("llama", seed=2)
+    args = TrainingArguments(str(tmp_path / "t"), optim="sgd", learning_rate=1.0, max_steps=1, report_to="none",
+                             lr_scheduler_type="constant", per_device_train_batch_size=4, use_cpu=True)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model, args, train_dataset=data.select(range(4)), data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True)).train()  # fmt: skip
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), plain[name], rtol=1e-5, atol=1e-7)
+    guided = _grads_after_one_step(tmp_path / "g", iv, data, tiny_model("llama", seed=2), kl_weight=5.0,
+                                   teacher_iv_strength=4.0)  # fmt: skip
+    assert max((guided[n] - plain[n]).abs().max() for n in plain) > 1e-4
+
+
+def test_callbacks_on_a_plain_trainer_equal_ivguidedtrainer(tmp_path, iv, data):
+    config = _config(tmp_path)
+    guided = IVGuidedTrainer(tiny_model("llama", seed=3), config, instruction_vectors=iv, train_dataset=data,
+                             data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True))  # fmt: skip
+    guided.train()
+    plain_args = TrainingArguments(**{k: getattr(config, k) for k in ("output_dir", "per_device_train_batch_size",
+        "num_train_epochs", "learning_rate", "report_to", "save_strategy", "logging_steps", "disable_tqdm", "use_cpu", "seed")})  # fmt: skip
+    plain = Trainer(tiny_model("llama", seed=3), plain_args, train_dataset=data,
+                    data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True), callbacks=config.callbacks([iv]))  # fmt: skip
+    plain.train()
+    for (name, p), q in zip(guided.model.named_parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    logs = [entry for entry in guided.state.log_history if "loss" in entry]
+    assert [entry["iv_strength"] for entry in logs] == [1.0, 0.0]  # 2 steps, linear to 0 over half
+    for key in ("ce", "kl", "kl_weight"):
+        assert all(key in entry for entry in logs)
+        assert [e[key] for e in logs] == pytest.approx(
+            [e[key] for e in plain.state.log_history if "loss" in e]
+        )
+    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 0: student + IV is the teacher + IV
+    assert not any(cb._stack for cb in guided.iv_callbacks)  # hooks removed after training
+
+
+def test_peft_teacher_is_the_base_without_a_copy(tmp_path, iv, data):
+    model = get_peft_model(tiny_model("llama", seed=4), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["reference"] = trainer.iv_callbacks[1]._reference
+
+    trainer = IVGuidedTrainer(model, _config(tmp_path), instruction_vectors=iv, train_dataset=data, callbacks=[Spy()],
+                              data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True))  # fmt: skip
+    trainer.train()
+    assert "reference" in seen and seen["reference"] is None
+
+
+def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data):
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    def trainer(out, callbacks=()):
+        config = _config(tmp_path, output_dir=str(out), per_device_train_batch_size=2, save_strategy="steps",
+                         save_steps=1, iv_schedule="cosine", iv_schedule_fraction=1.0)  # fmt: skip
+        return IVGuidedTrainer(tiny_model("llama", seed=5), config, instruction_vectors=iv, train_dataset=data,
+                               data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True), callbacks=list(callbacks))  # fmt: skip
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "run", [Crash()]).train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"  # the crash came before step 2 was saved
+    assert (
+        checkpoint / "instruction_vectors" / "intervention" / "0" / "instruction_vector.safetensors"
+    ).is_file()
+    assert (checkpoint / "instruction_vectors" / "kl" / "0" / "instruction_vector.json").is_file()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert state["IVInterventionCallback"]["args"]["schedule"]["kind"] == "cosine"
+    resumed = trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    strengths = [e["iv_strength"] for e in whole.state.log_history if "loss" in e]
+    assert strengths == pytest.approx([Schedule("cosine", 1, 0, 1)(s, 4) for s in range(4)])
+
+
+def test_prompt_completion_data(tmp_path, iv, tokenizer):
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+    trainer = IVGuidedTrainer(tiny_model("llama"), _config(tmp_path), instruction_vectors=iv, train_dataset=rows,
+                              processing_class=tokenizer)  # fmt: skip
+    assert set(trainer.train_dataset.column_names) == {"input_ids", "attention_mask", "labels"}
+    trainer.train()
+    assert "kl" in trainer.state.log_history[0]
+
+
+def test_config_from_the_command_line():
+    (config,) = HfArgumentParser(IVGuidedConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "o",
+            "--instruction_vectors",
+            "a",
+            "b",
+            "--iv_schedule",
+            "exponential",
+            "--kl_direction",
+            "jsd",
+            "--kl_weight",
+            "0.5",
+            "--kl_weight_end",
+            "0",
+            "--report_to",
+            "none",
+        ]  # fmt: skip
+    )
+    assert config.instruction_vectors == ["a", "b"] and config.iv_schedule_obj().kind == "exponential"
+    assert config.kl_schedule_obj() == Schedule("constant", 0.5, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"iv_schedule_fraction": 1.5}, "fraction must be in"),
+        ({"kl_schedule_fraction": -0.5}, "fraction must be in"),
+        ({"kl_weight": -1.0}, "must be >= 0"),
+        ({"iv_strength_start": math.inf}, "finite"),
+        ({"kl_temperature": 0.0}, "kl_temperature must be > 0"),
+        ({"kl_positions": "prompt"}, "kl_positions must be one of"),
+        ({"iv_schedule": "warmup"}, "schedule must be one of"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        IVGuidedConfig(output_dir="o", **kw)
+
+
+def test_trainer_bad_input_fails_at_construction(tmp_path, iv, data, tokenizer):
+    with pytest.raises(ValueError, match="no instruction vector given"):
+        IVGuidedTrainer(tiny_model("llama"), _config(tmp_path), train_dataset=data)
+    wide = tiny_model("llama", hidden_size=96, num_attention_heads=4)
+    with pytest.raises(IncompatibleVectorError, match="hidden size"):
+        IVGuidedTrainer(wide, _config(tmp_path), instruction_vectors=iv, train_dataset=data)
+    no_labels = data.remove_columns("labels")
+    with pytest.raises(ValueError, match="have no labels"):
+        IVGuidedTrainer(tiny_model("llama"), _config(tmp_path), instruction_vectors=iv, train_dataset=no_labels,
+                        processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(TypeError, match="needs an IVGuidedConfig"):
+        IVGuidedTrainer(
+            tiny_model("llama"), TrainingArguments("o"), instruction_vectors=iv, train_dataset=data
+        )
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        IVKLCallback(iv, weight=math.nan)
+    with pytest.raises(ValueError, match="no instruction vector given"):
+        IVInterventionCallback()
+    assert not (tmp_path / "run").exists()
+
+
+def test_sft_trainer_takes_the_intervention_and_refuses_kl_clearly(tmp_path, iv, tokenizer):
+    """trl's SFTTrainer computes its loss from a fused LM head, without logits: the intervention
+    callback works there; the KL callback says why it cannot."""
+    from trl import SFTConfig, SFTTrainer
+
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+
+    def trainer(callbacks):
+        args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=2, report_to="none",
+                         logging_steps=1, use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
+        return SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=rows, processing_class=tokenizer,
+                          callbacks=callbacks)  # fmt: skip
+
+    sft = trainer([IVInterventionCallback(iv)])
+    sft.train()
+    assert [e["iv_strength"] for e in sft.state.log_history if "loss" in e] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="fused LM head"):
+        trainer([IVKLCallback(iv)]).train()
