@@ -29,7 +29,11 @@ def load_vectors(instruction_vectors: IVLike | Sequence[IVLike] | None) -> list[
             "no instruction vector given: pass instruction_vectors= (InstructionVector objects or folders "
             "written by InstructionVector.save_pretrained / `ivtrainer extract-iv`)"
         )
-    items = [instruction_vectors] if isinstance(instruction_vectors, (InstructionVector, str, os.PathLike)) else list(instruction_vectors)  # fmt: skip
+    items = (
+        [instruction_vectors]
+        if isinstance(instruction_vectors, (InstructionVector, str, os.PathLike))
+        else list(instruction_vectors)
+    )
     if not items:
         raise ValueError("instruction_vectors is empty: pass at least one InstructionVector or folder")
     return [v if isinstance(v, InstructionVector) else InstructionVector.from_pretrained(v) for v in items]

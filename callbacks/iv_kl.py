@@ -75,8 +75,11 @@ class IVKLCallback(IVCallback):
         self.weight = (
             weight if isinstance(weight, Schedule) else Schedule("constant", _finite("weight", weight))
         )
-        for name, value in (("teacher_strength", teacher_strength), ("head_mse_weight", head_mse_weight),
-                            ("threshold", threshold)):  # fmt: skip
+        for name, value in (
+            ("teacher_strength", teacher_strength),
+            ("head_mse_weight", head_mse_weight),
+            ("threshold", threshold),
+        ):
             _finite(name, value)
         if self.weight.start < 0 or self.weight.end < 0 or head_mse_weight < 0 or threshold < 0:
             raise ValueError("KL weights, head_mse_weight and threshold must be >= 0")
@@ -211,7 +214,11 @@ class IVKLCallback(IVCallback):
             stack.enter_context(
                 add_to_residual(teacher, self.pairs, strength=self.teacher_strength, positions=positions)
             )
-            heads = stack.enter_context(record_head_outputs(teacher, self._head_layers())) if self.head_mse_weight > 0 else None  # fmt: skip
+            heads = (
+                stack.enter_context(record_head_outputs(teacher, self._head_layers()))
+                if self.head_mse_weight > 0
+                else None
+            )
             logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
             return logits, (dict(heads) if heads is not None else None)
 
@@ -244,8 +251,15 @@ class IVKLCallback(IVCallback):
             teacher_logits, teacher_heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end)
         finally:
             self._busy = False
-        kl = kl_term(output.logits, teacher_logits, mask, direction=self.direction, temperature=self.temperature,
-                     num_items_in_batch=num_items, threshold=self.threshold)  # fmt: skip
+        kl = kl_term(
+            output.logits,
+            teacher_logits,
+            mask,
+            direction=self.direction,
+            temperature=self.temperature,
+            num_items_in_batch=num_items,
+            threshold=self.threshold,
+        )
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
         self._sums["ce"] += float(output.loss.detach()) * scale
         extra = output.loss.new_zeros(())

@@ -69,7 +69,11 @@ class FLearningTrainer(Trainer):
                 f"args is a {type(args).__name__}; FLearningTrainer needs an FLearningConfig "
                 "(a TrainingArguments subclass with the forget_* settings)"
             )
-        given = [n for n, v in (("old_dataset", old_dataset), ("old_adapter", old_adapter), ("old_model", old_model)) if v is not None]  # fmt: skip
+        given = [
+            n
+            for n, v in (("old_dataset", old_dataset), ("old_adapter", old_adapter), ("old_model", old_model))
+            if v is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 f"pass exactly one source of the old knowledge: old_dataset (to fine-tune on), old_adapter "

@@ -99,7 +99,11 @@ def tokenize_prompt_completion(dataset, tokenizer, *, add_eos: bool = True):
     def encode(row):
         prompt = tokenizer(row["prompt"])["input_ids"]
         full = tokenizer(row["prompt"] + row["completion"])["input_ids"] + eos
-        return {"input_ids": full, "attention_mask": [1] * len(full), "labels": [-100] * len(prompt) + full[len(prompt) :]}  # fmt: skip
+        return {
+            "input_ids": full,
+            "attention_mask": [1] * len(full),
+            "labels": [-100] * len(prompt) + full[len(prompt) :],
+        }
 
     return dataset.map(encode, remove_columns=dataset.column_names)
 

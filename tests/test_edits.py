@@ -170,8 +170,22 @@ def test_evaluate_edits_cli(tmp_path, tokenizer, capsys):
     data = tmp_path / "edits.json"
     data.write_text(json.dumps([COUNTERFACT, ZSRE | {"ground_truth": "x"}][:1]))
     out = tmp_path / "scores.json"
-    assert main(["evaluate-edits", "--model", str(folder), "--base", str(folder), "--data", str(data),
-                 "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate-edits",
+                "--model",
+                str(folder),
+                "--base",
+                str(folder),
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "locality     100.0" in printed and "reliability" in printed
     assert json.loads(out.read_text())["locality"] == 1.0

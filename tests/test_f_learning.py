@@ -229,8 +229,14 @@ def test_resume_after_a_crash_in_either_phase(tmp_path, data, crash_in):
 
     def trainer(out, callbacks=()):
         config = _config(tmp_path, output_dir=str(out), forget_lambda=0.5, **kw)
-        return FLearningTrainer(tiny_model("llama", seed=9), config, train_dataset=data["new"],
-                                old_dataset=data["old"], data_collator=data["collator"], callbacks=list(callbacks))  # fmt: skip
+        return FLearningTrainer(
+            tiny_model("llama", seed=9),
+            config,
+            train_dataset=data["new"],
+            old_dataset=data["old"],
+            data_collator=data["collator"],
+            callbacks=list(callbacks),
+        )
 
     whole = trainer(tmp_path / "whole")
     whole.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -60,11 +61,7 @@ def test_schedules():
     assert [Schedule("step", 1, 0.2, 0.3)(s, total) for s in (0, 29, 30)] == [1.0, 1.0, 0.2]
     assert Schedule("constant", 0.7, 0.0)(99, total) == 0.7
     exp = [Schedule("exponential", 1, 0, 1)(s, total) for s in range(0, 101, 10)]
-    assert (
-        exp[0] == pytest.approx(1.0)
-        and exp[-1] == 0.0
-        and all(a > b for a, b in zip(exp, exp[1:], strict=False))
-    )
+    assert exp[0] == pytest.approx(1.0) and exp[-1] == 0.0 and all(a > b for a, b in itertools.pairwise(exp))
     assert exp[1] < 0.65  # fast early decay
     assert Schedule("linear", 1, 0, 0.0)(0, total) == 0.0  # an empty window: `end` from the start
     for kwargs in ({"fraction": 1.5}, {"fraction": -0.1}, {"start": math.nan}, {"kind": "warmup"}):
@@ -118,8 +115,13 @@ def _grads_after_one_step(tmp_path, iv, data, model, **kw):
     config = _config(
         tmp_path, optim="sgd", learning_rate=1.0, max_steps=1, lr_scheduler_type="constant", **kw
     )
-    trainer = IVGuidedTrainer(model, config, instruction_vectors=iv, train_dataset=data.select(range(4)),
-                              data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True))  # fmt: skip
+    trainer = IVGuidedTrainer(
+        model,
+        config,
+        instruction_vectors=iv,
+        train_dataset=data.select(range(4)),
+        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+    )
     trainer.train()
     return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
@@ -141,37 +143,78 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, iv, data, peft, 
 
     kw = dict(kl_positions=positions, kl_weight=3.0, teacher_iv_strength=2.0, head_mse_weight=0.5)
     one = _grads_after_one_step(tmp_path / "a", iv, data, model(), per_device_train_batch_size=4, **kw)
-    two = _grads_after_one_step(tmp_path / "b", iv, data, model(), per_device_train_batch_size=2,
-                                gradient_accumulation_steps=2, **kw)  # fmt: skip
+    two = _grads_after_one_step(
+        tmp_path / "b", iv, data, model(), per_device_train_batch_size=2, gradient_accumulation_steps=2, **kw
+    )
     assert any(g.abs().max() > 0 for g in one.values())
     for name, grad in one.items():
         torch.testing.assert_close(two[name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_kl_changes_the_gradient_and_zero_weights_give_plain_training(tmp_path, iv, data):
-    plain = _grads_after_one_step(tmp_path / "p", iv, data, tiny_model("llama", seed=2), iv_strength_start=0.0,
-                                  kl_weight=0.0)  # fmt: skip
+    plain = _grads_after_one_step(
+        tmp_path / "p", iv, data, tiny_model("llama", seed=2), iv_strength_start=0.0, kl_weight=0.0
+    )
     model = tiny_model("llama", seed=2)
-    args = TrainingArguments(str(tmp_path / "t"), optim="sgd", learning_rate=1.0, max_steps=1, report_to="none",
-                             lr_scheduler_type="constant", per_device_train_batch_size=4, use_cpu=True)  # fmt: skip
+    args = TrainingArguments(
+        str(tmp_path / "t"),
+        optim="sgd",
+        learning_rate=1.0,
+        max_steps=1,
+        report_to="none",
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=4,
+        use_cpu=True,
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    Trainer(model, args, train_dataset=data.select(range(4)), data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True)).train()  # fmt: skip
+    Trainer(
+        model,
+        args,
+        train_dataset=data.select(range(4)),
+        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+    ).train()
     for name, p in model.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), plain[name], rtol=1e-5, atol=1e-7)
-    guided = _grads_after_one_step(tmp_path / "g", iv, data, tiny_model("llama", seed=2), kl_weight=5.0,
-                                   teacher_iv_strength=4.0)  # fmt: skip
+    guided = _grads_after_one_step(
+        tmp_path / "g", iv, data, tiny_model("llama", seed=2), kl_weight=5.0, teacher_iv_strength=4.0
+    )
     assert max((guided[n] - plain[n]).abs().max() for n in plain) > 1e-4
 
 
 def test_callbacks_on_a_plain_trainer_equal_ivguidedtrainer(tmp_path, iv, data):
     config = _config(tmp_path)
-    guided = IVGuidedTrainer(tiny_model("llama", seed=3), config, instruction_vectors=iv, train_dataset=data,
-                             data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True))  # fmt: skip
+    guided = IVGuidedTrainer(
+        tiny_model("llama", seed=3),
+        config,
+        instruction_vectors=iv,
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+    )
     guided.train()
-    plain_args = TrainingArguments(**{k: getattr(config, k) for k in ("output_dir", "per_device_train_batch_size",
-        "num_train_epochs", "learning_rate", "report_to", "save_strategy", "logging_steps", "disable_tqdm", "use_cpu", "seed")})  # fmt: skip
-    plain = Trainer(tiny_model("llama", seed=3), plain_args, train_dataset=data,
-                    data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True), callbacks=config.callbacks([iv]))  # fmt: skip
+    plain_args = TrainingArguments(
+        **{
+            k: getattr(config, k)
+            for k in (
+                "output_dir",
+                "per_device_train_batch_size",
+                "num_train_epochs",
+                "learning_rate",
+                "report_to",
+                "save_strategy",
+                "logging_steps",
+                "disable_tqdm",
+                "use_cpu",
+                "seed",
+            )
+        }
+    )
+    plain = Trainer(
+        tiny_model("llama", seed=3),
+        plain_args,
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        callbacks=config.callbacks([iv]),
+    )
     plain.train()
     for (name, p), q in zip(guided.model.named_parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
@@ -194,8 +237,14 @@ def test_peft_teacher_is_the_base_without_a_copy(tmp_path, iv, data):
         def on_step_end(self, args, state, control, **kwargs):
             seen["reference"] = trainer.iv_callbacks[1]._reference
 
-    trainer = IVGuidedTrainer(model, _config(tmp_path), instruction_vectors=iv, train_dataset=data, callbacks=[Spy()],
-                              data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True))  # fmt: skip
+    trainer = IVGuidedTrainer(
+        model,
+        _config(tmp_path),
+        instruction_vectors=iv,
+        train_dataset=data,
+        callbacks=[Spy()],
+        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+    )
     trainer.train()
     assert "reference" in seen and seen["reference"] is None
 
@@ -207,10 +256,23 @@ def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data):
                 raise KeyboardInterrupt
 
     def trainer(out, callbacks=()):
-        config = _config(tmp_path, output_dir=str(out), per_device_train_batch_size=2, save_strategy="steps",
-                         save_steps=1, iv_schedule="cosine", iv_schedule_fraction=1.0)  # fmt: skip
-        return IVGuidedTrainer(tiny_model("llama", seed=5), config, instruction_vectors=iv, train_dataset=data,
-                               data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True), callbacks=list(callbacks))  # fmt: skip
+        config = _config(
+            tmp_path,
+            output_dir=str(out),
+            per_device_train_batch_size=2,
+            save_strategy="steps",
+            save_steps=1,
+            iv_schedule="cosine",
+            iv_schedule_fraction=1.0,
+        )
+        return IVGuidedTrainer(
+            tiny_model("llama", seed=5),
+            config,
+            instruction_vectors=iv,
+            train_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+            callbacks=list(callbacks),
+        )
 
     whole = trainer(tmp_path / "whole")
     whole.train()
@@ -233,8 +295,13 @@ def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data):
 
 def test_prompt_completion_data(tmp_path, iv, tokenizer):
     rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
-    trainer = IVGuidedTrainer(tiny_model("llama"), _config(tmp_path), instruction_vectors=iv, train_dataset=rows,
-                              processing_class=tokenizer)  # fmt: skip
+    trainer = IVGuidedTrainer(
+        tiny_model("llama"),
+        _config(tmp_path),
+        instruction_vectors=iv,
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
     assert set(trainer.train_dataset.column_names) == {"input_ids", "attention_mask", "labels"}
     trainer.train()
     assert "kl" in trainer.state.log_history[0]
@@ -258,7 +325,7 @@ def test_config_from_the_command_line():
             "0",
             "--report_to",
             "none",
-        ]  # fmt: skip
+        ]
     )
     assert config.instruction_vectors == ["a", "b"] and config.iv_schedule_obj().kind == "exponential"
     assert config.kl_schedule_obj() == Schedule("constant", 0.5, 0.0, 1.0)
@@ -289,8 +356,13 @@ def test_trainer_bad_input_fails_at_construction(tmp_path, iv, data, tokenizer):
         IVGuidedTrainer(wide, _config(tmp_path), instruction_vectors=iv, train_dataset=data)
     no_labels = data.remove_columns("labels")
     with pytest.raises(ValueError, match="have no labels"):
-        IVGuidedTrainer(tiny_model("llama"), _config(tmp_path), instruction_vectors=iv, train_dataset=no_labels,
-                        processing_class=tokenizer)  # fmt: skip
+        IVGuidedTrainer(
+            tiny_model("llama"),
+            _config(tmp_path),
+            instruction_vectors=iv,
+            train_dataset=no_labels,
+            processing_class=tokenizer,
+        )
     with pytest.raises(TypeError, match="needs an IVGuidedConfig"):
         IVGuidedTrainer(
             tiny_model("llama"), TrainingArguments("o"), instruction_vectors=iv, train_dataset=data
@@ -310,10 +382,23 @@ def test_sft_trainer_takes_the_intervention_and_refuses_kl_clearly(tmp_path, iv,
     rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
 
     def trainer(callbacks):
-        args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=2, report_to="none",
-                         logging_steps=1, use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
-        return SFTTrainer(model=tiny_model("llama"), args=args, train_dataset=rows, processing_class=tokenizer,
-                          callbacks=callbacks)  # fmt: skip
+        args = SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            per_device_train_batch_size=2,
+            max_steps=2,
+            report_to="none",
+            logging_steps=1,
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="no",
+        )
+        return SFTTrainer(
+            model=tiny_model("llama"),
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
 
     sft = trainer([IVInterventionCallback(iv)])
     sft.train()
