@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .f_learning_config import FLearningConfig
     from .f_learning_trainer import FLearningTrainer
     from .iv_guided_config import IVGuidedConfig
+    from .iv_guided_sft_trainer import IVGuidedSFTConfig, IVGuidedSFTTrainer
     from .iv_guided_trainer import IVGuidedTrainer
 
 __version__ = "0.1.0.dev0"
@@ -33,6 +34,8 @@ _LAZY = {
     "FLearningTrainer": ".f_learning_trainer",
     "IVGuidedConfig": ".iv_guided_config",
     "IVGuidedTrainer": ".iv_guided_trainer",
+    "IVGuidedSFTConfig": ".iv_guided_sft_trainer",
+    "IVGuidedSFTTrainer": ".iv_guided_sft_trainer",
 }
 
 
@@ -55,6 +58,8 @@ __all__ = [
     "FLearningConfig",
     "FLearningTrainer",
     "IVGuidedConfig",
+    "IVGuidedSFTConfig",
+    "IVGuidedSFTTrainer",
     "IVGuidedTrainer",
     "IVTrainerError",
     "IncompatibleVectorError",

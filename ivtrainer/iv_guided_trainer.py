@@ -13,10 +13,53 @@ from .callbacks import IVCallback
 from .callbacks.iv_intervention import IVLike, load_vectors
 from .iv_guided_config import IVGuidedConfig
 
-__all__ = ["IVGuidedTrainer", "tokenize_prompt_completion"]
+__all__ = ["IVGuidedMixin", "IVGuidedTrainer", "tokenize_prompt_completion"]
 
 
-class IVGuidedTrainer(Trainer):
+class IVGuidedMixin:
+    """What IVGuidedTrainer and IVGuidedSFTTrainer add to their base trainer: the IV callbacks
+    built from the config, their metrics merged into ``Trainer.log``, hooks removed after
+    ``train()`` whatever happens."""
+
+    def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
+        vectors = load_vectors(
+            instruction_vectors if instruction_vectors is not None else args.instruction_vectors
+        )
+        for iv in vectors:
+            iv.check_compatible(model)  # before any work
+        self.iv_callbacks = args.callbacks(vectors)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.iv_callbacks]
+
+    @property
+    def instruction_vectors(self):
+        return self.iv_callbacks[0].vectors
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: ce, kl, iv_strength, kl_weight, through report_to
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, IVCallback):
+                    logs = {**logs, **callback.metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # hooks never outlive training, even when it fails
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, IVCallback):
+                    callback.close()
+
+
+def _check_args(args, cls: type, trainer: str):
+    if not isinstance(args, cls):
+        raise TypeError(
+            f"args is a {type(args).__name__}; {trainer} needs an {cls.__name__} "
+            "(a TrainingArguments subclass with the IV and KL settings)"
+        )
+    return args
+
+
+class IVGuidedTrainer(IVGuidedMixin, Trainer):
     """A ``Trainer`` whose loss keeps the model close to its IV-intervened original self.
 
     Args:
@@ -39,17 +82,12 @@ class IVGuidedTrainer(Trainer):
         instruction_vectors: IVLike | Sequence[IVLike] | None = None,
         **kwargs: Any,
     ) -> None:
-        args = IVGuidedConfig(output_dir="trainer_output") if args is None else args
-        if not isinstance(args, IVGuidedConfig):
-            raise TypeError(
-                f"args is a {type(args).__name__}; IVGuidedTrainer needs an IVGuidedConfig "
-                "(a TrainingArguments subclass with the IV and KL settings)"
-            )
-        vectors = load_vectors(
-            instruction_vectors if instruction_vectors is not None else args.instruction_vectors
+        args = _check_args(
+            IVGuidedConfig(output_dir="trainer_output") if args is None else args,
+            IVGuidedConfig,
+            "IVGuidedTrainer",
         )
-        for iv in vectors:
-            iv.check_compatible(model)  # before any work
+        self._setup_iv(model, args, instruction_vectors, kwargs)
         tokenizer = kwargs.get("processing_class")
         train = kwargs.get("train_dataset")
         if train is not None and _is_prompt_completion(train):
@@ -62,28 +100,7 @@ class IVGuidedTrainer(Trainer):
             kwargs["data_collator"] = DataCollatorForSeq2Seq(tokenizer, padding=True)  # pads labels with -100
         if kwargs.get("train_dataset") is not None:
             _check_labels(kwargs["train_dataset"], kwargs.get("data_collator") or default_data_collator)
-        self.iv_callbacks = args.callbacks(vectors)
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.iv_callbacks]
         super().__init__(model=model, args=args, **kwargs)
-
-    @property
-    def instruction_vectors(self):
-        return self.iv_callbacks[0].vectors
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training log: ce, kl, iv_strength, kl_weight, through report_to
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, IVCallback):
-                    logs = {**logs, **callback.metrics()}
-        super().log(logs, *args, **kwargs)
-
-    def train(self, *args: Any, **kwargs: Any):
-        try:
-            return super().train(*args, **kwargs)
-        finally:  # hooks never outlive training, even when it fails
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, IVCallback):
-                    callback.close()
 
 
 def _is_prompt_completion(dataset) -> bool:
