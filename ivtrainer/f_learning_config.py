@@ -81,10 +81,9 @@ class FLearningConfig(TrainingArguments):
     @property
     def variant(self) -> str:
         """The paper's name for this combination: FT, LoRA, LoRA->FT or FT->LoRA."""
-        names = {"full": "FT", "lora": "LoRA"}
-        if self.forget_method == self.learn_method:
-            return names[self.learn_method]
-        return f"{names[self.forget_method]}->{names[self.learn_method]}"
+        from .f_learning_trainer import _variant
+
+        return _variant(self.forget_method, self.learn_method)
 
     def lora_config(self):
         """The ``peft.LoraConfig`` both phases use."""

@@ -195,11 +195,64 @@ class FLearningTrainer(Trainer):
             subtract_model_delta(self.model, delta, lam)
         self._forget_logs = {"forget_lambda": lam}  # logged with the learning phase's first log
 
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
+    ):
+        """Write ``README.md`` in ``output_dir``: variant, lambda, both phases' settings, base model
+        and the last training log (what ``push_to_hub`` uploads)."""
+        if not self.is_world_process_zero():
+            return
+        from .iv_guided_trainer import _adapter_description, _last_training_log
+        from .model_cards import edited_model_card
+        from .models import model_source
+
+        args = self.args
+        source = model_source(self.model)
+        delta = (
+            f"given adapter `{self.old_adapter}`"
+            if self.old_adapter is not None and not isinstance(self.old_adapter, nn.Module)
+            else f"given fine-tune `{self.old_model}`"
+            if isinstance(self.old_model, (str, os.PathLike))
+            else "given"
+            if self.old_dataset is None
+            else f"{args.forget_method} fine-tuning on the old knowledge, {args.old_num_train_epochs:g} epochs at "
+            f"learning rate {args.old_learning_rate:g}"
+        )
+        parameters = {
+            "variant": _variant(
+                args.forget_method
+                if self.old_dataset is not None
+                else "lora"
+                if self.old_adapter is not None
+                else "full",
+                args.learn_method,
+            ),
+            "lambda": args.forget_lambda,
+            "old-knowledge delta": delta,
+            "learning phase": _adapter_description(self.model),
+            "learning rate": args.learning_rate,
+            "optimizer steps": self.state.global_step,
+        }
+        card = edited_model_card(
+            "f-learning",
+            base_model=source["name"],
+            base_model_note=source["note"],
+            parameters=parameters,
+            datasets=[dataset_name] if dataset_name else [],
+            metrics=_last_training_log(self.state.log_history),
+        )
+        card.save(Path(args.output_dir) / "README.md")
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._forget_logs:  # once, with the learning phase's first log
             logs = {**logs, **self._forget_logs}
             self._forget_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+def _variant(forget: str, learn: str) -> str:
+    names = {"full": "FT", "lora": "LoRA"}
+    return names[learn] if forget == learn else f"{names[forget]}->{names[learn]}"
 
 
 def _remove_tree(path: Path) -> None:

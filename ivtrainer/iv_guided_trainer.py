@@ -4,6 +4,7 @@ callbacks of :mod:`ivtrainer.callbacks`, whose metrics it logs through ``Trainer
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -41,6 +42,57 @@ class IVGuidedMixin:
                     logs = {**logs, **callback.metrics()}
         super().log(logs, *args, **kwargs)
 
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
+    ):
+        """Write ``README.md`` in ``output_dir``: method, IVs, schedule, weights, base model and the
+        last training log (what ``push_to_hub`` uploads)."""
+        if not self.is_world_process_zero():
+            return
+        from .model_cards import edited_model_card
+        from .models import model_source
+
+        args = self.args
+        source = model_source(self.model)
+        iv_schedule = args.iv_schedule_obj()
+        kl_schedule = args.kl_schedule_obj()
+        parameters = {
+            "student IV strength": f"{iv_schedule.kind} {iv_schedule.start:g} -> {iv_schedule.end:g} over "
+            f"{iv_schedule.fraction:.0%} of the steps",
+            "IV positions": args.iv_positions,
+            "teacher IV strength": args.teacher_iv_strength,
+            "KL weight": f"{kl_schedule.kind} {kl_schedule.start:g}"
+            + (f" -> {kl_schedule.end:g}" if kl_schedule.kind != "constant" else ""),
+            "KL": f"{args.kl_direction}, temperature {args.kl_temperature:g}, positions {args.kl_positions}, "
+            f"threshold {args.kl_threshold:g}",
+            "head MSE weight": args.head_mse_weight,
+            "trained": _adapter_description(self.model),
+            "learning rate": args.learning_rate,
+            "optimizer steps": self.state.global_step,
+            "batch size": f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
+            f"accumulation x {args.world_size} processes",
+        }
+        rows = [
+            f"| {i} | {iv.task or '-'} | `{iv.model_name}` | {iv.edit_layer} | "
+            + ", ".join(f"L{layer}H{head}" for layer, head in iv.heads)
+            + f" | {w:g} |"
+            for i, (iv, w) in enumerate(
+                zip(self.instruction_vectors, args.iv_weights or [1.0] * 99, strict=False)
+            )
+        ]
+        ivs = "| # | task | extracted on | edit layer | heads | weight |\n| --- | --- | --- | --- | --- | --- |\n"
+        ivs += "\n".join(rows) + "\n\nThe vectors are in `instruction_vectors/` next to the weights."
+        card = edited_model_card(
+            "iv-guided",
+            base_model=source["name"],
+            base_model_note=source["note"],
+            parameters=parameters,
+            datasets=[dataset_name] if dataset_name else [],
+            metrics=_last_training_log(self.state.log_history),
+            sections={"Instruction vectors": ivs},
+        )
+        card.save(Path(args.output_dir) / "README.md")
+
     def train(self, *args: Any, **kwargs: Any):
         try:
             return super().train(*args, **kwargs)
@@ -48,6 +100,25 @@ class IVGuidedMixin:
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, IVCallback):
                     callback.close()
+
+
+def _adapter_description(model: nn.Module) -> str:
+    config = getattr(model, "peft_config", None)
+    if config:
+        cfg = next(iter(config.values()))
+        return f"LoRA r={cfg.r}, alpha={cfg.lora_alpha} on {sorted(cfg.target_modules or [])}"
+    return "all weights (full fine-tuning)"
+
+
+def _last_training_log(history: list[dict]) -> dict[str, float]:
+    """The last logged training values (loss, ce, kl, ...), as measured during training."""
+    keep = ("loss", "ce", "kl", "head_mse", "train_loss")
+    out: dict[str, float] = {}
+    for entry in history:
+        out.update(
+            {f"{k} (last logged)" if k != "train_loss" else k: v for k, v in entry.items() if k in keep}
+        )
+    return out
 
 
 def _check_args(args, cls: type, trainer: str):

@@ -248,3 +248,26 @@ def test_resume_after_a_crash_in_either_phase(tmp_path, data, crash_in):
     resumed.train(resume_from_checkpoint=True)
     for name, p in resumed.model.named_parameters():
         torch.testing.assert_close(p, dict(whole.model.named_parameters())[name], rtol=0, atol=1e-5)
+
+
+def test_model_card_states_the_variant_and_lambda(tmp_path, data):
+    config = _config(tmp_path, forget_method="lora", forget_lambda=0.3)
+    trainer = FLearningTrainer(
+        tiny_model("llama"),
+        config,
+        train_dataset=data["new"],
+        old_dataset=data["old"],
+        data_collator=data["collator"],
+    )
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    for text in (
+        "F-Learning",
+        "arXiv:2311.08011",
+        "| variant | `LoRA->FT` |",
+        "| lambda | 0.3 |",
+        "train_loss",
+        "lora fine-tuning on the old knowledge, 1 epochs",
+    ):
+        assert text in card, text

@@ -446,3 +446,54 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer):
         IVGuidedSFTTrainer(
             tiny_model("llama"), IVGuidedConfig("o"), instruction_vectors=iv, train_dataset=rows
         )
+
+
+def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data, monkeypatch):
+    from unittest import mock
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    config = _config(tmp_path, hub_model_id="someone/iv-guided-tiny", iv_schedule="cosine", kl_weight=0.5)
+    trainer = IVGuidedTrainer(
+        model,
+        config,
+        instruction_vectors=iv,
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+    )
+    trainer.train()
+    sent = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        root = Path(folder_path)
+        sent.update(repo_id=repo_id, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
+        sent["card"] = (root / "README.md").read_text()
+        return mock.MagicMock(commit_url="https://example.invalid/commit")
+
+    with (
+        mock.patch(
+            "huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id="someone/iv-guided-tiny")
+        ) as create_repo,
+        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
+    ):
+        trainer.push_to_hub()
+    assert create_repo.called and sent["repo_id"] == "someone/iv-guided-tiny"
+    assert {
+        "adapter_model.safetensors",
+        "instruction_vectors/intervention/0/instruction_vector.safetensors",
+    } <= sent["files"]
+    card = sent["card"]
+    for text in (
+        "IV-guided training",
+        "arXiv:2406.12227",
+        "cosine 1 -> 0 over 50% of the steps",
+        f"| {iv.edit_layer} |",
+        "L{}H{}".format(*iv.heads[0]),
+        "LoRA r=4",
+        "kl (last logged)",
+        "- ivtrainer",
+    ):
+        assert text in card, text
+    assert "0.5" in card.split("KL weight")[1].splitlines()[0]
