@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from ivtrainer import FLearningConfig, FLearningTrainer, load_default_model
@@ -61,6 +61,7 @@ def common_args(out: str, learn: str, seed: int, epochs: float) -> dict:
 def run(variant: str, records, lam: float, seed: int, epochs: float, work: Path, old_delta=None):
     """Train one variant on ``records``; returns (model, tokenizer, delta source for reuse)."""
     forget, learn, _ = VARIANTS[variant]
+    set_seed(seed)  # LoRA initialisation included: the same numbers on every run
     model, tok = load_default_model()
     collator = DataCollatorForSeq2Seq(tok, padding=True)
     new = edit_dataset(records, tok, "new")

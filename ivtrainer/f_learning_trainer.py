@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .f_learning_config import FLearningConfig
@@ -92,6 +92,7 @@ class FLearningTrainer(Trainer):
                 "fine-tune on the old knowledge yourself and pass old_model=, or use forget_method='lora'"
             )
         if args.learn_method == "lora" and not is_peft:
+            set_seed(args.seed)  # the adapter's initialisation, reproducible like the rest of the run
             model = get_peft_model(model, args.lora_config())
         self.old_dataset, self.old_adapter, self.old_model = old_dataset, old_adapter, old_model
         self._old_kwargs = {
@@ -150,10 +151,12 @@ class FLearningTrainer(Trainer):
         if args.forget_method == "lora":
             if isinstance(model, PeftModel):
                 active = model.active_adapter
+                set_seed(args.seed)
                 model.add_adapter("forget", args.lora_config())
                 model.set_adapter("forget")
             else:
                 trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+                set_seed(args.seed)
                 model = get_peft_model(model, args.lora_config(), adapter_name="forget")
         else:  # the base weights, to subtract the delta from after training in place
             snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
