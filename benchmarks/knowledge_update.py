@@ -161,6 +161,7 @@ def main() -> None:
     results["minutes"] = (time.perf_counter() - start) / 60
     table = format_table(results, args.seeds)
     print(table)
+    print(f"({results['minutes']:.0f} min wall time)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.write_readme:
@@ -188,8 +189,7 @@ def format_table(results: dict, seeds: list[int]) -> str:
         f"mean of seeds {', '.join(map(str, seeds))} (range)" if len(seeds) > 1 else f"seed {seeds[0]}"
     )
     lines.append(
-        f"\n{results['n_test']} test edits ({results['n_validation']} more for choosing lambda); {seeds_note}; "
-        f"{results['minutes']:.0f} min on 2 CPU cores."
+        f"\n{results['n_test']} test edits ({results['n_validation']} more for choosing lambda); {seeds_note}."
     )
     return "\n".join(lines)
 

@@ -150,6 +150,31 @@ def _evaluate_edits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_iv, save_analysis
+    from .instruction_vector import InstructionVector
+    from .models import load_model
+    from .tasks import load_examples
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise IVTrainerError(f"{out} already exists; choose another --out or pass --overwrite")
+    iv = InstructionVector.from_pretrained(args.iv)
+    examples = None if args.task is None else load_examples(args.task)
+    model, tokenizer = load_model(args.model)
+    base = load_model(args.base)[0] if args.base else None
+    result = analyze_iv(model, tokenizer, iv, examples=examples, base_model=base, n_prompts=args.n_prompts)
+    save_analysis(result, out, plot=not args.no_plot)
+    print(
+        f"task {result.task or args.task}: IV cosine (before vs after) {result.cosine:.3f}, "
+        f"head overlap {result.head_overlap:.0%} ({len(result.shared_heads)}/{len(iv.heads)})"
+    )
+    for name, values in result.evaluation.items():
+        print(f"{name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    print(f"wrote {out}")
+    return 0
+
+
 def _builtin_tasks() -> list[str]:
     from .tasks import list_tasks
 
@@ -242,6 +267,25 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the scores to this JSON file")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=_evaluate_edits)
+
+    an = sub.add_parser(
+        "analyze",
+        help="what fine-tuning did to an instruction vector (IV dynamics)",
+        description="Re-extract an instruction vector on a fine-tuned model and compare it with the original "
+        "(cosine, head overlap, CIE change heatmap); report the edit layer's hidden-state similarity to the IV "
+        "next to task accuracy on held-out prompts.",
+    )
+    an.add_argument("--model", required=True, help="the fine-tuned model: 'default', a Hub id or a folder")
+    an.add_argument("--iv", required=True, help="the original instruction vector (folder or Hub id)")
+    an.add_argument("--base", help="the model before fine-tuning, to report its similarity and accuracy too")
+    an.add_argument("--task", help="the task's pairs if the IV names no built-in task (JSON/JSONL)")
+    an.add_argument(
+        "--out", required=True, help="output folder (analysis.json, reextracted_iv/, cie_change.png)"
+    )
+    an.add_argument("--n-prompts", type=int, default=50, help="held-out prompts for similarity and accuracy")
+    an.add_argument("--no-plot", action="store_true")
+    an.add_argument("--overwrite", action="store_true")
+    an.set_defaults(func=_analyze)
     return parser
 
 
