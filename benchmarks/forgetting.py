@@ -1,0 +1,289 @@
+"""Forgetting on SmolLM2-135M: plain fine-tuning vs IV-guided, on a new task the model cannot do.
+
+    python benchmarks/forgetting.py [--seeds 0 1 2] [--methods lora full] [--json out.json] [--plot out.png]
+        [--write-readme]
+
+New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot accuracy 0), on words
+of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
+every answer token the teacher-forced argmax.
+
+What the model could do before, measured before and after fine-tuning:
+- in-context learning: 5-shot first-token accuracy on the held-out pairs of the six built-in tasks
+  (40 prompts each), in the same ``Q:/A:`` format the new task uses;
+- knowledge vs instruction following (the paper's split): the facts the model knows (the built-in
+  counterfactual set's old targets), asked as plain-text completions (``The capital city of France
+  is``) and as chat instructions (``What is the capital city of France? Answer with one word.``).
+
+Forgetting = score before - score after, averaged over the held-out measures. Plain and IV-guided
+runs share everything (data, steps, learning rate, seed); IV-guided adds the instruction vectors
+of two built-in tasks (antonym, country_capital; extracted once on the original model, 10 heads)
+with IVGuidedConfig's defaults: student IV strength linear 1 -> 0 over the first half, KL weight 1,
+reverse KL at temperature 2 over all positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+from transformers.utils import logging as hf_logging
+
+from ivtrainer import (
+    InstructionVector,
+    IVGuidedConfig,
+    IVGuidedTrainer,
+    extract_instruction_vector,
+    load_default_model,
+)
+from ivtrainer.edits import build_counterfacts, target_predictions
+from ivtrainer.icl import PromptBuilder, first_token_accuracy
+from ivtrainer.tasks import list_tasks, load_task
+
+CACHE = Path(__file__).parent / ".cache"
+IV_TASKS = ("antonym", "country_capital")
+LR = {"lora": 5e-4, "full": 2e-5}
+QUESTIONS = {
+    "capital": "What is the capital city of {}? Answer with one word.",
+    "language": "What is the official language of {}? Answer with one word.",
+    "landmark_city": "In which city is the {}? Answer with one word.",
+    "currency": "What is the currency of {}? Answer with one word.",
+}
+
+
+def new_task_words() -> tuple[list[str], list[str]]:
+    words = sorted(
+        {p["input"] for t in ("antonym", "present_past", "singular_plural") for p in load_task(t, "all")}
+        - {p["output"] for t in ("uppercase",) for p in load_task(t, "all")}  # no ALL-CAPS inputs
+    )
+    random.Random(0).shuffle(words)
+    return words[:256], words[256:356]
+
+
+def q(word: str) -> str:
+    return f"Q: {word}\nA:"
+
+
+def new_task_dataset(words, tok) -> Dataset:
+    rows = []
+    for w in words:
+        prompt = tok(q(w))["input_ids"]
+        full = tok(f"{q(w)} [{w}]")["input_ids"]
+        rows.append(
+            {
+                "input_ids": full,
+                "attention_mask": [1] * len(full),
+                "labels": [-100] * len(prompt) + full[len(prompt) :],
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def evaluate(model, tok, facts, test_words) -> dict[str, float]:
+    builder = PromptBuilder(tok)
+    scores = {}
+    for task in list_tasks():
+        rng = random.Random(task)
+        pool, held = load_task(task), load_task(task, "held_out")
+        prompts = builder.sample(pool, 40, 5, rng, queries=held[:40])
+        scores[f"icl/{task}"] = first_token_accuracy(model, prompts)
+    completion = target_predictions(
+        model, tok, [f["prompt"] for f in facts], [f["target_old"] for f in facts]
+    )
+    scores["facts/completion"] = statistics.mean(float(p[0] == t[0]) for p, t in completion)
+    chats = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[f["relation"]].format(f["subject"])}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for f in facts
+    ]
+    instruction = _first_token_hits(model, tok, chats, [f["target_old"] for f in facts])
+    scores["facts/instruction"] = statistics.mean(instruction)
+    new = target_predictions(model, tok, [q(w) for w in test_words], [f"[{w}]" for w in test_words])
+    scores["new_task"] = statistics.mean(float(p == t) for p, t in new)
+    return scores
+
+
+@torch.no_grad()
+def _first_token_hits(model, tok, prompts, answers) -> list[float]:
+    """The answer's first token (no leading space: it starts the assistant turn) as the argmax."""
+    hits = []
+    model.eval()
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        first = tok(answer, add_special_tokens=False)["input_ids"][0]
+        hits.append(float(model(ids).logits[0, -1].argmax() == first))
+    return hits
+
+
+def held_out_mean(scores: dict[str, float]) -> float:
+    icl = statistics.mean(v for k, v in scores.items() if k.startswith("icl/"))
+    return statistics.mean([icl, scores["facts/completion"], scores["facts/instruction"]])
+
+
+def instruction_vectors(model, tok) -> list[InstructionVector]:
+    out = []
+    for task in IV_TASKS:
+        folder = CACHE / f"forgetting-iv-{task}"
+        if not (folder / "instruction_vector.json").is_file():
+            extract_instruction_vector(model, tok, task, n_mean_prompts=50, n_cie_prompts=10).save_pretrained(
+                folder
+            )
+        out.append(InstructionVector.from_pretrained(folder))
+    return out
+
+
+def train(method: str, guided: bool, seed: int, train_words, ivs, epochs: float):
+    set_seed(seed)
+    model, tok = load_default_model()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM"))
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=8,
+        num_train_epochs=epochs,
+        learning_rate=LR[method],
+        report_to="none",
+        save_strategy="no",
+        logging_steps=16,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+    )
+    data, collator = new_task_dataset(train_words, tok), DataCollatorForSeq2Seq(tok, padding=True)
+    start = time.perf_counter()
+    if guided:
+        trainer = IVGuidedTrainer(
+            model,
+            IVGuidedConfig(**common),
+            instruction_vectors=ivs,
+            train_dataset=data,
+            data_collator=collator,
+        )
+    else:
+        trainer = Trainer(model, TrainingArguments(**common), train_dataset=data, data_collator=collator)
+    trainer.train()
+    return model, tok, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--write-readme", action="store_true")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+
+    model, tok = load_default_model()
+    facts = build_counterfacts(model, tok)
+    train_words, test_words = new_task_words()
+    ivs = instruction_vectors(model, tok)
+    before = evaluate(model, tok, facts, test_words)
+    print("before:", json.dumps(before), flush=True)
+    del model
+    results: dict = {"before": before, "runs": {}}
+    for method in args.methods:
+        for guided in (False, True):
+            name = f"{method} {'IV-guided' if guided else 'plain'}"
+            results["runs"][name] = []
+            for seed in args.seeds:
+                m, t, seconds = train(method, guided, seed, train_words, ivs, args.epochs)
+                scores = evaluate(m, t, facts, test_words)
+                scores["train_seconds"] = seconds
+                results["runs"][name].append(scores)
+                print(f"{name} seed {seed}: {json.dumps(scores)}", flush=True)
+    table = format_table(results, args.seeds)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    if args.write_readme:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _readme import replace_block
+
+        replace_block("forgetting", table)
+
+
+def _summary(results: dict) -> dict[str, dict[str, float]]:
+    base = results["before"]
+    out = {}
+    for name, runs in results["runs"].items():
+        mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+        drops = [held_out_mean(base) - held_out_mean(r) for r in runs]
+        out[name] = {
+            **mean,
+            "forgetting": statistics.mean(drops),
+            "forgetting_min": min(drops),
+            "forgetting_max": max(drops),
+        }
+    return out
+
+
+def format_table(results: dict, seeds) -> str:
+    base, summary = results["before"], _summary(results)
+    icl = lambda s: statistics.mean(v for k, v in s.items() if k.startswith("icl/"))  # noqa: E731
+    lines = [
+        "| model | new task | 5-shot ICL (6 tasks) | facts as completions | facts as instructions | forgetting |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| SmolLM2-135M-Instruct, before | {100 * base['new_task']:.1f} | {100 * icl(base):.1f} | "
+        f"{100 * base['facts/completion']:.1f} | {100 * base['facts/instruction']:.1f} | - |",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {100 * s['new_task']:.1f} | {100 * icl(s):.1f} | {100 * s['facts/completion']:.1f} | "
+            f"{100 * s['facts/instruction']:.1f} | {100 * s['forgetting']:.1f} "
+            f"({100 * s['forgetting_min']:.1f} to {100 * s['forgetting_max']:.1f}) |"
+        )
+    for method in ("lora", "full"):
+        plain, guided = summary.get(f"{method} plain"), summary.get(f"{method} IV-guided")
+        if plain and guided and plain["forgetting"] > 0:
+            lines.append(
+                f"\n{method}: IV-guided forgetting / plain = {guided['forgetting'] / plain['forgetting']:.2f}; "
+                f"new-task accuracy {100 * (guided['new_task'] - plain['new_task']):+.1f} points."
+            )
+    lines.append(
+        f"\nMeans over seeds {', '.join(map(str, seeds))} (forgetting: range over seeds); accuracies in %."
+    )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, summary = results["before"], _summary(results)
+    keys = [k for k in base if k.startswith("icl/")] + ["facts/completion", "facts/instruction", "new_task"]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / (1 + len(summary))
+    for i, (name, values) in enumerate([("before", base), *summary.items()]):
+        ax.bar([x + i * width for x in range(len(keys))], [100 * values[k] for k in keys], width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
+    ax.set_xticklabels([k.split("/")[-1] for k in keys], rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("SmolLM2-135M: held-out abilities and the new task, before and after fine-tuning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
