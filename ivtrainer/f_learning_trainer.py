@@ -203,14 +203,9 @@ class FLearningTrainer(Trainer):
     ):
         """Write ``README.md`` in ``output_dir``: variant, lambda, both phases' settings, base model
         and the last training log (what ``push_to_hub`` uploads)."""
-        if not self.is_world_process_zero():
-            return
-        from .iv_guided_trainer import _adapter_description, _last_training_log
-        from .model_cards import edited_model_card
-        from .models import model_source
+        from .model_cards import adapter_description, write_trainer_card
 
         args = self.args
-        source = model_source(self.model)
         delta = (
             f"given adapter `{self.old_adapter}`"
             if self.old_adapter is not None and not isinstance(self.old_adapter, nn.Module)
@@ -232,19 +227,11 @@ class FLearningTrainer(Trainer):
             ),
             "lambda": args.forget_lambda,
             "old-knowledge delta": delta,
-            "learning phase": _adapter_description(self.model),
+            "learning phase": adapter_description(self.model),
             "learning rate": args.learning_rate,
             "optimizer steps": self.state.global_step,
         }
-        card = edited_model_card(
-            "f-learning",
-            base_model=source["name"],
-            base_model_note=source["note"],
-            parameters=parameters,
-            datasets=[dataset_name] if dataset_name else [],
-            metrics=_last_training_log(self.state.log_history),
-        )
-        card.save(Path(args.output_dir) / "README.md")
+        write_trainer_card(self, "f-learning", parameters, dataset_name)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._forget_logs:  # once, with the learning phase's first log

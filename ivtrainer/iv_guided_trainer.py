@@ -4,7 +4,6 @@ callbacks of :mod:`ivtrainer.callbacks`, whose metrics it logs through ``Trainer
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -47,13 +46,9 @@ class IVGuidedMixin:
     ):
         """Write ``README.md`` in ``output_dir``: method, IVs, schedule, weights, base model and the
         last training log (what ``push_to_hub`` uploads)."""
-        if not self.is_world_process_zero():
-            return
-        from .model_cards import edited_model_card
-        from .models import model_source
+        from .model_cards import adapter_description, write_trainer_card
 
         args = self.args
-        source = model_source(self.model)
         iv_schedule = args.iv_schedule_obj()
         kl_schedule = args.kl_schedule_obj()
         parameters = {
@@ -66,7 +61,7 @@ class IVGuidedMixin:
             "KL": f"{args.kl_direction}, temperature {args.kl_temperature:g}, positions {args.kl_positions}, "
             f"threshold {args.kl_threshold:g}",
             "head MSE weight": args.head_mse_weight,
-            "trained": _adapter_description(self.model),
+            "trained": adapter_description(self.model),
             "learning rate": args.learning_rate,
             "optimizer steps": self.state.global_step,
             "batch size": f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
@@ -82,16 +77,7 @@ class IVGuidedMixin:
         ]
         ivs = "| # | task | extracted on | edit layer | heads | weight |\n| --- | --- | --- | --- | --- | --- |\n"
         ivs += "\n".join(rows) + "\n\nThe vectors are in `instruction_vectors/` next to the weights."
-        card = edited_model_card(
-            "iv-guided",
-            base_model=source["name"],
-            base_model_note=source["note"],
-            parameters=parameters,
-            datasets=[dataset_name] if dataset_name else [],
-            metrics=_last_training_log(self.state.log_history),
-            sections={"Instruction vectors": ivs},
-        )
-        card.save(Path(args.output_dir) / "README.md")
+        write_trainer_card(self, "iv-guided", parameters, dataset_name, {"Instruction vectors": ivs})
 
     def train(self, *args: Any, **kwargs: Any):
         try:
@@ -100,25 +86,6 @@ class IVGuidedMixin:
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, IVCallback):
                     callback.close()
-
-
-def _adapter_description(model: nn.Module) -> str:
-    config = getattr(model, "peft_config", None)
-    if config:
-        cfg = next(iter(config.values()))
-        return f"LoRA r={cfg.r}, alpha={cfg.lora_alpha} on {sorted(cfg.target_modules or [])}"
-    return "all weights (full fine-tuning)"
-
-
-def _last_training_log(history: list[dict]) -> dict[str, float]:
-    """The last logged training values (loss, ce, kl, ...), as measured during training."""
-    keep = ("loss", "ce", "kl", "head_mse", "train_loss")
-    out: dict[str, float] = {}
-    for entry in history:
-        out.update(
-            {f"{k} (last logged)" if k != "train_loss" else k: v for k, v in entry.items() if k in keep}
-        )
-    return out
 
 
 def _check_args(args, cls: type, trainer: str):

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "edited_model_card"]
+__all__ = ["METHODS", "adapter_description", "edited_model_card", "write_trainer_card"]
 
 METHODS = {
     "iv-guided": (
@@ -99,3 +99,49 @@ def edited_model_card(
     for heading, body in (sections or {}).items():
         lines += ["", f"## {heading}", "", body.strip()]
     return ModelCard("\n".join(lines) + "\n")
+
+
+def adapter_description(model) -> str:
+    """What a trainer trained: a LoRA adapter's settings, or all weights."""
+    config = getattr(model, "peft_config", None)
+    if config:
+        cfg = next(iter(config.values()))
+        return f"LoRA r={cfg.r}, alpha={cfg.lora_alpha} on {sorted(cfg.target_modules or [])}"
+    return "all weights (full fine-tuning)"
+
+
+def _last_training_log(history: list[dict]) -> dict[str, float]:
+    """The last logged training values (loss, ce, kl, ...), as measured during training."""
+    keep = ("loss", "ce", "kl", "head_mse", "train_loss")
+    out: dict[str, float] = {}
+    for entry in history:
+        out.update(
+            {f"{k} (last logged)" if k != "train_loss" else k: v for k, v in entry.items() if k in keep}
+        )
+    return out
+
+
+def write_trainer_card(
+    trainer,
+    method: str,
+    parameters: Mapping[str, Any],
+    dataset_name: str | None = None,
+    sections: Mapping[str, str] | None = None,
+) -> None:
+    """``trainer.create_model_card`` for ivtrainer's trainers: ``README.md`` in ``output_dir`` with
+    the base model, ``parameters``, the last training log and ``sections``; main process only."""
+    if not trainer.is_world_process_zero():
+        return
+    from .models import model_source
+
+    source = model_source(trainer.model)
+    card = edited_model_card(
+        method,
+        base_model=source["name"],
+        base_model_note=source["note"],
+        parameters=parameters,
+        datasets=[dataset_name] if dataset_name else [],
+        metrics=_last_training_log(trainer.state.log_history),
+        sections=sections,
+    )
+    card.save(Path(trainer.args.output_dir) / "README.md")
