@@ -12,7 +12,8 @@ What the model could do before, measured before and after fine-tuning:
   (40 prompts each), in the same ``Q:/A:`` format the new task uses;
 - knowledge vs instruction following (the paper's split): the facts the model knows (the built-in
   counterfactual set's old targets), asked as plain-text completions (``The capital city of France
-  is``) and as chat instructions (``What is the capital city of France? Answer with one word.``).
+  is``: teacher-forced first token) and as chat instructions (``What is the capital city of France?
+  Answer with one word.``: does the 16-token greedy reply contain the answer).
 
 Forgetting = score before - score after, averaged over the held-out measures. Plain and IV-guided
 runs share everything (data, steps, learning rate, seed); IV-guided adds the instruction vectors
@@ -107,7 +108,7 @@ def evaluate(model, tok, facts, test_words) -> dict[str, float]:
         )
         for f in facts
     ]
-    instruction = _first_token_hits(model, tok, chats, [f["target_old"] for f in facts])
+    instruction = _instruction_hits(model, tok, chats, [f["target_old"] for f in facts])
     scores["facts/instruction"] = statistics.mean(instruction)
     new = target_predictions(model, tok, [q(w) for w in test_words], [f"[{w}]" for w in test_words])
     scores["new_task"] = statistics.mean(float(p == t) for p, t in new)
@@ -115,14 +116,27 @@ def evaluate(model, tok, facts, test_words) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _first_token_hits(model, tok, prompts, answers) -> list[float]:
-    """The answer's first token (no leading space: it starts the assistant turn) as the argmax."""
-    hits = []
+def _instruction_hits(model, tok, prompts, answers, max_new_tokens: int = 16) -> list[float]:
+    """Whether a short greedy reply (chat) contains the answer: an instruction-tuned model answers
+    in a sentence, so its first token is rarely the fact itself."""
     model.eval()
-    for prompt, answer in zip(prompts, answers, strict=True):
-        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        first = tok(answer, add_special_tokens=False)["input_ids"][0]
-        hits.append(float(model(ids).logits[0, -1].argmax() == first))
+    side, tok.padding_side = tok.padding_side, "left"
+    hits = []
+    try:
+        for start in range(0, len(prompts), 16):
+            batch = tok(
+                prompts[start : start + 16], add_special_tokens=False, return_tensors="pt", padding=True
+            )
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            replies = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits += [
+                float(a.lower() in r.lower())
+                for r, a in zip(replies, answers[start : start + 16], strict=True)
+            ]
+    finally:
+        tok.padding_side = side
     return hits
 
 
