@@ -150,12 +150,12 @@ class IVKLCallback(IVCallback):
         if self._steps == 0:
             return {}
         out = {
-            "ce": self._sums["ce"] / self._steps,
-            "kl": self._sums["kl"] / self._steps,
+            "ce": float(self._sums["ce"]) / self._steps,
+            "kl": float(self._sums["kl"]) / self._steps,
             "kl_weight": self.kl_weight,
         }
         if self.head_mse_weight > 0:
-            out["head_mse"] = self._sums["head_mse"] / self._steps
+            out["head_mse"] = float(self._sums["head_mse"]) / self._steps
         if self._skipped:
             out["kl_skipped"] = self._skipped
         self._sums = dict.fromkeys(self._sums, 0.0)
@@ -261,17 +261,17 @@ class IVKLCallback(IVCallback):
             threshold=self.threshold,
         )
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
-        self._sums["ce"] += float(output.loss.detach()) * scale
+        self._sums["ce"] += output.loss.detach() * scale  # a tensor: no device sync per step
         extra = output.loss.new_zeros(())
         if kl is None:
             self._skipped += 1
         else:
             extra = extra + self.kl_weight * kl
-            self._sums["kl"] += float(kl.detach()) * scale
+            self._sums["kl"] += kl.detach() * scale
         if self.head_mse_weight > 0 and bool(prompt_end.any()):
             mse = self._head_mse(teacher_heads, prompt_end, num_items)
             extra = extra + self.head_mse_weight * mse
-            self._sums["head_mse"] += float(mse.detach()) * scale
+            self._sums["head_mse"] += mse.detach() * scale
         output.loss = output.loss + extra
         return output
 
