@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,7 @@ class FLearningTrainer(Trainer):
                 folder = save_adapter(model, tmp / "adapter", "forget")
                 for item in folder.iterdir():
                     item.rename(tmp / item.name)
-                _remove_tree(tmp / "adapter")
+                shutil.rmtree(tmp / "adapter")
             else:
                 model.save_pretrained(tmp)
         if args.forget_method == "lora":  # back to the model as it was, then subtract from files
@@ -243,9 +244,3 @@ class FLearningTrainer(Trainer):
 def _variant(forget: str, learn: str) -> str:
     names = {"full": "FT", "lora": "LoRA"}
     return names[learn] if forget == learn else f"{names[forget]}->{names[learn]}"
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

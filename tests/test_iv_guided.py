@@ -120,16 +120,16 @@ def _grads_after_one_step(tmp_path, iv, data, model, **kw):
         config,
         instruction_vectors=iv,
         train_dataset=data.select(range(4)),
-        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        data_collator=_collator(),
     )
     trainer.train()
     return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
 
-def _tok(data):
+def _collator():
     from ivtrainer.testing import tiny_tokenizer
 
-    return tiny_tokenizer()
+    return DataCollatorForSeq2Seq(tiny_tokenizer(), padding=True)
 
 
 @pytest.mark.parametrize("peft", [False, True])
@@ -171,7 +171,7 @@ def test_kl_changes_the_gradient_and_zero_weights_give_plain_training(tmp_path, 
         model,
         args,
         train_dataset=data.select(range(4)),
-        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        data_collator=_collator(),
     ).train()
     for name, p in model.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), plain[name], rtol=1e-5, atol=1e-7)
@@ -188,7 +188,7 @@ def test_callbacks_on_a_plain_trainer_equal_ivguidedtrainer(tmp_path, iv, data):
         config,
         instruction_vectors=iv,
         train_dataset=data,
-        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        data_collator=_collator(),
     )
     guided.train()
     plain_args = TrainingArguments(
@@ -212,7 +212,7 @@ def test_callbacks_on_a_plain_trainer_equal_ivguidedtrainer(tmp_path, iv, data):
         tiny_model("llama", seed=3),
         plain_args,
         train_dataset=data,
-        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        data_collator=_collator(),
         callbacks=config.callbacks([iv]),
     )
     plain.train()
@@ -243,7 +243,7 @@ def test_peft_teacher_is_the_base_without_a_copy(tmp_path, iv, data):
         instruction_vectors=iv,
         train_dataset=data,
         callbacks=[Spy()],
-        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        data_collator=_collator(),
     )
     trainer.train()
     assert "reference" in seen and seen["reference"] is None
@@ -270,7 +270,7 @@ def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data):
             config,
             instruction_vectors=iv,
             train_dataset=data,
-            data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+            data_collator=_collator(),
             callbacks=list(callbacks),
         )
 
@@ -459,7 +459,7 @@ def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data
         config,
         instruction_vectors=iv,
         train_dataset=data,
-        data_collator=DataCollatorForSeq2Seq(_tok(data), padding=True),
+        data_collator=_collator(),
     )
     trainer.train()
     sent = {}
