@@ -45,13 +45,27 @@ from ivtrainer import (
     extract_instruction_vector,
     load_default_model,
 )
-from ivtrainer.edits import build_counterfacts, target_predictions
+from ivtrainer.edits import build_counterfacts, split_edits, target_predictions
 from ivtrainer.icl import PromptBuilder, first_token_accuracy
 from ivtrainer.tasks import list_tasks, load_task
 
 CACHE = Path(__file__).parent / ".cache"
 IV_TASKS = ("antonym", "country_capital")
 LR = {"lora": 5e-4, "full": 2e-5}
+# IV-guided settings compared on the validation split (`--sweep`, LoRA, seed 0); TUNED is the one
+# with the least forgetting whose new-task accuracy is within 2 points of plain fine-tuning there.
+SWEEP: dict[str, dict] = {
+    "defaults": {},
+    "kl 0.3": {"kl_weight": 0.3},
+    "kl 3": {"kl_weight": 3.0},
+    "kl 3 answer": {"kl_weight": 3.0, "kl_positions": "answer"},
+    "kl 3 last_prompt": {"kl_weight": 3.0, "kl_positions": "last_prompt"},
+    "kl 1 forward": {"kl_direction": "forward"},
+    "kl 3 -> 0 linear": {"kl_weight": 3.0, "kl_weight_end": 0.0, "kl_schedule": "linear"},
+    "no teacher IV": {"teacher_iv_strength": 0.0},
+    "no student IV": {"iv_strength_start": 0.0},
+}
+TUNED: dict = {}
 QUESTIONS = {
     "capital": "What is the capital city of {}? Answer with one word.",
     "language": "What is the official language of {}? Answer with one word.",
@@ -60,13 +74,14 @@ QUESTIONS = {
 }
 
 
-def new_task_words() -> tuple[list[str], list[str]]:
+def new_task_words() -> tuple[list[str], list[str], list[str]]:
+    """(train, test, validation) words."""
     words = sorted(
         {p["input"] for t in ("antonym", "present_past", "singular_plural") for p in load_task(t, "all")}
         - {p["output"] for t in ("uppercase",) for p in load_task(t, "all")}  # no ALL-CAPS inputs
     )
     random.Random(0).shuffle(words)
-    return words[:256], words[256:356]
+    return words[:256], words[256:356], words[356:456]
 
 
 def q(word: str) -> str:
@@ -88,13 +103,16 @@ def new_task_dataset(words, tok) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def evaluate(model, tok, facts, test_words) -> dict[str, float]:
+def evaluate(model, tok, facts, test_words, split: str = "test") -> dict[str, float]:
+    """Scores on the test split (held-out task pairs as ICL queries) or the validation split (ICL
+    queries from the demonstration pool; other facts and words, chosen by the caller)."""
     builder = PromptBuilder(tok)
     scores = {}
     for task in list_tasks():
         rng = random.Random(task)
         pool, held = load_task(task), load_task(task, "held_out")
-        prompts = builder.sample(pool, 40, 5, rng, queries=held[:40])
+        queries = held[:40] if split == "test" else None
+        prompts = builder.sample(pool, 40, 5, rng, queries=queries)
         scores[f"icl/{task}"] = first_token_accuracy(model, prompts)
     completion = target_predictions(
         model, tok, [f["prompt"] for f in facts], [f["target_old"] for f in facts]
@@ -157,7 +175,8 @@ def instruction_vectors(model, tok) -> list[InstructionVector]:
     return out
 
 
-def train(method: str, guided: bool, seed: int, train_words, ivs, epochs: float):
+def train(method: str, guided: dict | None, seed: int, train_words, ivs, epochs: float):
+    """Plain fine-tuning (``guided=None``) or IV-guided with these IVGuidedConfig settings."""
     set_seed(seed)
     model, tok = load_default_model()
     if method == "lora":
@@ -178,10 +197,10 @@ def train(method: str, guided: bool, seed: int, train_words, ivs, epochs: float)
     )
     data, collator = new_task_dataset(train_words, tok), DataCollatorForSeq2Seq(tok, padding=True)
     start = time.perf_counter()
-    if guided:
+    if guided is not None:
         trainer = IVGuidedTrainer(
             model,
-            IVGuidedConfig(**common),
+            IVGuidedConfig(**common, **guided),
             instruction_vectors=ivs,
             train_dataset=data,
             data_collator=collator,
@@ -197,6 +216,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="compare the SWEEP settings on the validation split (chooses TUNED) instead of the test run",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--write-readme", action="store_true")
@@ -204,24 +228,27 @@ def main() -> None:
     hf_logging.set_verbosity_error()
 
     model, tok = load_default_model()
-    facts = build_counterfacts(model, tok)
-    train_words, test_words = new_task_words()
+    facts_validation, facts_test = split_edits(build_counterfacts(model, tok))
+    train_words, test_words, validation_words = new_task_words()
+    split = "validation" if args.sweep else "test"
+    facts, words = (facts_validation, validation_words) if args.sweep else (facts_test, test_words)
     ivs = instruction_vectors(model, tok)
-    before = evaluate(model, tok, facts, test_words)
+    before = evaluate(model, tok, facts, words, split)
     print("before:", json.dumps(before), flush=True)
     del model
-    results: dict = {"before": before, "runs": {}}
+    settings = SWEEP if args.sweep else {"IV-guided": TUNED}
+    results: dict = {"split": split, "before": before, "settings": settings, "runs": {}}
     for method in args.methods:
-        for guided in (False, True):
-            name = f"{method} {'IV-guided' if guided else 'plain'}"
+        for label, guided in [("plain", None), *settings.items()]:
+            name = f"{method} {label}"
             results["runs"][name] = []
             for seed in args.seeds:
                 m, t, seconds = train(method, guided, seed, train_words, ivs, args.epochs)
-                scores = evaluate(m, t, facts, test_words)
+                scores = evaluate(m, t, facts, words, split)
                 scores["train_seconds"] = seconds
                 results["runs"][name].append(scores)
                 print(f"{name} seed {seed}: {json.dumps(scores)}", flush=True)
-    table = format_table(results, args.seeds)
+    table = format_table(results, args)
     print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -231,7 +258,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from _readme import replace_block
 
-        replace_block("forgetting", table)
+        replace_block("forgetting-sweep" if args.sweep else "forgetting", table)
 
 
 def _summary(results: dict) -> dict[str, dict[str, float]]:
@@ -249,30 +276,30 @@ def _summary(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def format_table(results: dict, seeds) -> str:
+def format_table(results: dict, args) -> str:
     base, summary = results["before"], _summary(results)
     icl = lambda s: statistics.mean(v for k, v in s.items() if k.startswith("icl/"))  # noqa: E731
     lines = [
-        "| model | new task | 5-shot ICL (6 tasks) | facts as completions | facts as instructions | forgetting |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | new task | 5-shot ICL (6 tasks) | facts as completions | facts as instructions | forgetting "
+        "| forgetting / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| SmolLM2-135M-Instruct, before | {100 * base['new_task']:.1f} | {100 * icl(base):.1f} | "
-        f"{100 * base['facts/completion']:.1f} | {100 * base['facts/instruction']:.1f} | - |",
+        f"{100 * base['facts/completion']:.1f} | {100 * base['facts/instruction']:.1f} | - | - |",
     ]
     for name, s in summary.items():
+        plain = summary[name.split(" ")[0] + " plain"]
+        ratio = s["forgetting"] / plain["forgetting"] if plain["forgetting"] > 0 else float("nan")
         lines.append(
             f"| {name} | {100 * s['new_task']:.1f} | {100 * icl(s):.1f} | {100 * s['facts/completion']:.1f} | "
             f"{100 * s['facts/instruction']:.1f} | {100 * s['forgetting']:.1f} "
-            f"({100 * s['forgetting_min']:.1f} to {100 * s['forgetting_max']:.1f}) |"
+            f"({100 * s['forgetting_min']:.1f} to {100 * s['forgetting_max']:.1f}) | "
+            f"{'-' if s is plain else f'{ratio:.2f}'} |"
         )
-    for method in ("lora", "full"):
-        plain, guided = summary.get(f"{method} plain"), summary.get(f"{method} IV-guided")
-        if plain and guided and plain["forgetting"] > 0:
-            lines.append(
-                f"\n{method}: IV-guided forgetting / plain = {guided['forgetting'] / plain['forgetting']:.2f}; "
-                f"new-task accuracy {100 * (guided['new_task'] - plain['new_task']):+.1f} points."
-            )
+    command = f"python benchmarks/forgetting.py {'--sweep ' if args.sweep else ''}--seeds {' '.join(map(str, args.seeds))}"
+    command += f" --methods {' '.join(args.methods)}"
     lines.append(
-        f"\nMeans over seeds {', '.join(map(str, seeds))} (forgetting: range over seeds); accuracies in %."
+        f"\n`{command}`: {results['split']} split; means over seeds {', '.join(map(str, args.seeds))} "
+        "(forgetting: range over seeds); accuracies in %."
     )
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -96,11 +97,13 @@ class IVKLCallback(IVCallback):
         self._model: nn.Module | None = None
         self._reference: nn.Module | None = None
         self._reference_ready = False
+        self._reference_engine = None  # the DeepSpeed engine around the reference, when there is one
         self._stack: contextlib.ExitStack | None = None
         self._student_heads: dict[int, torch.Tensor] | None = None
         self._busy = False
         self._sums = {"ce": 0.0, "kl": 0.0, "head_mse": 0.0}
         self._steps, self._skipped, self._accumulation = 0, 0, 1
+        self._device, self._global_items, self._tokens_across = torch.device("cpu"), False, False
 
     # -- training events ---------------------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class IVKLCallback(IVCallback):
         super().on_train_begin(args, state, control, model=model, **kwargs)
         self.close()
         self._model, self._accumulation = model, args.gradient_accumulation_steps
+        self._tokens_across = getattr(args, "average_tokens_across_devices", False)
         if not self._reference_ready:
             if state.global_step > 0 and not _is_peft(model) and not isinstance(self.teacher, nn.Module):
                 raise ValueError(
@@ -124,6 +128,15 @@ class IVKLCallback(IVCallback):
                     "in Trainer(callbacks=[...]) or give it teacher=<the original model>"
                 )
             self._reference, self._reference_ready = self._make_reference(model), True
+        if self._reference is not None and self._reference_engine is None and _deepspeed_enabled():
+            # as trl does for its reference model: sharded under ZeRO-3, a replica (stage 0) otherwise
+            from accelerate.state import AcceleratorState
+            from trl.models.utils import prepare_deepspeed
+
+            self._reference_engine = prepare_deepspeed(
+                self._reference, SimpleNamespace(state=AcceleratorState())
+            )
+            self._reference = self._reference_engine.module
         self._stack = contextlib.ExitStack()
         if self.head_mse_weight > 0:
             self._student_heads = self._stack.enter_context(record_head_outputs(model, self._head_layers()))
@@ -146,21 +159,36 @@ class IVKLCallback(IVCallback):
             _into_history(state, logs)
 
     def metrics(self) -> dict[str, float]:
-        """Averages since the last call (per optimizer step), then reset; {} if nothing new."""
+        """Averages since the last call (per optimizer step), then reset; {} if nothing new. In a
+        multi-process run every process must call it (the values are reduced over processes)."""
         if self._steps == 0:
             return {}
-        out = {
-            "ce": float(self._sums["ce"]) / self._steps,
-            "kl": float(self._sums["kl"]) / self._steps,
-            "kl_weight": self.kl_weight,
-        }
-        if self.head_mse_weight > 0:
-            out["head_mse"] = float(self._sums["head_mse"]) / self._steps
-        if self._skipped:
-            out["kl_skipped"] = self._skipped
+        keys = ["ce", "kl"] + (["head_mse"] if self.head_mse_weight > 0 else [])
+        values = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float32) for k in keys])
+        values = torch.cat(
+            [values.to(self._device), torch.tensor([float(self._skipped)], device=self._device)]
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each process holds its share of a loss normalised by the global token count (sum the
+            # shares), or a mean over its own tokens (average the means); skipped batches add up
+            torch.distributed.all_reduce(values)
+            if not self._global_items:
+                values[:-1] /= torch.distributed.get_world_size()
+        values = values.tolist()
+        out = {k: v / self._steps for k, v in zip(keys, values, strict=False)}
+        out["kl_weight"] = self.kl_weight
+        if values[-1]:
+            out["kl_skipped"] = int(values[-1])
         self._sums = dict.fromkeys(self._sums, 0.0)
         self._steps = self._skipped = 0
         return out
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen reference model (full fine-tuning; under DeepSpeed the module its engine
+        wraps, ZeRO-3-partitioned with ZeRO-3), or None when the teacher is the trained PEFT model
+        itself with its adapters disabled."""
+        return self._reference
 
     def close(self) -> None:
         """Remove the hooks (also done at the end of training). The teacher is kept for a later
@@ -173,7 +201,7 @@ class IVKLCallback(IVCallback):
     def release(self) -> None:
         """Drop the frozen reference copy (full fine-tuning) to free its memory."""
         self.close()
-        self._reference, self._reference_ready = None, False
+        self._reference, self._reference_ready, self._reference_engine = None, False, None
 
     def _update(self, state) -> None:
         self.kl_weight = self.weight(state.global_step, state.max_steps)
@@ -188,6 +216,8 @@ class IVKLCallback(IVCallback):
             raise ValueError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
         if _is_peft(model):
             return None
+        if _zero3_partitioned(model):
+            return _zero3_copy(model)
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
         for module in reference.modules():  # the copy would carry the student's hooks (its IV) along
@@ -219,7 +249,7 @@ class IVKLCallback(IVCallback):
                 if self.head_mse_weight > 0
                 else None
             )
-            logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return logits, (dict(heads) if heads is not None else None)
 
     # -- the loss ----------------------------------------------------------------------------------
@@ -259,8 +289,11 @@ class IVKLCallback(IVCallback):
             temperature=self.temperature,
             num_items_in_batch=num_items,
             threshold=self.threshold,
+            overwrite_teacher=True,
         )
+        del teacher_logits  # only the KL's gradient is kept for backward
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
+        self._device, self._global_items = output.loss.device, num_items is not None and self._tokens_across
         self._sums["ce"] += output.loss.detach() * scale  # a tensor: no device sync per step
         extra = output.loss.new_zeros(())
         if kl is None:
@@ -316,6 +349,38 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+def _deepspeed_enabled() -> bool:
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState._shared_state != {} and AcceleratorState().deepspeed_plugin is not None
+
+
+def _zero3_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _zero3_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of a model whose parameters DeepSpeed ZeRO-3 has partitioned, itself
+    partitioned: built from the config (transformers does that under ``zero.Init``), then filled
+    one gathered parameter at a time, so no rank ever holds a whole model."""
+    import deepspeed
+
+    if not hasattr(type(model), "_from_config"):
+        raise ValueError(
+            f"under DeepSpeed ZeRO-3 the {type(model).__name__}'s parameters are partitioned and it cannot be "
+            "copied as the teacher: pass teacher=<the original model, loaded after the training arguments so that "
+            "DeepSpeed shards it>, or train LoRA adapters (the teacher is then the model with adapters disabled)"
+        )
+    dtype = next(model.parameters()).dtype
+    reference = type(model)._from_config(model.config, dtype=dtype)
+    sources = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        with deepspeed.zero.GatheredParameters([sources[name], param], modifier_rank=0):
+            param.data.copy_(sources[name].data)
+    reference.requires_grad_(False)
+    return reference.eval()
 
 
 @contextlib.contextmanager

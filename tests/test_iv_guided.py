@@ -104,6 +104,48 @@ def test_kl_positions_and_normalisation():
     torch.testing.assert_close(kl_term(s, t, mask), per.mean())
     assert kl_term(s, t, torch.zeros_like(mask)) is None
     assert kl_term(s, t, mask, threshold=1e9) == 0
+    s.requires_grad_()
+    (kl_term(s, t, mask, threshold=1e9) + s.sum()).backward()  # below the threshold: no gradient
+    assert (s.grad == 1).all()
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("selection", ["all", "some"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_fused_kl_gradient_equals_autograd(direction, dtype, selection, overwrite, monkeypatch):
+    """kl_term's closed-form, chunked gradient = autograd through token_kl (chunks of 3 positions)."""
+    monkeypatch.setattr("ivtrainer.kl_loss._CHUNK_ELEMENTS", {"cpu": 3 * 50})
+    torch.manual_seed(0)
+    s = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_()
+    t = (torch.randn(3, 7, 50) * 3).to(dtype)
+    mask = torch.ones(3, 7, dtype=torch.bool) if selection == "all" else torch.rand(3, 7) > 0.5
+    value = kl_term(
+        s,
+        t.clone(),
+        mask,
+        direction=direction,
+        temperature=2.0,
+        num_items_in_batch=11,
+        overwrite_teacher=overwrite,
+    )
+    (1.7 * value).backward()
+    fused = s.grad
+    s.grad = None
+    reference = token_kl(s[mask], t[mask], direction, 2.0).sum() / 11
+    (1.7 * reference).backward()
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    torch.testing.assert_close(value.float(), reference.float(), **tol)
+    torch.testing.assert_close(fused, s.grad, **tol)
+    assert fused.dtype == dtype and not fused[~mask].any()
+
+
+def test_fused_kl_rejects_a_second_backward():
+    s = torch.randn(2, 3, 5, requires_grad=True)
+    value = kl_term(s, torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.bool))
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        value.backward()
 
 
 # -- training -------------------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""The real thing: ``accelerate launch`` with 2 CPU processes (gloo) and DeepSpeed ZeRO-2 / ZeRO-3
+from the repository's own ``ds_configs``, against one process with the same global batch (the
+script is tests/distributed_train.py). Losses must agree to 1e-5 (relative), and the saved model
+must reload with plain transformers and give the single-process model's logits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ivtrainer import extract_instruction_vector
+from ivtrainer.testing import tiny_model
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed_train.py"
+SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("distributed")
+    model = tiny_model("llama", seed=1)
+    model.save_pretrained(folder / "model")
+    extract_instruction_vector(model, tokenizer, "antonym", **SMALL).save_pretrained(folder / "iv")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(assets):
+    """One-process runs, by trainer (made once per module)."""
+    cache: dict[str, Path] = {}
+
+    def run(trainer: str) -> Path:
+        if trainer not in cache:
+            cache[trainer] = _run(assets, trainer, assets / f"single-{trainer}")
+        return cache[trainer]
+
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(assets: Path, trainer: str, out: Path, zero: str | None = None) -> Path:
+    script = [str(SCRIPT), "--trainer", trainer, "--model", str(assets / "model"), "--iv", str(assets / "iv")]
+    if zero is None:
+        command = [sys.executable, *script, "--batch", "4", "--out", str(out)]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"ds_configs/accelerate_{zero}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            *script,
+            "--batch",
+            "2",
+            "--out",
+            str(out),
+        ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return out
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # an adapter folder loads its base too
+    with torch.no_grad():
+        return model(input_ids=torch.arange(3, 40).view(1, -1)).logits
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("trainer", ["iv-lora", "iv-full"])
+def test_iv_guided_under_deepspeed_matches_one_process(assets, single, trainer, zero):
+    reference = single(trainer)
+    out = _run(assets, trainer, assets / f"{zero}-{trainer}", zero)
+    got, want = (json.loads((f / "losses.json").read_text()) for f in (out, reference))
+    for key in ("loss", "ce", "kl"):
+        assert len(got[key]) == 3
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), rtol=1e-5, atol=1e-7)
+    assert want["kl"][-1] > 0  # the KL term is really there
+    expected_teacher = {
+        "iv-lora": "adapters disabled",  # no second model, under any stage
+        "iv-full": "zero3 shard" if zero == "zero3" else "full copy",
+    }[trainer]
+    assert got["teacher"] == expected_teacher
+    torch.testing.assert_close(_logits(out / "model"), _logits(reference / "model"), rtol=1e-4, atol=1e-5)
