@@ -3,8 +3,8 @@
     python benchmarks/iv_guided_cost.py [--steps 8] [--rounds 3] [--json out.json]
 
 Both runs train the same model on the same batches (8 rows x 64 tokens, answer tokens labelled)
-with the same optimizer; IV-guided adds the annealed IV and the KL term over all positions (the
-default, the most expensive). Each measurement is a fresh process, plain and IV-guided alternating,
+with the same optimizer; IV-guided adds the annealed IV and the KL term, over all positions (the
+default, the most expensive) and at the last prompt token only (``--positions``). Each measurement is a fresh process, plain and IV-guided alternating,
 ``--rounds`` times; step time is the median over the timed steps (after one warm-up step) and
 peak memory the process's VmHWM minus that of a process that loaded the same model and stopped.
 LoRA (rank 8 on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning.
@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, DataCollat
 from datasets import Dataset
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer, InstructionVector, load_default_model
 
-mode, method, steps, iv_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+mode, method, steps, iv_dir, positions = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 
 def peak_kib():
     for line in open("/proc/self/status"):
@@ -60,16 +60,27 @@ if mode == "plain":
     trainer = Trainer(model, TrainingArguments(**common), train_dataset=data, data_collator=collator, callbacks=[Timer()])
 else:
     iv = InstructionVector.from_pretrained(iv_dir)
-    trainer = IVGuidedTrainer(model, IVGuidedConfig(**common), instruction_vectors=iv, train_dataset=data,
-                              data_collator=collator, callbacks=[Timer()])
+    trainer = IVGuidedTrainer(model, IVGuidedConfig(**common, kl_positions=positions), instruction_vectors=iv,
+                              train_dataset=data, data_collator=collator, callbacks=[Timer()])
 trainer.train()
-print(json.dumps({"step_s": statistics.median(times[1:]), "peak_kib": peak_kib()}))
+out = {"step_s": statistics.median(times[1:]), "peak_kib": peak_kib()}
+if mode == "plain":  # what one extra no-grad forward of the batch costs: the floor of the teacher pass
+    batch = collator(rows[:8])
+    model.eval()
+    forwards = []
+    with torch.no_grad():
+        for _ in range(4):
+            t = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            forwards.append(time.perf_counter() - t)
+    out["forward_s"] = statistics.median(forwards[1:])
+print(json.dumps(out))
 """
 
 
-def child(mode: str, method: str, steps: int, iv_dir: str) -> dict:
+def child(mode: str, method: str, steps: int, iv_dir: str, positions: str = "all") -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode, method, str(steps), iv_dir],
+        [sys.executable, "-c", _CHILD, mode, method, str(steps), iv_dir, positions],
         check=True,
         capture_output=True,
         text=True,
@@ -82,6 +93,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["lora", "full"])
+    parser.add_argument(
+        "--positions", nargs="+", default=["all", "last_prompt"], choices=["all", "answer", "last_prompt"]
+    )
     parser.add_argument("--iv", default="benchmarks/.cache/iv-antonym", help="an IV folder (made if missing)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write-readme", action="store_true")
@@ -96,32 +110,45 @@ def main() -> None:
     baseline = statistics.median(child("baseline", "-", 0, args.iv)["peak_kib"] for _ in range(args.rounds))
     results = {}
     for method in args.methods:
-        runs: dict[str, list[dict]] = {"plain": [], "iv": []}
+        modes = ["plain", *args.positions]
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.rounds):
-            for mode in ("plain", "iv"):
-                runs[mode].append(child(mode, method, args.steps, args.iv))
-        step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in runs}
-        total = {m: statistics.median(r["peak_kib"] for r in runs[m]) for m in runs}
-        peak = {m: total[m] - baseline for m in runs}
+            for mode in modes:
+                runs[mode].append(
+                    child("plain" if mode == "plain" else "iv", method, args.steps, args.iv, mode)
+                )
+        step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in modes}
+        total = {m: statistics.median(r["peak_kib"] for r in runs[m]) for m in modes}
+        forward = statistics.median(r["forward_s"] for r in runs["plain"])
         results[method] = {
             "step_s": step,
-            "step_ratio": step["iv"] / step["plain"],
-            "step_ratios_per_round": [
-                i["step_s"] / p["step_s"] for p, i in zip(runs["plain"], runs["iv"], strict=True)
-            ],
-            "peak_mib_above_loaded_model": {m: v / 1024 for m, v in peak.items()},
-            "peak_ratio": peak["iv"] / peak["plain"],
+            "forward_s": forward,
+            "floor_ratio": (step["plain"] + forward) / step["plain"],
             "peak_total_mib": {m: v / 1024 for m, v in total.items()},
-            "peak_total_ratio": total["iv"] / total["plain"],
+            "by_positions": {},
         }
-        r = results[method]
         print(
-            f"{method}: step {step['plain']:.2f} s plain, {step['iv']:.2f} s IV-guided -> {r['step_ratio']:.2f}x "
-            f"(rounds {', '.join(f'{x:.2f}' for x in r['step_ratios_per_round'])}); peak memory above the loaded "
-            f"model {peak['plain'] / 1024:.0f} MiB plain, {peak['iv'] / 1024:.0f} MiB IV-guided -> {r['peak_ratio']:.2f}x; "
-            f"whole-process peak {total['plain'] / 1024:.0f} vs {total['iv'] / 1024:.0f} MiB -> {r['peak_total_ratio']:.2f}x",
+            f"{method}: plain step {step['plain']:.2f} s; one no-grad forward {forward:.2f} s -> a teacher pass "
+            f"alone makes it {results[method]['floor_ratio']:.2f}x",
             flush=True,
         )
+        for positions in args.positions:
+            r = {
+                "step_ratio": step[positions] / step["plain"],
+                "step_ratios_per_round": [
+                    i["step_s"] / p["step_s"] for p, i in zip(runs["plain"], runs[positions], strict=True)
+                ],
+                "peak_ratio": (total[positions] - baseline) / (total["plain"] - baseline),
+                "peak_total_ratio": total[positions] / total["plain"],
+            }
+            results[method]["by_positions"][positions] = r
+            print(
+                f"  KL at {positions}: step {step[positions]:.2f} s -> {r['step_ratio']:.2f}x (rounds "
+                f"{', '.join(f'{x:.2f}' for x in r['step_ratios_per_round'])}); whole-process peak "
+                f"{total['plain'] / 1024:.0f} vs {total[positions] / 1024:.0f} MiB -> {r['peak_total_ratio']:.2f}x; "
+                f"{r['peak_ratio']:.2f}x above the loaded model",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.write_readme:
@@ -133,21 +160,25 @@ def main() -> None:
 
 def format_table(results: dict, args) -> str:
     lines = [
-        "| training | step, plain | step, IV-guided | ratio (per round) | peak memory, IV-guided / plain |",
-        "|---|---:|---:|---:|---:|",
+        "| training | KL positions | step, plain | step, IV-guided | ratio (per round) | floor: + one no-grad forward "
+        "| peak memory, IV-guided / plain |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for method, r in results.items():
-        rounds = ", ".join(f"{x:.2f}" for x in r["step_ratios_per_round"])
-        lines.append(
-            f"| {'LoRA r8 (q_proj, v_proj)' if method == 'lora' else 'full fine-tuning'} | {r['step_s']['plain']:.2f} s | "
-            f"{r['step_s']['iv']:.2f} s | {r['step_ratio']:.2f}x ({rounds}) | {r['peak_total_ratio']:.2f}x whole process "
-            f"({r['peak_total_mib']['plain']:.0f} -> {r['peak_total_mib']['iv']:.0f} MiB); "
-            f"{r['peak_ratio']:.2f}x above the loaded model |"
-        )
+    for method, m in results.items():
+        for positions, r in m["by_positions"].items():
+            rounds = ", ".join(f"{x:.2f}" for x in r["step_ratios_per_round"])
+            lines.append(
+                f"| {'LoRA r8 (q_proj, v_proj)' if method == 'lora' else 'full fine-tuning'} | {positions} | "
+                f"{m['step_s']['plain']:.2f} s | {m['step_s'][positions]:.2f} s | {r['step_ratio']:.2f}x ({rounds}) | "
+                f"{m['floor_ratio']:.2f}x | {r['peak_total_ratio']:.2f}x whole process "
+                f"({m['peak_total_mib']['plain']:.0f} -> {m['peak_total_mib'][positions]:.0f} MiB); "
+                f"{r['peak_ratio']:.2f}x above the loaded model |"
+            )
     lines.append(
-        f"\n`python benchmarks/iv_guided_cost.py --rounds {args.rounds} --steps {args.steps} --write-readme`: "
-        f"8 rows x 64 tokens per step, KL over all positions; medians of {args.rounds} rounds, fresh processes, "
-        "plain and IV-guided alternating, on 2 CPU cores."
+        f"\n`python benchmarks/iv_guided_cost.py --rounds {args.rounds} --steps {args.steps} "
+        f"--positions {' '.join(args.positions)} --write-readme`: 8 rows x 64 tokens per step (16 answer tokens "
+        f"each); medians of {args.rounds} rounds, fresh processes, plain and IV-guided alternating, on 2 CPU "
+        "cores. The floor is the plain step plus one no-grad forward of the same batch (timed in the plain runs)."
     )
     return "\n".join(lines)
 

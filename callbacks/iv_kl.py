@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -98,6 +99,7 @@ class IVKLCallback(IVCallback):
         self._reference: nn.Module | None = None
         self._reference_ready = False
         self._reference_engine = None  # the DeepSpeed engine around the reference, when there is one
+        self._keeps_logits: bool | None = None
         self._stack: contextlib.ExitStack | None = None
         self._student_heads: dict[int, torch.Tensor] | None = None
         self._busy = False
@@ -231,8 +233,9 @@ class IVKLCallback(IVCallback):
         return sorted({layer for iv in self.vectors for layer, _ in iv.heads})
 
     @torch.no_grad()
-    def _teacher_pass(self, module: nn.Module, input_ids, attention_mask, positions):
-        """Teacher logits (and head outputs if needed), IVs at ``teacher_strength``."""
+    def _teacher_pass(self, module: nn.Module, input_ids, attention_mask, positions, columns):
+        """Teacher logits (and head outputs if needed), IVs at ``teacher_strength``; logits only at
+        sequence positions ``columns`` when not None (the LM head's share of the pass saved)."""
         teacher = self._reference if self._reference is not None else module
         with contextlib.ExitStack() as stack:
             if self._reference is None:  # the same modules: adapters and student IVs off
@@ -249,8 +252,25 @@ class IVKLCallback(IVCallback):
                 if self.head_mse_weight > 0
                 else None
             )
-            logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            kwargs = {"logits_to_keep": columns} if columns is not None else {}
+            logits = teacher(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+            ).logits
             return logits, (dict(heads) if heads is not None else None)
+
+    def _columns(self, module: nn.Module, mask: torch.Tensor) -> torch.Tensor | None:
+        """The sequence positions the KL needs teacher logits at, if fewer than all and the model
+        takes ``logits_to_keep`` (transformers' causal LMs do)."""
+        if self.positions == "all":
+            return None
+        if self._keeps_logits is None:
+            teacher = self._reference if self._reference is not None else module
+            base = teacher.get_base_model() if _is_peft(teacher) else teacher
+            self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        if not self._keeps_logits:
+            return None
+        columns = mask.any(0).nonzero().squeeze(1)
+        return columns if 0 < columns.numel() < mask.shape[1] else None
 
     # -- the loss ----------------------------------------------------------------------------------
 
@@ -278,7 +298,10 @@ class IVKLCallback(IVCallback):
         mask = kl_positions(self.positions, labels, attention_mask)
         self._busy = True
         try:
-            teacher_logits, teacher_heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end)
+            columns = self._columns(module, mask)
+            teacher_logits, teacher_heads = self._teacher_pass(
+                module, input_ids, attention_mask, prompt_end, columns
+            )
         finally:
             self._busy = False
         kl = kl_term(
@@ -290,6 +313,7 @@ class IVKLCallback(IVCallback):
             num_items_in_batch=num_items,
             threshold=self.threshold,
             overwrite_teacher=True,
+            teacher_columns=columns,
         )
         del teacher_logits  # only the KL's gradient is kept for backward
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs

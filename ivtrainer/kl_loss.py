@@ -83,6 +83,7 @@ def kl_term(
     num_items_in_batch: int | torch.Tensor | None = None,
     threshold: float = 0.0,
     overwrite_teacher: bool = False,
+    teacher_columns: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The KL at ``mask``'s positions, normalised like the CE (see the module doc); ``None`` when
     ``mask`` selects nothing. ``threshold`` zeroes a micro-batch's term below it (FvForgetting
@@ -93,17 +94,29 @@ def kl_term(
     the gradient, in the student's dtype), so the teacher's logits can be freed at once.
     ``overwrite_teacher=True`` writes that gradient into ``teacher_logits`` (when dtypes and
     shapes match), which then hold garbage: for callers that drop them right after.
+    ``teacher_columns``: the sequence positions ``teacher_logits`` cover (dim 1) when the teacher
+    was run with ``logits_to_keep=teacher_columns``; they must include every position in ``mask``.
     """
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
     if not bool(mask.any()):
         return None
     index = mask.reshape(-1).nonzero().squeeze(1)
+    teacher_index = index
+    if teacher_columns is not None:
+        seq = mask.shape[1]
+        where = torch.full((seq,), -1, dtype=torch.long, device=mask.device)
+        where[teacher_columns] = torch.arange(teacher_columns.numel(), device=mask.device)
+        column = where[index % seq]
+        if bool((column < 0).any()):
+            raise ValueError("teacher_columns must include every position the mask selects")
+        teacher_index = index // seq * teacher_columns.numel() + column
     denominator = num_items_in_batch if num_items_in_batch is not None else index.numel()
     return _FusedKL.apply(
         student_logits,
         teacher_logits,
         index,
+        teacher_index,
         direction,
         float(temperature),
         denominator,
@@ -142,11 +155,21 @@ def _kl_and_grad(s: torch.Tensor, t: torch.Tensor, direction: str, temperature: 
 class _FusedKL(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, student_logits, teacher_logits, index, direction, temperature, denominator, threshold, overwrite
+        ctx,
+        student_logits,
+        teacher_logits,
+        index,
+        teacher_index,
+        direction,
+        temperature,
+        denominator,
+        threshold,
+        overwrite,
     ):
         vocab = student_logits.shape[-1]
         student, teacher = student_logits.detach().reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-        n, everything = index.numel(), index.numel() == student.shape[0]
+        n = index.numel()
+        everything = n == student.shape[0] and teacher.shape[0] == n
         # the gradient may go into the teacher's logits, each chunk once it is read: no new buffer
         in_teacher = (
             overwrite
@@ -159,7 +182,10 @@ class _FusedKL(torch.autograd.Function):
         chunk = max(1, _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_ACCELERATOR) // vocab)
         for start in range(0, n, chunk):
             part, rows = slice(start, start + chunk), index[start : start + chunk]
-            s_in, t_in = (student[part], teacher[part]) if everything else (student[rows], teacher[rows])
+            if everything:
+                s_in, t_in = student[part], teacher[part]
+            else:
+                s_in, t_in = student[rows], teacher[teacher_index[start : start + chunk]]
             s = F.log_softmax(s_in.float() / temperature, dim=-1)
             t = F.log_softmax(t_in.float() / temperature, dim=-1)
             value, g = _kl_and_grad(s, t, direction, temperature)
@@ -191,9 +217,9 @@ class _FusedKL(torch.autograd.Function):
         ctx.used = True
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # below the threshold
-            return (None,) * 8
+            return (None,) * 9
         grad.mul_(grad_output)  # in place: nothing else holds the gradient
         if not ctx.full:
             (index,) = ctx.saved_tensors
             grad = grad.new_zeros((ctx.shape[0] * ctx.shape[1], ctx.shape[2])).index_copy_(0, index, grad)
-        return grad.view(ctx.shape), None, None, None, None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None, None, None, None

@@ -140,6 +140,24 @@ def test_fused_kl_gradient_equals_autograd(direction, dtype, selection, overwrit
     assert fused.dtype == dtype and not fused[~mask].any()
 
 
+def test_kl_with_teacher_logits_at_some_columns_only():
+    """A teacher run with logits_to_keep=columns gives the same KL and gradient."""
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 7, 11, requires_grad=True), torch.randn(3, 7, 11)
+    labels = torch.tensor([[-100] * 4 + [1, 2, 3], [-100] * 2 + [1] * 5, [-100] * 6 + [4]])
+    for which in ("answer", "last_prompt"):
+        mask = kl_positions(which, labels)
+        columns = mask.any(0).nonzero().squeeze(1)
+        full = kl_term(s, t, mask, num_items_in_batch=9)
+        (full_grad,) = torch.autograd.grad(full, s)
+        part = kl_term(s, t[:, columns], mask, num_items_in_batch=9, teacher_columns=columns)
+        (part_grad,) = torch.autograd.grad(part, s)
+        torch.testing.assert_close(part, full)
+        torch.testing.assert_close(part_grad, full_grad)
+    with pytest.raises(ValueError, match="teacher_columns must include"):
+        kl_term(s, t[:, :1], kl_positions("answer", labels), teacher_columns=torch.tensor([0]))
+
+
 def test_fused_kl_rejects_a_second_backward():
     s = torch.randn(2, 3, 5, requires_grad=True)
     value = kl_term(s, torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.bool))
