@@ -114,6 +114,7 @@ def _forget(args: argparse.Namespace) -> int:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
+    _write_forget_card(out, args, lams)
     print(f"wrote {out}: {args.base} - lambda {lams} x {delta}")
     if args.push_to_hub:
         import shutil
@@ -121,6 +122,29 @@ def _forget(args: argparse.Namespace) -> int:
         url = push_folder(lambda folder: shutil.copytree(out, folder, dirs_exist_ok=True), args.push_to_hub)
         print(f"pushed: {url}")
     return 0
+
+
+def _write_forget_card(out: Path, args: argparse.Namespace, lams: list[float]) -> None:
+    """README.md (a ModelCard) next to the weights: what was subtracted from what, with which lambda."""
+    from .model_cards import edited_model_card
+
+    if args.adapter:
+        parameters = {
+            "delta": "LoRA adapter update (scaling * B @ A)",
+            **{
+                f"adapter {i + 1}": f"{a} (lambda {lam:g})"
+                for i, (a, lam) in enumerate(zip(args.adapter, lams, strict=True))
+            },
+        }
+    else:
+        parameters = {
+            "delta": f"full fine-tune minus its base: `{args.finetuned}` - `{args.base}`",
+            "lambda": lams[0],
+        }
+    card = edited_model_card("forget", base_model=str(args.base), parameters=parameters)
+    tmp = out / "README.md.tmp"
+    card.save(tmp)
+    tmp.replace(out / "README.md")
 
 
 def _evaluate_edits(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .f_learning_config import FLearningConfig
+from .hub import check_trainer_push
 from .parameter_arithmetic import _unload, atomic_dir, save_adapter, subtract_adapter, subtract_model_delta
 
 __all__ = ["FLearningTrainer"]
@@ -70,6 +71,8 @@ class FLearningTrainer(Trainer):
                 f"args is a {type(args).__name__}; FLearningTrainer needs an FLearningConfig "
                 "(a TrainingArguments subclass with the forget_* settings)"
             )
+        if args.push_to_hub:
+            check_trainer_push(args)
         given = [
             n
             for n, v in (("old_dataset", old_dataset), ("old_adapter", old_adapter), ("old_model", old_model))
@@ -198,6 +201,10 @@ class FLearningTrainer(Trainer):
         else:
             subtract_model_delta(self.model, delta, lam)
         self._forget_logs = {"forget_lambda": lam}  # logged with the learning phase's first log
+
+    def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
+        check_trainer_push(self.args, token)  # a clear error before anything is uploaded
+        return super().push_to_hub(*args, token=token, **kwargs)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any

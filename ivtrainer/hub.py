@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import IVTrainerError
 
-__all__ = ["HubError", "check_push_target", "push_folder"]
+__all__ = ["HubError", "check_push_target", "check_trainer_push", "push_folder"]
 
 
 class HubError(IVTrainerError, ValueError):
@@ -30,6 +30,14 @@ def check_push_target(repo_id: str | None, token: str | None = None) -> str:
     if not token:
         raise HubError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass token=...")
     return token
+
+
+def check_trainer_push(args, token: str | None = None) -> None:
+    """For ivtrainer's trainers: the repo id the Trainer would push to (``hub_model_id``, else the
+    output folder's name) and a token must exist, checked before any training."""
+    from pathlib import Path
+
+    check_push_target(args.hub_model_id or Path(args.output_dir).absolute().name, token or args.hub_token)
 
 
 def push_folder(

@@ -11,6 +11,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
 from .callbacks import IVCallback
 from .callbacks.iv_intervention import IVLike, load_vectors
+from .hub import check_trainer_push
 from .iv_guided_config import IVGuidedConfig
 
 __all__ = ["IVGuidedMixin", "IVGuidedTrainer", "tokenize_prompt_completion"]
@@ -40,6 +41,10 @@ class IVGuidedMixin:
                 if isinstance(callback, IVCallback):
                     logs = {**logs, **callback.metrics()}
         super().log(logs, *args, **kwargs)
+
+    def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
+        check_trainer_push(self.args, token)  # a clear error before anything is uploaded
+        return super().push_to_hub(*args, token=token, **kwargs)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
@@ -94,6 +99,8 @@ def _check_args(args, cls: type, trainer: str):
             f"args is a {type(args).__name__}; {trainer} needs an {cls.__name__} "
             "(a TrainingArguments subclass with the IV and KL settings)"
         )
+    if args.push_to_hub:
+        check_trainer_push(args)
     return args
 
 

@@ -271,3 +271,18 @@ def test_model_card_states_the_variant_and_lambda(tmp_path, data):
         "lora fine-tuning on the old knowledge, 1 epochs",
     ):
         assert text in card, text
+
+
+def test_push_without_a_token_fails_before_any_work(tmp_path, monkeypatch):
+    from ivtrainer.hub import HubError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    args = FLearningConfig(
+        output_dir=str(tmp_path / "run"), push_to_hub=True, hub_model_id="me/updated", use_cpu=True
+    )
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        FLearningTrainer(
+            tiny_model("llama"), args, train_dataset=[{"input_ids": [1]}], old_model=tiny_model("llama")
+        )
+    assert not (tmp_path / "run").exists()

@@ -557,3 +557,23 @@ def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data
     ):
         assert text in card, text
     assert "0.5" in card.split("KL weight")[1].splitlines()[0]
+
+
+def test_push_without_a_token_fails_before_any_work(tmp_path, iv, data, monkeypatch):
+    from ivtrainer.hub import HubError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        IVGuidedTrainer(
+            tiny_model("llama"),
+            _config(tmp_path, push_to_hub=True),
+            instruction_vectors=iv,
+            train_dataset=data,
+        )
+    trainer = IVGuidedTrainer(
+        tiny_model("llama"), _config(tmp_path), instruction_vectors=iv, train_dataset=data
+    )
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        trainer.push_to_hub()
+    assert not (tmp_path / "run").exists()

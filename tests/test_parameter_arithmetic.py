@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,40 @@ def test_cli_forget_push_checks_token_first(tmp_path, monkeypatch):
         code = main(["forget", "--base", "x", "--adapter", "a", "--lam", "0.3", "--out", str(tmp_path / "o"),
                      "--push-to-hub", "me/forgot"])  # fmt: skip
     assert code == 2 and not load.called and not (tmp_path / "o").exists()
+
+
+def test_cli_forget_pushes_the_weights_and_a_card(tmp_path, tokenizer, monkeypatch):
+    from unittest import mock
+
+    from ivtrainer.cli import main
+
+    _finetuned_pair(tmp_path, tokenizer)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    sent = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        sent.update(
+            repo_id=repo_id, files={p.name for p in root.iterdir()}, card=(root / "README.md").read_text()
+        )
+        return mock.MagicMock(commit_url="https://example.invalid/commit")
+
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id="me/forgot")),
+        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
+    ):
+        code = main(["forget", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned"), "--lam", "0.3",
+                     "--out", str(tmp_path / "o"), "--push-to-hub", "me/forgot"])  # fmt: skip
+    assert code == 0 and sent["repo_id"] == "me/forgot"
+    assert {"model.safetensors", "config.json", "README.md"} <= sent["files"]
+    card = sent["card"]
+    for text in (
+        "forgetting by parameter subtraction",
+        "arXiv:2311.08011",
+        "| lambda | 0.3 |",
+        "- ivtrainer",
+        "- forget",
+    ):
+        assert text in card, text
+    assert "base_model:" not in card  # a local folder is not a Hub id: no claim in the metadata
+    assert (tmp_path / "o" / "README.md").read_text() == card
