@@ -15,6 +15,7 @@ a command-line flag: --kl_weight, --iv_schedule, --kl_positions, ...).
 
 from dataclasses import dataclass, field
 
+from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser
 
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer, load_model
@@ -33,12 +34,19 @@ class ScriptArguments:
         },
     )
     max_edits: int | None = field(default=None, metadata={"help": "Use the first N edits only."})
+    lora_r: int = field(
+        default=0, metadata={"help": "Train a LoRA adapter of this rank (q_proj, v_proj); 0: all weights."}
+    )
 
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, IVGuidedConfig)).parse_args_into_dataclasses()
     model, tokenizer = load_model(script.model)  # after the arguments, so that ZeRO-3 loads it sharded
     edits = load_edits(script.data, model=model, tokenizer=tokenizer)[: script.max_edits]
+    if script.lora_r:
+        model = get_peft_model(
+            model, LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r, task_type="CAUSAL_LM")
+        )
     trainer = IVGuidedTrainer(  # the IVs come from --instruction_vectors
         model,
         args,

@@ -11,6 +11,7 @@ diff them against this one to see the swap.
 
 from dataclasses import dataclass, field
 
+from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments
 
 from ivtrainer import load_model
@@ -29,12 +30,19 @@ class ScriptArguments:
         },
     )
     max_edits: int | None = field(default=None, metadata={"help": "Use the first N edits only."})
+    lora_r: int = field(
+        default=0, metadata={"help": "Train a LoRA adapter of this rank (q_proj, v_proj); 0: all weights."}
+    )
 
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
     model, tokenizer = load_model(script.model)  # after the arguments, so that ZeRO-3 loads it sharded
     edits = load_edits(script.data, model=model, tokenizer=tokenizer)[: script.max_edits]
+    if script.lora_r:
+        model = get_peft_model(
+            model, LoraConfig(r=script.lora_r, lora_alpha=2 * script.lora_r, task_type="CAUSAL_LM")
+        )
     trainer = Trainer(
         model,
         args,

@@ -83,7 +83,8 @@ def test_sft_example_runs_with_the_callback_and_with_the_kl(inputs, tmp_path):
 
 
 def test_the_three_scripts_differ_only_in_trainer_config_and_extra_input():
-    """A reader diffing the examples sees the swap and nothing else."""
+    """A reader diffing the examples sees the swap and nothing else (F-Learning also drops the
+    --lora_r wrapping: its config has --learn_method lora)."""
     plain = (EXAMPLES / "train_plain.py").read_text().split('"""', 2)[2].splitlines()
     for other in ("train_iv_guided.py", "train_f_learning.py"):
         lines = (EXAMPLES / other).read_text().split('"""', 2)[2].splitlines()
@@ -92,4 +93,4 @@ def test_the_three_scripts_differ_only_in_trainer_config_and_extra_input():
             for line in difflib.unified_diff(plain, lines, lineterm="", n=0)
             if line[:1] in "+-" and not line.startswith(("+++", "---"))
         ]
-        assert len(changed) <= 8, changed
+        assert len(changed) <= 18, changed
