@@ -27,6 +27,7 @@ from torch import nn
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from .distributed import check_deepspeed_config
 from .f_learning_config import FLearningConfig
 from .hub import check_trainer_push
 from .parameter_arithmetic import _unload, atomic_dir, save_adapter, subtract_adapter, subtract_model_delta
@@ -104,6 +105,7 @@ class FLearningTrainer(Trainer):
         }
         self._forget_logs: dict[str, float] = {}
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        check_deepspeed_config(self.accelerator)
 
     @property
     def forget_dir(self) -> Path:

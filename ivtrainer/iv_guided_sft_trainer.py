@@ -12,6 +12,7 @@ from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from .callbacks.iv_intervention import IVLike
+from .distributed import check_deepspeed_config
 from .iv_guided_config import IVGuidedConfig
 from .iv_guided_trainer import IVGuidedMixin, _check_args
 
@@ -54,6 +55,7 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):
             )
         self._setup_iv(model, args, instruction_vectors, kwargs)
         super().__init__(model=model, args=args, **kwargs)
+        check_deepspeed_config(self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:

@@ -11,6 +11,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
 from .callbacks import IVCallback
 from .callbacks.iv_intervention import IVLike, load_vectors
+from .distributed import check_deepspeed_config
 from .hub import check_trainer_push
 from .iv_guided_config import IVGuidedConfig
 
@@ -146,6 +147,7 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         if kwargs.get("train_dataset") is not None:
             _check_labels(kwargs["train_dataset"], kwargs.get("data_collator") or default_data_collator)
         super().__init__(model=model, args=args, **kwargs)
+        check_deepspeed_config(self.accelerator)
 
 
 def _is_prompt_completion(dataset) -> bool:

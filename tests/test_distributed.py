@@ -53,7 +53,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(assets: Path, trainer: str, out: Path, zero: str | None = None) -> Path:
+def _run(assets: Path, trainer: str, out: Path, zero: str | Path | None = None, fail: bool = False):
     script = [str(SCRIPT), "--trainer", trainer, "--model", str(assets / "model"), "--iv", str(assets / "iv")]
     if zero is None:
         command = [sys.executable, *script, "--batch", "4", "--out", str(out)]
@@ -63,7 +63,7 @@ def _run(assets: Path, trainer: str, out: Path, zero: str | None = None) -> Path
             "-m",
             "accelerate.commands.launch",
             "--config_file",
-            f"ds_configs/accelerate_{zero}.yaml",
+            str(zero) if isinstance(zero, Path) else f"ds_configs/accelerate_{zero}.yaml",
             "--num_processes",
             "2",
             "--main_process_port",
@@ -75,6 +75,9 @@ def _run(assets: Path, trainer: str, out: Path, zero: str | None = None) -> Path
             str(out),
         ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if fail:
+        assert done.returncode != 0, done.stdout[-3000:]
+        return done.stderr
     if done.returncode != 0:
         pytest.fail(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return out
@@ -102,3 +105,18 @@ def test_iv_guided_under_deepspeed_matches_one_process(assets, single, trainer, 
     }[trainer]
     assert got["teacher"] == expected_teacher
     torch.testing.assert_close(_logits(out / "model"), _logits(reference / "model"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_deepspeed_config_contradicting_the_arguments_fails_when_the_trainer_is_built(assets, tmp_path):
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config.update(train_micro_batch_size_per_gpu=16, gradient_clipping=0.5)  # the script says 2 and 1.0
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    yaml = (ROOT / "ds_configs" / "accelerate_zero2.yaml").read_text()
+    (tmp_path / "launch.yaml").write_text(yaml.replace("ds_configs/zero2.json", str(tmp_path / "ds.json")))
+    stderr = _run(assets, "iv-lora", tmp_path / "out", tmp_path / "launch.yaml", fail=True)
+    assert "the DeepSpeed config contradicts the training arguments" in stderr
+    assert "train_micro_batch_size_per_gpu=16" in stderr and "gradient_clipping=0.5" in stderr
+    assert 'set these DeepSpeed values to "auto"' in stderr
+    assert (
+        "trainer.train()" not in stderr.split("contradicts")[0].rsplit("Traceback", 1)[-1]
+    )  # at construction
