@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..distributed import deepspeed_enabled, is_zero3_partitioned, zero3_copy
 from ..hooks import record_head_outputs
 from ..intervention import add_to_residual, last_prompt_positions, suspend_interventions
 from ..kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
@@ -130,7 +131,7 @@ class IVKLCallback(IVCallback):
                     "in Trainer(callbacks=[...]) or give it teacher=<the original model>"
                 )
             self._reference, self._reference_ready = self._make_reference(model), True
-        if self._reference is not None and self._reference_engine is None and _deepspeed_enabled():
+        if self._reference is not None and self._reference_engine is None and deepspeed_enabled():
             # as trl does for its reference model: sharded under ZeRO-3, a replica (stage 0) otherwise
             from accelerate.state import AcceleratorState
             from trl.models.utils import prepare_deepspeed
@@ -218,8 +219,10 @@ class IVKLCallback(IVCallback):
             raise ValueError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
         if _is_peft(model):
             return None
-        if _zero3_partitioned(model):
-            return _zero3_copy(model)
+        if is_zero3_partitioned(model):
+            reference = zero3_copy(model, "the KL teacher; or pass teacher=, or train LoRA adapters").eval()
+            reference.requires_grad_(False)
+            return reference
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
         for module in reference.modules():  # the copy would carry the student's hooks (its IV) along
@@ -373,38 +376,6 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
-
-
-def _deepspeed_enabled() -> bool:
-    from accelerate.state import AcceleratorState
-
-    return AcceleratorState._shared_state != {} and AcceleratorState().deepspeed_plugin is not None
-
-
-def _zero3_partitioned(model: nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def _zero3_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of a model whose parameters DeepSpeed ZeRO-3 has partitioned, itself
-    partitioned: built from the config (transformers does that under ``zero.Init``), then filled
-    one gathered parameter at a time, so no rank ever holds a whole model."""
-    import deepspeed
-
-    if not hasattr(type(model), "_from_config"):
-        raise ValueError(
-            f"under DeepSpeed ZeRO-3 the {type(model).__name__}'s parameters are partitioned and it cannot be "
-            "copied as the teacher: pass teacher=<the original model, loaded after the training arguments so that "
-            "DeepSpeed shards it>, or train LoRA adapters (the teacher is then the model with adapters disabled)"
-        )
-    dtype = next(model.parameters()).dtype
-    reference = type(model)._from_config(model.config, dtype=dtype)
-    sources = dict(model.named_parameters())
-    for name, param in reference.named_parameters():
-        with deepspeed.zero.GatheredParameters([sources[name], param], modifier_rank=0):
-            param.data.copy_(sources[name].data)
-    reference.requires_grad_(False)
-    return reference.eval()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,13 @@
-"""Multi-process and DeepSpeed checks for ivtrainer's trainers."""
+"""Multi-process and DeepSpeed helpers for ivtrainer's trainers: checks, ZeRO-3-aware copies and
+parameter access."""
 
 from __future__ import annotations
 
-__all__ = ["check_deepspeed_config"]
+import contextlib
+
+from torch import nn
+
+__all__ = ["check_deepspeed_config", "deepspeed_enabled", "gathered", "is_zero3_partitioned", "zero3_copy"]
 
 
 def check_deepspeed_config(accelerator) -> None:
@@ -17,3 +22,46 @@ def check_deepspeed_config(accelerator) -> None:
             + '\nset these DeepSpeed values to "auto" (the Trainer fills them from its arguments) or make the '
             "arguments match"
         )
+
+
+def deepspeed_enabled() -> bool:
+    """Whether accelerate's state (the Trainer's) runs DeepSpeed."""
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState._shared_state != {} and AcceleratorState().deepspeed_plugin is not None
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered(*params: nn.Parameter):
+    """Inside, ZeRO-3-partitioned ``params`` are whole on every process; what process 0 writes to
+    them is kept. A no-op for ordinary parameters."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
+def zero3_copy(model: nn.Module, what: str = "copied") -> nn.Module:
+    """A copy of a model whose parameters DeepSpeed ZeRO-3 has partitioned, itself partitioned:
+    built from the config (transformers does that under ``zero.Init``), then filled one gathered
+    parameter at a time, so no process ever holds a whole model. ``what`` names the purpose in
+    the error raised for a model that is not a transformers model."""
+    if not hasattr(type(model), "_from_config"):
+        raise ValueError(
+            f"under DeepSpeed ZeRO-3 the {type(model).__name__}'s parameters are partitioned and ivtrainer can only "
+            f"copy a transformers model ({what}): pass a transformers model, loaded after the training arguments so "
+            "that DeepSpeed shards it"
+        )
+    dtype = next(model.parameters()).dtype
+    copy = type(model)._from_config(model.config, dtype=dtype)
+    sources = dict(model.named_parameters())
+    for name, param in copy.named_parameters():
+        with gathered(sources[name], param):
+            param.data.copy_(sources[name].data)
+        param.requires_grad_(sources[name].requires_grad)
+    return copy.train(model.training)

@@ -112,4 +112,11 @@ class FLearningConfig(TrainingArguments):
             run_name=f"{self.run_name}-forget" if self.run_name else None,
             push_to_hub=False,
         )
+        from accelerate import PartialState
+
+        if PartialState._shared_state:  # reuse the running processes: new arguments would reset them
+            config = (
+                dataclasses.asdict(self.accelerator_config) if self.accelerator_config is not None else {}
+            )
+            values["accelerator_config"] = {**config, "use_configured_state": True}
         return TrainingArguments(**values)

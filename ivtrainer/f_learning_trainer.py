@@ -15,6 +15,7 @@ The subtraction is recomputed from ``<output_dir>/forget/delta`` on every ``trai
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -27,7 +28,7 @@ from torch import nn
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .distributed import check_deepspeed_config
+from .distributed import check_deepspeed_config, deepspeed_enabled, is_zero3_partitioned, zero3_copy
 from .f_learning_config import FLearningConfig
 from .hub import check_trainer_push
 from .parameter_arithmetic import _unload, atomic_dir, save_adapter, subtract_adapter, subtract_model_delta
@@ -104,8 +105,15 @@ class FLearningTrainer(Trainer):
             k: kwargs[k] for k in ("data_collator", "processing_class", "callbacks") if k in kwargs
         }
         self._forget_logs: dict[str, float] = {}
+        self._deepspeed_template = _deepspeed_template(args)  # before the Trainer fills it in
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         check_deepspeed_config(self.accelerator)
+        if old_dataset is not None and args.learn_method == "lora" and deepspeed_enabled():
+            raise ValueError(
+                "F-Learning with learn_method='lora' and old_dataset is not supported under DeepSpeed yet: use "
+                "learn_method='full' (FT or LoRA->FT), or the LoRA variant without DeepSpeed (it fits where LoRA "
+                "training fits)"
+            )
 
     @property
     def forget_dir(self) -> Path:
@@ -151,6 +159,8 @@ class FLearningTrainer(Trainer):
         the model back as it was (the subtraction reads the saved delta, as a resumed run does)."""
         from peft import PeftModel, get_peft_model
 
+        if deepspeed_enabled():
+            return self._train_old_deepspeed(resume)
         args = self.args
         model = self.model
         snapshot = active = trainable = None
@@ -172,14 +182,15 @@ class FLearningTrainer(Trainer):
             model=model, args=args.old_phase_arguments(), train_dataset=self.old_dataset, **self._old_kwargs
         )
         old.train(resume_from_checkpoint=resume)
-        with atomic_dir(self.forget_dir / "delta") as tmp:
-            if args.forget_method == "lora":
-                folder = save_adapter(model, tmp / "adapter", "forget")
-                for item in folder.iterdir():
-                    item.rename(tmp / item.name)
-                shutil.rmtree(tmp / "adapter")
-            else:
-                model.save_pretrained(tmp)
+        if self.args.should_save:  # one writer in a multi-process run
+            with atomic_dir(self.forget_dir / "delta") as tmp:
+                if args.forget_method == "lora":
+                    folder = save_adapter(model, tmp / "adapter", "forget")
+                    for item in folder.iterdir():
+                        item.rename(tmp / item.name)
+                    shutil.rmtree(tmp / "adapter")
+                else:
+                    model.save_pretrained(tmp)
         if args.forget_method == "lora":  # back to the model as it was, then subtract from files
             if active is not None:
                 self.model.set_adapter(active)
@@ -192,8 +203,53 @@ class FLearningTrainer(Trainer):
                     p.data.copy_(snapshot[n].to(p.device))
         del old, snapshot
         gc.collect()
-        marker = {"delta": "delta", "forget_method": args.forget_method, "complete": True}
-        (self.forget_dir / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        self._write_marker()
+
+    def _write_marker(self) -> None:
+        if self.args.should_save:
+            marker = {"delta": "delta", "forget_method": self.args.forget_method, "complete": True}
+            (self.forget_dir / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        self.accelerator.wait_for_everyone()  # every process reads the delta next
+
+    def _train_old_deepspeed(self, resume) -> None:
+        """Phase 1 under DeepSpeed: a copy of the model (partitioned like it under ZeRO-3) is
+        fine-tuned by its own Trainer and saved; the model itself never changes, so nothing has to
+        be put back. DeepSpeed's config is shared by the processes' Trainers: it is refilled from
+        the template for each phase's arguments."""
+        from peft import get_peft_model
+
+        args = self.args
+        model = (
+            zero3_copy(self.model, "F-Learning's old-knowledge phase")
+            if is_zero3_partitioned(self.model)
+            else (copy.deepcopy(self.model))
+        )
+        if args.forget_method == "lora":
+            set_seed(args.seed)
+            model = get_peft_model(model, args.lora_config(), adapter_name="forget")
+        if resume is True:
+            resume = get_last_checkpoint(self.forget_dir) if self.forget_dir.is_dir() else None
+        old_args = args.old_phase_arguments()
+        old_args.deepspeed_plugin = None  # accelerate lets only the processes' first Accelerator bring one
+        old = Trainer(model=model, args=old_args, train_dataset=self.old_dataset, **self._old_kwargs)
+        _refill_deepspeed_config(old.accelerator, self._deepspeed_template, old_args)
+        try:
+            old.train(resume_from_checkpoint=resume)
+            staging = self.forget_dir / ".delta.staging"  # the same path on every process
+            old.save_model(str(staging))  # gathers ZeRO-3 shards; the main process writes
+            if args.should_save:
+                saved = staging / "forget" if args.forget_method == "lora" else staging
+                with atomic_dir(self.forget_dir / "delta") as tmp:
+                    for item in saved.iterdir():
+                        if item.is_file():
+                            item.rename(tmp / item.name)
+                shutil.rmtree(staging)
+        finally:
+            old.accelerator.free_memory()
+            _refill_deepspeed_config(self.accelerator, self._deepspeed_template, args)
+        del old, model
+        gc.collect()
+        self._write_marker()
 
     def _forget(self, delta, kind: str) -> None:
         """Phase 2: ``theta' = theta - lambda * delta``, in place on ``self.model``'s base weights."""
@@ -248,6 +304,29 @@ class FLearningTrainer(Trainer):
             logs = {**logs, **self._forget_logs}
             self._forget_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+def _deepspeed_template(args) -> dict | None:
+    """The DeepSpeed config as given (its "auto" values unfilled), or None without DeepSpeed."""
+    if args.deepspeed:
+        if isinstance(args.deepspeed, dict):
+            return copy.deepcopy(args.deepspeed)
+        return json.loads(Path(args.deepspeed).read_text())
+    plugin = getattr(args, "deepspeed_plugin", None)  # accelerate launch --use_deepspeed / a DeepSpeed YAML
+    return copy.deepcopy(plugin.deepspeed_config) if plugin is not None else None
+
+
+def _refill_deepspeed_config(accelerator, template: dict | None, args) -> None:
+    """Make the processes' shared DeepSpeed config the template filled from ``args`` (what
+    transformers does once per process; F-Learning's two phases have different arguments)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or template is None:
+        return
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    plugin.hf_ds_config = HfTrainerDeepSpeedConfig(copy.deepcopy(template))
+    plugin.deepspeed_config = plugin.hf_ds_config.config
+    plugin.hf_ds_config.trainer_config_process(args)
 
 
 def _variant(forget: str, learn: str) -> str:

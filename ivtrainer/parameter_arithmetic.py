@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import gathered
 from .errors import IVTrainerError
 
 __all__ = [
@@ -120,9 +121,10 @@ def _features(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear / GPT-2 Conv1D / Embedding."""
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
+    shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3 keeps the real shape aside
     if type(module).__name__ == "Conv1D":  # weight stored as (in, out)
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.weight.shape[1], module.weight.shape[0]
+        return shape[0], shape[1]
+    return shape[1], shape[0]
 
 
 def _load_adapter_files(adapter) -> tuple[object, dict[str, torch.Tensor], str]:
@@ -176,7 +178,8 @@ def _subtract_in_place(peft_model, names: Sequence[str], lams: Sequence[float]) 
                     container[name].data = container[name].data.float()
             delta = module.get_delta_weight(name).float()
             weight = module.get_base_layer().weight
-            weight.data = (weight.data.float() - lam * delta.to(weight.device)).to(weight.dtype)
+            with gathered(weight):  # whole under ZeRO-3, else a no-op
+                weight.data.copy_((weight.data.float() - lam * delta.to(weight.device)).to(weight.dtype))
 
 
 def subtract_adapter(
@@ -310,15 +313,14 @@ def subtract_model_delta(
             "the delta needs a fine-tune of this same model"
         )
     for name, p in params.items():
-        t = tuned[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} in the fine-tuned weights but {tuple(p.shape)} here"
-            )
+        t, shape = tuned[name], tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape aside
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} in the fine-tuned weights but {shape} here")
     for name, p in tqdm(params.items(), desc="subtract delta", unit="tensor", leave=False):
-        theta32 = (theta[name] if theta is not None else p.data).to(p.device, torch.float32)
-        delta = tuned[name].to(p.device, torch.float32) - theta32
-        p.data.copy_((theta32 - lam * delta).to(p.dtype))
+        with gathered(p):  # whole under ZeRO-3 (one tensor at a time), else a no-op
+            theta32 = (theta[name] if theta is not None else p.data).to(p.device, torch.float32)
+            delta = tuned[name].to(p.device, torch.float32) - theta32
+            p.data.copy_((theta32 - lam * delta).to(p.dtype))
     return model
 
 

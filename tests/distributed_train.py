@@ -20,7 +20,9 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trainer", choices=["iv-lora", "iv-full", "f-learning"], required=True)
+    parser.add_argument(
+        "--trainer", choices=["iv-lora", "iv-full", "f-learning", "f-learning-lora-ft"], required=True
+    )
     parser.add_argument("--model", required=True, help="a saved tiny model")
     parser.add_argument("--iv", help="an instruction-vector folder (IV-guided runs)")
     parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
@@ -65,12 +67,15 @@ def main() -> None:
     new = edit_dataset(tiny_edits(16), tok, "new")
     collator = DataCollatorForSeq2Seq(tok, padding=True)
     # the arguments first, so that under ZeRO-3 the model is loaded sharded
-    if args.trainer == "f-learning":
-        config = FLearningConfig(**common, old_num_train_epochs=1, old_learning_rate=1e-2, forget_lambda=0.5)
+    if args.trainer.startswith("f-learning"):
+        forget = "lora" if args.trainer == "f-learning-lora-ft" else "full"
+        config = FLearningConfig(
+            **common, old_num_train_epochs=1, old_learning_rate=1e-2, forget_lambda=0.5, forget_method=forget
+        )
     else:
         config = IVGuidedConfig(**common, kl_weight=2.0, teacher_iv_strength=2.0)
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    if args.trainer == "f-learning":
+    if args.trainer.startswith("f-learning"):
         trainer = FLearningTrainer(
             model,
             config,
