@@ -2,6 +2,7 @@
 
     python benchmarks/forgetting.py [--seeds 0 1 2] [--methods lora full] [--json out.json] [--plot out.png]
         [--write-readme]
+    python benchmarks/forgetting.py --sweep --seeds 0 --methods lora [--write-readme]   # chooses TUNED
 
 New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot accuracy 0), on words
 of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
@@ -17,9 +18,14 @@ What the model could do before, measured before and after fine-tuning:
 
 Forgetting = score before - score after, averaged over the held-out measures. Plain and IV-guided
 runs share everything (data, steps, learning rate, seed); IV-guided adds the instruction vectors
-of two built-in tasks (antonym, country_capital; extracted once on the original model, 10 heads)
-with IVGuidedConfig's defaults: student IV strength linear 1 -> 0 over the first half, KL weight 1,
-reverse KL at temperature 2 over all positions.
+of two built-in tasks (antonym, country_capital; extracted once on the original model, 10 heads).
+
+Settings are chosen on a validation split, never on the test split: ``--sweep`` trains LoRA
+(seed 0) with each of SWEEP's IVGuidedConfig settings and scores ICL prompts whose queries come
+from the demonstration pool, a third of the known facts (``split_edits``) and 100 other new-task
+words; TUNED is the setting with the least forgetting there whose new-task accuracy stays within
+2 points of plain fine-tuning. The test run (default) uses TUNED on the held-out ICL queries, the
+other two thirds of the facts and the 100 test words.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ SWEEP: dict[str, dict] = {
     "no teacher IV": {"teacher_iv_strength": 0.0},
     "no student IV": {"iv_strength_start": 0.0},
 }
-TUNED: dict = {}
+TUNED: dict = {"iv_strength_start": 0.0}  # `--sweep` result: the KL to the IV-intervened teacher alone
 QUESTIONS = {
     "capital": "What is the capital city of {}? Answer with one word.",
     "language": "What is the official language of {}? Answer with one word.",
@@ -222,10 +228,18 @@ def main() -> None:
         help="compare the SWEEP settings on the validation split (chooses TUNED) instead of the test run",
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--from-json", type=Path, help="render the table (and plot) of an earlier run's --json, train nothing"
+    )
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        args.sweep = results["split"] == "validation"
+        report(results, args)
+        return
 
     model, tok = load_default_model()
     facts_validation, facts_test = split_edits(build_counterfacts(model, tok))
@@ -248,10 +262,14 @@ def main() -> None:
                 scores["train_seconds"] = seconds
                 results["runs"][name].append(scores)
                 print(f"{name} seed {seed}: {json.dumps(scores)}", flush=True)
-    table = format_table(results, args)
-    print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    table = format_table(results, args)
+    print(table)
     if args.plot:
         plot(results, args.plot)
     if args.write_readme:

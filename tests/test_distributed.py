@@ -133,3 +133,12 @@ def test_a_deepspeed_config_contradicting_the_arguments_fails_when_the_trainer_i
     assert (
         "trainer.train()" not in stderr.split("contradicts")[0].rsplit("Traceback", 1)[-1]
     )  # at construction
+
+
+def test_a_model_that_cannot_be_copied_under_zero3_gets_a_clear_error():
+    from torch import nn
+
+    from ivtrainer.distributed import zero3_copy
+
+    with pytest.raises(ValueError, match="can only copy a transformers model"):
+        zero3_copy(nn.Sequential(nn.Linear(2, 2)), "the KL teacher; or pass teacher=")

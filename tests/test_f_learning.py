@@ -250,8 +250,12 @@ def test_resume_after_a_crash_in_either_phase(tmp_path, data, crash_in):
         torch.testing.assert_close(p, dict(whole.model.named_parameters())[name], rtol=0, atol=1e-5)
 
 
-def test_model_card_states_the_variant_and_lambda(tmp_path, data):
-    config = _config(tmp_path, forget_method="lora", forget_lambda=0.3)
+def test_push_to_hub_sends_the_model_and_a_card_with_variant_and_lambda(tmp_path, data, monkeypatch):
+    from pathlib import Path
+    from unittest import mock
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    config = _config(tmp_path, forget_method="lora", forget_lambda=0.3, hub_model_id="me/updated")
     trainer = FLearningTrainer(
         tiny_model("llama"),
         config,
@@ -260,8 +264,21 @@ def test_model_card_states_the_variant_and_lambda(tmp_path, data):
         data_collator=data["collator"],
     )
     trainer.train()
-    trainer.create_model_card()
-    card = (tmp_path / "run" / "README.md").read_text()
+    sent = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        sent.update(repo_id=repo_id, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
+        sent["card"] = (root / "README.md").read_text()
+        return mock.MagicMock(commit_url="https://example.invalid/commit")
+
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id="me/updated")),
+        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
+    ):
+        trainer.push_to_hub()
+    assert sent["repo_id"] == "me/updated" and {"model.safetensors", "config.json"} <= sent["files"]
+    card = sent["card"]
     for text in (
         "F-Learning",
         "arXiv:2311.08011",
