@@ -6,12 +6,16 @@ milliseconds on a CPU. The tokenizer is a byte-level BPE trained in memory on a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 __all__ = [
     "TINY_ARCHITECTURES",
+    "intercept_hub_upload",
     "peft_subtraction",
     "tiny_config",
     "tiny_edits",
@@ -136,3 +140,37 @@ def tiny_edits(n: int = 6) -> list[dict[str, str]]:
         }
         for i in range(n)
     ]
+
+
+@contextlib.contextmanager
+def intercept_hub_upload(repo_id: str) -> Iterator[dict]:
+    """Stop pushes at ``huggingface_hub.HfApi``'s boundary (``create_repo``, ``upload_folder``).
+
+    Yields a dict that receives what would be sent: ``repo_id``, ``files`` (paths relative to the
+    uploaded folder), ``card`` (its README.md, or None), ``texts`` (its top-level JSON files) and
+    ``commit_message``; ``create_repo`` is the mock, for call assertions.
+    """
+    from unittest import mock
+
+    sent: dict = {}
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kwargs):
+        root = Path(folder_path)
+        card = root / "README.md"
+        sent.update(
+            repo_id=repo_id,
+            files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()},
+            card=card.read_text() if card.is_file() else None,
+            commit_message=commit_message,
+            texts={p.name: p.read_text() for p in root.glob("*.json")},
+        )
+        return mock.MagicMock(commit_url="https://hub.invalid/commit/1")
+
+    with (
+        mock.patch(
+            "huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id=repo_id)
+        ) as create,
+        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
+    ):
+        sent["create_repo"] = create
+        yield sent

@@ -12,7 +12,7 @@ from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, Trai
 from ivtrainer import FLearningConfig, FLearningTrainer
 from ivtrainer.edits import edit_dataset
 from ivtrainer.parameter_arithmetic import subtract_model_delta
-from ivtrainer.testing import peft_subtraction, tiny_edits, tiny_model
+from ivtrainer.testing import intercept_hub_upload, peft_subtraction, tiny_edits, tiny_model
 
 
 @pytest.fixture
@@ -251,9 +251,6 @@ def test_resume_after_a_crash_in_either_phase(tmp_path, data, crash_in):
 
 
 def test_push_to_hub_sends_the_model_and_a_card_with_variant_and_lambda(tmp_path, data, monkeypatch):
-    from pathlib import Path
-    from unittest import mock
-
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     config = _config(tmp_path, forget_method="lora", forget_lambda=0.3, hub_model_id="me/updated")
     trainer = FLearningTrainer(
@@ -264,18 +261,7 @@ def test_push_to_hub_sends_the_model_and_a_card_with_variant_and_lambda(tmp_path
         data_collator=data["collator"],
     )
     trainer.train()
-    sent = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        root = Path(folder_path)
-        sent.update(repo_id=repo_id, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
-        sent["card"] = (root / "README.md").read_text()
-        return mock.MagicMock(commit_url="https://example.invalid/commit")
-
-    with (
-        mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id="me/updated")),
-        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
-    ):
+    with intercept_hub_upload("me/updated") as sent:
         trainer.push_to_hub()
     assert sent["repo_id"] == "me/updated" and {"model.safetensors", "config.json"} <= sent["files"]
     card = sent["card"]

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -128,26 +127,18 @@ def test_apply_steers_and_checks_shapes(iv, llama):
 
 
 def test_push_to_hub_sends_the_saved_files(iv, monkeypatch):
+    from ivtrainer.testing import intercept_hub_upload
+
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    uploaded = {}
-
-    def upload_folder(self, *, repo_id, folder_path, repo_type, commit_message):
-        uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), message=commit_message)
-        folder = Path(folder_path)
-        uploaded["config"] = json.loads((folder / "instruction_vector.json").read_text())
-        uploaded["card"] = (folder / "README.md").read_text()
-        return mock.Mock(commit_url="https://hub.invalid/commit/1")
-
-    with (
-        mock.patch("huggingface_hub.HfApi.create_repo") as create_repo,
-        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
-    ):
+    with intercept_hub_upload("me/antonym-iv") as sent:
         url = iv.push_to_hub("me/antonym-iv", private=True)
-    create_repo.assert_called_once_with("me/antonym-iv", repo_type="model", private=True, exist_ok=True)
+    sent["create_repo"].assert_called_once_with(
+        "me/antonym-iv", repo_type="model", private=True, exist_ok=True
+    )
     assert url == "https://hub.invalid/commit/1"
-    assert uploaded["files"] == ["README.md", "instruction_vector.json", "instruction_vector.safetensors"]
-    assert uploaded["config"]["heads"] == [list(h) for h in iv.heads]
-    assert "instruction-vector" in uploaded["card"]
+    assert sent["files"] == {"README.md", "instruction_vector.json", "instruction_vector.safetensors"}
+    assert json.loads(sent["texts"]["instruction_vector.json"])["heads"] == [list(h) for h in iv.heads]
+    assert "instruction-vector" in sent["card"]
 
 
 def test_push_without_token_or_repo_fails_before_work(iv, monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ from ivtrainer.edits import edit_dataset
 from ivtrainer.instruction_vector import IncompatibleVectorError
 from ivtrainer.kl_loss import kl_positions, kl_term, token_kl
 from ivtrainer.schedules import Schedule
-from ivtrainer.testing import tiny_edits, tiny_model
+from ivtrainer.testing import intercept_hub_upload, tiny_edits, tiny_model
 
 SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
 
@@ -509,8 +509,6 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer):
 
 
 def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data, monkeypatch):
-    from unittest import mock
-
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, task_type="CAUSAL_LM"))
     config = _config(tmp_path, hub_model_id="someone/iv-guided-tiny", iv_schedule="cosine", kl_weight=0.5)
@@ -522,23 +520,9 @@ def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data
         data_collator=_collator(),
     )
     trainer.train()
-    sent = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        from pathlib import Path
-
-        root = Path(folder_path)
-        sent.update(repo_id=repo_id, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
-        sent["card"] = (root / "README.md").read_text()
-        return mock.MagicMock(commit_url="https://example.invalid/commit")
-
-    with (
-        mock.patch(
-            "huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id="someone/iv-guided-tiny")
-        ) as create_repo,
-        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
-    ):
+    with intercept_hub_upload("someone/iv-guided-tiny") as sent:
         trainer.push_to_hub()
+    create_repo = sent["create_repo"]
     assert create_repo.called and sent["repo_id"] == "someone/iv-guided-tiny"
     assert {
         "adapter_model.safetensors",
@@ -560,6 +544,8 @@ def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data
 
 
 def test_push_without_a_token_fails_before_any_work(tmp_path, iv, data, monkeypatch):
+    from unittest import mock
+
     from ivtrainer.hub import HubError
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -571,9 +557,13 @@ def test_push_without_a_token_fails_before_any_work(tmp_path, iv, data, monkeypa
             instruction_vectors=iv,
             train_dataset=data,
         )
+    assert not (tmp_path / "run").exists()
     trainer = IVGuidedTrainer(
         tiny_model("llama"), _config(tmp_path), instruction_vectors=iv, train_dataset=data
     )
-    with pytest.raises(HubError, match="no Hugging Face token"):
+    with (
+        mock.patch("huggingface_hub.HfApi.upload_folder") as upload,
+        pytest.raises(HubError, match="no Hugging Face token"),
+    ):
         trainer.push_to_hub()
-    assert not (tmp_path / "run").exists()
+    assert not upload.called and not (tmp_path / "run" / "README.md").exists()  # no card written either

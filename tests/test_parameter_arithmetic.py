@@ -1,7 +1,6 @@
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -293,25 +292,12 @@ def test_cli_forget_push_checks_token_first(tmp_path, monkeypatch):
 
 
 def test_cli_forget_pushes_the_weights_and_a_card(tmp_path, tokenizer, monkeypatch):
-    from unittest import mock
-
     from ivtrainer.cli import main
+    from ivtrainer.testing import intercept_hub_upload
 
     _finetuned_pair(tmp_path, tokenizer)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    sent = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        root = Path(folder_path)
-        sent.update(
-            repo_id=repo_id, files={p.name for p in root.iterdir()}, card=(root / "README.md").read_text()
-        )
-        return mock.MagicMock(commit_url="https://example.invalid/commit")
-
-    with (
-        mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id="me/forgot")),
-        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
-    ):
+    with intercept_hub_upload("me/forgot") as sent:
         code = main(["forget", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned"), "--lam", "0.3",
                      "--out", str(tmp_path / "o"), "--push-to-hub", "me/forgot"])  # fmt: skip
     assert code == 0 and sent["repo_id"] == "me/forgot"
