@@ -61,6 +61,7 @@ def _changed(out: Path, default_model) -> bool:
     return any(not base[name].equal(tensor) for name, tensor in trained.items())
 
 
+@pytest.mark.real
 def test_plain_iv_guided_and_f_learning_examples_run(inputs, tmp_path, default_model):
     _run("train_plain.py", tmp_path / "plain", inputs)
     _run("train_iv_guided.py", tmp_path / "iv", inputs, "--instruction_vectors", str(inputs / "iv"))
@@ -73,6 +74,7 @@ def test_plain_iv_guided_and_f_learning_examples_run(inputs, tmp_path, default_m
     assert json.loads((tmp_path / "f" / "forget" / "f_learning.json").read_text())["complete"]
 
 
+@pytest.mark.real
 def test_sft_example_runs_with_the_callback_and_with_the_kl(inputs, tmp_path):
     iv = ["--instruction_vectors", str(inputs / "iv"), "--bf16", "false"]  # SFTConfig's default needs a GPU
     plain = _run("sft_with_callbacks.py", tmp_path / "sft", inputs, *iv)
