@@ -322,10 +322,13 @@ def _refill_deepspeed_config(accelerator, template: dict | None, args) -> None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None or template is None:
         return
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, propagate_args_to_deepspeed
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    plugin.hf_ds_config = HfDeepSpeedConfig(copy.deepcopy(template))
-    propagate_args_to_deepspeed(accelerator, args)
+    # what transformers' propagate_args_to_deepspeed does (a module function only since 5.x minor
+    # releases; a Trainer method in 5.0), from the template instead of the already-filled config
+    plugin.hf_ds_config = HfTrainerDeepSpeedConfig(copy.deepcopy(template))
+    plugin.deepspeed_config = plugin.hf_ds_config.config
+    plugin.hf_ds_config.trainer_config_process(args)
 
 
 def _variant(forget: str, learn: str) -> str:

@@ -55,12 +55,11 @@ def main() -> None:
         max_steps=args.steps,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
-        train_sampling_strategy="sequential",  # the same global batches on one process and on two
         logging_steps=1,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
-        seed=0,
+        seed=0,  # with accelerate's seedable sampler: the same global batches on one process and on two
         use_cpu=not distributed,
         accelerator_config={"use_configured_state": True} if distributed else None,
     )
