@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
@@ -51,9 +48,9 @@ from ivtrainer import (
     extract_instruction_vector,
     load_default_model,
 )
-from ivtrainer.edits import build_counterfacts, split_edits, target_predictions
-from ivtrainer.icl import PromptBuilder, first_token_accuracy
-from ivtrainer.tasks import list_tasks, load_task
+from ivtrainer.edits import build_counterfacts, split_edits
+from ivtrainer.forgetting import evaluate_abilities, held_out_mean, new_task_dataset, new_task_words
+from ivtrainer.plotting import plot_scores
 
 CACHE = Path(__file__).parent / ".cache"
 IV_TASKS = ("antonym", "country_capital")
@@ -72,101 +69,10 @@ SWEEP: dict[str, dict] = {
     "no student IV": {"iv_strength_start": 0.0},
 }
 TUNED: dict = {"iv_strength_start": 0.0}  # `--sweep` result: the KL to the IV-intervened teacher alone
-QUESTIONS = {
-    "capital": "What is the capital city of {}? Answer with one word.",
-    "language": "What is the official language of {}? Answer with one word.",
-    "landmark_city": "In which city is the {}? Answer with one word.",
-    "currency": "What is the currency of {}? Answer with one word.",
-}
 
 
-def new_task_words() -> tuple[list[str], list[str], list[str]]:
-    """(train, test, validation) words."""
-    words = sorted(
-        {p["input"] for t in ("antonym", "present_past", "singular_plural") for p in load_task(t, "all")}
-        - {p["output"] for t in ("uppercase",) for p in load_task(t, "all")}  # no ALL-CAPS inputs
-    )
-    random.Random(0).shuffle(words)
-    return words[:256], words[256:356], words[356:456]
-
-
-def q(word: str) -> str:
-    return f"Q: {word}\nA:"
-
-
-def new_task_dataset(words, tok) -> Dataset:
-    rows = []
-    for w in words:
-        prompt = tok(q(w))["input_ids"]
-        full = tok(f"{q(w)} [{w}]")["input_ids"]
-        rows.append(
-            {
-                "input_ids": full,
-                "attention_mask": [1] * len(full),
-                "labels": [-100] * len(prompt) + full[len(prompt) :],
-            }
-        )
-    return Dataset.from_list(rows)
-
-
-def evaluate(model, tok, facts, test_words, split: str = "test") -> dict[str, float]:
-    """Scores on the test split (held-out task pairs as ICL queries) or the validation split (ICL
-    queries from the demonstration pool; other facts and words, chosen by the caller)."""
-    builder = PromptBuilder(tok)
-    scores = {}
-    for task in list_tasks():
-        rng = random.Random(task)
-        pool, held = load_task(task), load_task(task, "held_out")
-        queries = held[:40] if split == "test" else None
-        prompts = builder.sample(pool, 40, 5, rng, queries=queries)
-        scores[f"icl/{task}"] = first_token_accuracy(model, prompts)
-    completion = target_predictions(
-        model, tok, [f["prompt"] for f in facts], [f["target_old"] for f in facts]
-    )
-    scores["facts/completion"] = statistics.mean(float(p[0] == t[0]) for p, t in completion)
-    chats = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[f["relation"]].format(f["subject"])}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for f in facts
-    ]
-    instruction = _instruction_hits(model, tok, chats, [f["target_old"] for f in facts])
-    scores["facts/instruction"] = statistics.mean(instruction)
-    new = target_predictions(model, tok, [q(w) for w in test_words], [f"[{w}]" for w in test_words])
-    scores["new_task"] = statistics.mean(float(p == t) for p, t in new)
-    return scores
-
-
-@torch.no_grad()
-def _instruction_hits(model, tok, prompts, answers, max_new_tokens: int = 16) -> list[float]:
-    """Whether a short greedy reply (chat) contains the answer: an instruction-tuned model answers
-    in a sentence, so its first token is rarely the fact itself."""
-    model.eval()
-    side, tok.padding_side = tok.padding_side, "left"
-    hits = []
-    try:
-        for start in range(0, len(prompts), 16):
-            batch = tok(
-                prompts[start : start + 16], add_special_tokens=False, return_tensors="pt", padding=True
-            )
-            out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-            )
-            replies = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits += [
-                float(a.lower() in r.lower())
-                for r, a in zip(replies, answers[start : start + 16], strict=True)
-            ]
-    finally:
-        tok.padding_side = side
-    return hits
-
-
-def held_out_mean(scores: dict[str, float]) -> float:
-    icl = statistics.mean(v for k, v in scores.items() if k.startswith("icl/"))
-    return statistics.mean([icl, scores["facts/completion"], scores["facts/instruction"]])
+def evaluate(model, tok, facts, words, split: str = "test") -> dict[str, float]:
+    return evaluate_abilities(model, tok, facts, words, split=split, n_icl=40)
 
 
 def instruction_vectors(model, tok) -> list[InstructionVector]:
@@ -323,25 +229,9 @@ def format_table(results: dict, args) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base, summary = results["before"], _summary(results)
-    keys = [k for k in base if k.startswith("icl/")] + ["facts/completion", "facts/instruction", "new_task"]
-    fig, ax = plt.subplots(figsize=(11, 4))
-    width = 0.8 / (1 + len(summary))
-    for i, (name, values) in enumerate([("before", base), *summary.items()]):
-        ax.bar([x + i * width for x in range(len(keys))], [100 * values[k] for k in keys], width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
-    ax.set_xticklabels([k.split("/")[-1] for k in keys], rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("SmolLM2-135M: held-out abilities and the new task, before and after fine-tuning")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    runs = {"before": results["before"], **_summary(results)}
+    title = "SmolLM2-135M: held-out abilities and the new task, before and after fine-tuning"
+    plot_scores(runs, path, title=title)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_cie"]
+__all__ = ["plot_cie", "plot_scores"]
 
 
-def plot_cie(cie: torch.Tensor, path: str | os.PathLike, *, heads=(), title: str | None = None) -> Path:
-    """Save a ``(n_layers, n_heads)`` CIE table as a PNG heatmap, chosen heads outlined."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -21,7 +20,24 @@ def plot_cie(cie: torch.Tensor, path: str | os.PathLike, *, heads=(), title: str
         from .errors import MissingDependencyError
 
         raise MissingDependencyError("plotting needs matplotlib: pip install 'ivtrainer[demo]'") from None
+    return plt
 
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def plot_cie(cie: torch.Tensor, path: str | os.PathLike, *, heads=(), title: str | None = None) -> Path:
+    """Save a ``(n_layers, n_heads)`` CIE table as a PNG heatmap, chosen heads outlined."""
+    plt = _pyplot()
     cie = cie.detach().float().cpu()
     n_layers, n_heads = cie.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(3.0, 0.22 * n_layers + 1.5)))
@@ -37,10 +53,24 @@ def plot_cie(cie: torch.Tensor, path: str | os.PathLike, *, heads=(), title: str
     ax.set_title(title or "causal indirect effect (outlined: chosen heads)", fontsize=10)
     fig.colorbar(image, ax=ax, label="mean CIE (probability)")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save(fig, path)
+
+
+def plot_scores(runs: dict[str, dict[str, float]], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Grouped bars of :func:`~ivtrainer.forgetting.evaluate_abilities` scores (0-1), one group per
+    measure (the ICL tasks, the facts, the new task), one bar per run (``{"before": ..., ...}``)."""
+    plt = _pyplot()
+    first = next(iter(runs.values()))
+    keys = [k for k in first if k.startswith("icl/")]
+    keys += [k for k in ("facts/completion", "facts/instruction", "new_task") if k in first]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(runs)
+    for i, (name, values) in enumerate(runs.items()):
+        ax.bar([x + i * width for x in range(len(keys))], [100 * values[k] for k in keys], width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
+    ax.set_xticklabels([k.split("/")[-1] for k in keys], rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

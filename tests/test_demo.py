@@ -1,0 +1,137 @@
+"""`ivtrainer demo`: bad input refused before any work; `--quick` end to end on the default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ivtrainer.cli import main
+from ivtrainer.demo import DemoPlan, estimate_seconds, knowledge_table, new_task_table, run_demo
+from ivtrainer.errors import IVTrainerError
+from ivtrainer.testing import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_existing_folder_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["demo", "--out", str(out), "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_file_as_output_folder(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_unknown_task_refused_before_loading(tmp_path, capsys):
+    # the model path does not exist either: the task is checked first, without loading anything
+    code = main(["demo", "--task", "nope", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "m")])
+    assert code == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_that_knows_no_facts(tmp_path, tokenizer):
+    """A model the demo cannot use says why, and leaves neither --out nor a temporary folder."""
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(IVTrainerError, match="facts"):
+        run_demo(str(folder), tmp_path / "out", plan=DemoPlan.quick(), echo=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_estimate_counts_the_plan():
+    """The estimate grows with each stage's work and with the probed costs."""
+    quick, full = (estimate_seconds(p, 0.1, 0.002, 30, 9) for p in (DemoPlan.quick(), DemoPlan()))
+    assert quick.keys() == full.keys()
+    assert all(0 < quick[k] < full[k] for k in quick)
+    slower = estimate_seconds(DemoPlan(), 0.2, 0.004, 30, 9)
+    assert all(slower[k] > full[k] for k in full)
+    more_cie = estimate_seconds(DemoPlan(n_cie_prompts=20), 0.1, 0.002, 30, 9)
+    assert more_cie["instruction vector"] > full["instruction vector"]
+
+
+@pytest.mark.real
+def test_quick_demo_end_to_end(tmp_path, default_model):
+    """`ivtrainer demo --quick` through the installed entry point: every artifact written, and the
+    printed numbers are the run's (recomputed here from the saved adapters and records)."""
+    from peft import PeftModel
+
+    from ivtrainer import InstructionVector, evaluate_edits
+    from ivtrainer.edit_metrics import locality_reference
+    from ivtrainer.forgetting import evaluate_abilities, new_task_words
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    command = [
+        str(Path(sys.executable).parent / "ivtrainer"),
+        "demo",
+        "--quick",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stdout = done.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo")]  # no temporary folder left
+    assert "Estimated time:" in stdout and f"Everything is in {out}/" in stdout
+    assert new_task_table(results["new_task"]) in stdout
+    assert knowledge_table(results["knowledge_update"]) in stdout
+    markdown = (out / "results.md").read_text()
+    assert (
+        new_task_table(results["new_task"]) in markdown
+        and knowledge_table(results["knowledge_update"]) in markdown
+    )
+    for png in ("cie_heatmap.png", "forgetting.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    assert set(results["seconds"]) == {
+        "loading and preparing",
+        "instruction vector",
+        "new task, plain vs IV-guided",
+        "knowledge update",
+        "total",
+    }
+
+    model, tokenizer = default_model
+    iv = InstructionVector.from_pretrained(out / "instruction_vector")
+    assert [list(h) for h in iv.heads] == results["instruction_vector"]["heads"]
+    assert f"L{iv.heads[0][0]}H{iv.heads[0][1]}" in stdout
+
+    # The forgetting table's numbers: re-evaluate the saved plain adapter on the same data.
+    plan = results["plan"]
+    new_task = results["new_task"]
+    test_words = new_task_words()[1][: plan["n_test_words"]]
+    plain = PeftModel.from_pretrained(model, out / "adapters" / "new_task_plain")
+    try:
+        again = evaluate_abilities(plain, tokenizer, new_task["facts"], test_words, n_icl=plan["n_icl"])
+    finally:
+        plain.unload()
+    assert again == pytest.approx(new_task["scores"]["plain"], abs=1e-6)
+    assert new_task["scores"]["before"]["new_task"] == 0.0  # the task is new to the model
+    assert new_task["scores"]["plain"]["new_task"] > 0.3  # and LoRA learns it in the quick run too
+
+    # The knowledge table's first row: the unedited model on the saved edits.
+    edits = results["knowledge_update"]["edits"]
+    before = evaluate_edits(
+        model, tokenizer, edits, base_predictions=locality_reference(model, tokenizer, edits)
+    )
+    assert before == pytest.approx(results["knowledge_update"]["scores"]["before"], abs=1e-6)
+    for name in ("old_knowledge", "new_task_iv_guided"):
+        assert (out / "adapters" / name / "adapter_config.json").is_file()
