@@ -33,7 +33,12 @@ def run_once(mode: str, out: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     results = json.loads((out / "results.json").read_text())
-    return {"wall": wall, "seconds": results["seconds"], "estimated": results["estimated_seconds"]}
+    return {
+        "wall": wall,
+        "seconds": results["seconds"],
+        "estimated": results["estimated_seconds"],
+        "results": results,
+    }
 
 
 def main() -> None:
@@ -55,6 +60,8 @@ def main() -> None:
         from _readme import replace_block
 
         replace_block("demo-time", table)
+        if "full" in runs:
+            replace_block("demo-output", format_output(runs["full"][0]["results"]))
 
 
 def format_table(runs: dict[str, list[dict]], args) -> str:
@@ -83,6 +90,29 @@ def format_table(runs: dict[str, list[dict]], args) -> str:
         f"{os.cpu_count()} CPU cores."
     )
     return "\n".join(lines)
+
+
+def format_output(results: dict) -> str:
+    """What the first full round printed: the IV line and the two tables."""
+    from ivtrainer.demo import _iv_lines, knowledge_table, new_task_table
+
+    return "\n".join(
+        [
+            "```text",
+            "$ ivtrainer demo",
+            "...",
+            "[1/3] Instruction vector of 'antonym' (causal mediation over all heads)",
+            _iv_lines(results["instruction_vector"]),
+            "```",
+            "",
+            new_task_table(results["new_task"]),
+            "",
+            knowledge_table(results["knowledge_update"]),
+            "",
+            f"Round 1 of `python benchmarks/demo_time.py --write-readme` (seed {results['plan']['seed']}, "
+            f"{results['seconds']['total'] / 60:.1f} min); accuracies in %.",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ _FORWARDS_PER_STEP = {"lora": 2.2, "full": 4.0, "lora_guided": 3.4}
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
-    """How much work each stage does. ``DemoPlan()`` is the full demo (about 6 minutes for
+    """How much work each stage does. ``DemoPlan()`` is the full demo (about 5 minutes for
     SmolLM2-135M on 2 CPU cores), ``DemoPlan.quick()`` the short one (about 2 minutes)."""
 
     iv_task: str = "antonym"
@@ -111,13 +111,20 @@ def _probe(model: nn.Module) -> tuple[float, float]:
         for n_tokens in (8, 512):
             ids = torch.randint(0, 100, (n_tokens // 64 or 1, min(n_tokens, 64)), device=device)
             model(input_ids=ids)  # warm-up
+            _synchronize(device)
             start = time.perf_counter()
             model(input_ids=ids)
+            _synchronize(device)
             times[n_tokens] = time.perf_counter() - start
     finally:
         model.train(was_training)
     per_token = max(times[512] - times[8], 1e-9) / (512 - 8)
     return max(times[8] - 8 * per_token, 1e-6), per_token
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":  # accelerators run asynchronously: wait before reading the clock
+        torch.accelerator.synchronize(device)
 
 
 def estimate_seconds(
@@ -485,6 +492,8 @@ def run_demo(
     with _quiet():
         with _timed(seconds, "loading and preparing"):
             model, tokenizer = load_model(model_name)
+            if torch.cuda.is_available():  # the Trainer would move each copy there anyway
+                model.to("cuda")
             layout = get_layout(model)
             try:
                 known = _spread(build_counterfacts(model, tokenizer, seed=plan.seed))
