@@ -228,6 +228,16 @@ def _with_bar(trainer, desc: str):
     return trainer
 
 
+def _collator(tokenizer):
+    """Pads batches (and the loss-free label positions); a tokenizer without a pad token (GPT-2's)
+    gets its end-of-sequence token as one, as trl's SFTTrainer does."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(tokenizer, padding=True)
+
+
 def _lora_config():
     from peft import LoraConfig
 
@@ -273,7 +283,7 @@ def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dic
 def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work: Path) -> dict[str, Any]:
     """Plain LoRA vs IV-guided LoRA on the new task; held-out abilities before and after."""
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from .forgetting import evaluate_abilities, new_task_dataset, new_task_words
     from .iv_guided_config import IVGuidedConfig
@@ -282,7 +292,7 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
     train_words, test_words, _ = new_task_words()
     train_words, test_words = train_words[: plan.n_train_words], test_words[: plan.n_test_words]
     data = new_task_dataset(train_words, tokenizer)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    collator = _collator(tokenizer)
 
     def evaluate(m):
         return evaluate_abilities(m, tokenizer, facts, test_words, n_icl=plan.n_icl, progress=True)
@@ -314,14 +324,14 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
 def stage_knowledge_update(model, tokenizer, edits, plan: DemoPlan, out: Path, work: Path) -> dict[str, Any]:
     """Plain full fine-tuning vs F-Learning (old facts' LoRA subtracted, then full fine-tuning)."""
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from .edit_metrics import evaluate_edits, locality_reference
     from .edits import edit_dataset
     from .f_learning_config import FLearningConfig
     from .f_learning_trainer import FLearningTrainer
 
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    collator = _collator(tokenizer)
     old, new = edit_dataset(edits, tokenizer, "old"), edit_dataset(edits, tokenizer, "new")
     base_predictions = locality_reference(model, tokenizer, edits)
     common = dict(

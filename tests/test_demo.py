@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ivtrainer.cli import main
 from ivtrainer.demo import DemoPlan, estimate_seconds, knowledge_table, new_task_table, run_demo
@@ -135,3 +136,35 @@ def test_quick_demo_end_to_end(tmp_path, default_model):
     assert before == pytest.approx(results["knowledge_update"]["scores"]["before"], abs=1e-6)
     for name in ("old_knowledge", "new_task_iv_guided"):
         assert (out / "adapters" / name / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_stages_on_tiny_models(tmp_path, model_type):
+    """The three stages on other architectures (GPT-2: no pad token, LayerNorm, Conv1D): the
+    artifacts a user gets and the tables, at toy sizes. A random model knows nothing, so the
+    numbers are not checked here (the real run is above)."""
+    from peft import PeftModel
+
+    from ivtrainer import InstructionVector
+    from ivtrainer.demo import stage_instruction_vector, stage_knowledge_update, stage_new_task
+    from ivtrainer.testing import tiny_edits, tiny_tokenizer
+
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer(pad_token=model_type != "gpt2")
+    records = [{**r, "relation": "capital"} for r in tiny_edits(8)]
+    plan = DemoPlan(
+        n_mean_prompts=4, n_cie_prompts=1, n_train_words=8, epochs=1, n_icl=2, n_test_words=3, n_edits=4
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    iv_result = stage_instruction_vector(model, tokenizer, plan, tmp_path)
+    iv = iv_result.pop("iv")
+    assert InstructionVector.from_pretrained(tmp_path / "instruction_vector").heads == iv.heads
+    assert (tmp_path / "cie_heatmap.png").read_bytes()[:8] == PNG
+    new_task = stage_new_task(model, tokenizer, iv, records[4:], plan, tmp_path, tmp_path / "work")
+    knowledge = stage_knowledge_update(model, tokenizer, records[:4], plan, tmp_path, tmp_path / "work")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    assert set(new_task["scores"]) == {"before", "plain", "iv_guided"}
+    assert set(knowledge["scores"]) == {"before", "plain", "f_learning"}
+    for name in ("new_task_plain", "new_task_iv_guided", "old_knowledge"):
+        adapter = PeftModel.from_pretrained(tiny_model(model_type), tmp_path / "adapters" / name)
+        assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapter.named_parameters())  # trained
+    assert new_task_table(new_task).count("\n") == 4 and knowledge_table(knowledge).count("\n") == 4
