@@ -8,7 +8,8 @@ New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot ac
 of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
 every answer token the teacher-forced argmax.
 
-What the model could do before, measured before and after fine-tuning:
+What the model could do before (``ivtrainer.forgetting.evaluate_abilities``, which ``ivtrainer demo``
+also uses), measured before and after fine-tuning:
 - in-context learning: 5-shot first-token accuracy on the held-out pairs of the six built-in tasks
   (40 prompts each), in the same ``Q:/A:`` format the new task uses;
 - knowledge vs instruction following (the paper's split): the facts the model knows (the built-in
