@@ -33,7 +33,17 @@ from tqdm.auto import tqdm
 
 from .errors import IVTrainerError
 
-__all__ = ["DemoPlan", "check_output_folder", "estimate_seconds", "run_demo"]
+__all__ = [
+    "DemoPlan",
+    "check_output_folder",
+    "estimate_seconds",
+    "knowledge_table",
+    "new_task_table",
+    "run_demo",
+    "stage_instruction_vector",
+    "stage_knowledge_update",
+    "stage_new_task",
+]
 
 # A LoRA step is about 2 forwards of its batch on CPU, a full fine-tuning step (with AdamW over
 # every weight) about 4, and IV-guided LoRA adds the teacher's forward and the KL: ~1.5x a LoRA
