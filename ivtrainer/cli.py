@@ -232,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         "task's instruction vector (top heads, CIE heatmap); fine-tune with LoRA on a new task plainly and "
         "IV-guided (new-task accuracy and held-out abilities before and after, plot); update a handful of "
         "facts with plain fine-tuning and F-Learning (Reliability, Generality, Locality). Writes the IV, "
-        "adapters, tables (JSON, Markdown) and plots to --out. About 6 minutes on 2 CPU cores; --quick, 2.",
+        "adapters, tables (JSON, Markdown) and plots to --out. About 5 minutes on 2 CPU cores; --quick, 2-3.",
     )
     demo.add_argument(
         "--model", default="default", help="'default', a Hub id, a local folder or a .gguf file"

@@ -54,7 +54,7 @@ _FORWARDS_PER_STEP = {"lora": 2.2, "full": 4.0, "lora_guided": 3.4}
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
     """How much work each stage does. ``DemoPlan()`` is the full demo (about 5 minutes for
-    SmolLM2-135M on 2 CPU cores), ``DemoPlan.quick()`` the short one (about 2 minutes)."""
+    SmolLM2-135M on 2 CPU cores), ``DemoPlan.quick()`` the short one (2-3 minutes)."""
 
     iv_task: str = "antonym"
     n_mean_prompts: int = 40  # IV: clean 10-shot prompts averaged for the heads' mean outputs
