@@ -7,7 +7,31 @@ import contextlib
 
 from torch import nn
 
-__all__ = ["check_deepspeed_config", "deepspeed_enabled", "gathered", "is_zero3_partitioned", "zero3_copy"]
+__all__ = [
+    "NoEmptyParamGroupsMixin",
+    "check_deepspeed_config",
+    "deepspeed_enabled",
+    "gathered",
+    "is_zero3_partitioned",
+    "zero3_copy",
+]
+
+
+class NoEmptyParamGroupsMixin:
+    """A Trainer whose optimizer has no empty parameter groups.
+
+    With LoRA the Trainer's no-weight-decay group is empty; DeepSpeed drops empty groups, and
+    transformers 5.0 builds the LR scheduler before it does, so torch's scheduler (>= 2.10 zips
+    strictly) fails at the first step. transformers >= 5.1 builds the scheduler afterwards; dropping
+    the empty group here is the same on every version.
+    """
+
+    def create_optimizer(self, *args, **kwargs):
+        created = self.optimizer is None  # an optimizer passed in by the user is left as it is
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if created:
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
 
 
 def check_deepspeed_config(accelerator) -> None:
@@ -57,11 +81,19 @@ def zero3_copy(model: nn.Module, what: str = "copied") -> nn.Module:
             f"copy a transformers model ({what}): pass a transformers model, loaded after the training arguments so "
             "that DeepSpeed shards it"
         )
+    from transformers.initialization import no_init_weights
+
     dtype = next(model.parameters()).dtype
-    copy = type(model)._from_config(model.config, dtype=dtype)
+    # No initialisation: everything is copied below (and transformers 5.0 fails initialising
+    # partitioned embeddings).
+    with no_init_weights():
+        copy = type(model)._from_config(model.config, dtype=dtype)
     sources = dict(model.named_parameters())
     for name, param in copy.named_parameters():
         with gathered(sources[name], param):
             param.data.copy_(sources[name].data)
         param.requires_grad_(sources[name].requires_grad)
+    buffers = dict(model.named_buffers())  # not partitioned (rotary frequencies and the like)
+    for name, buffer in copy.named_buffers():
+        buffer.data.copy_(buffers[name].data)
     return copy.train(model.training)

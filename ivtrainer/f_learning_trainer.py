@@ -28,7 +28,13 @@ from torch import nn
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .distributed import check_deepspeed_config, deepspeed_enabled, is_zero3_partitioned, zero3_copy
+from .distributed import (
+    NoEmptyParamGroupsMixin,
+    check_deepspeed_config,
+    deepspeed_enabled,
+    is_zero3_partitioned,
+    zero3_copy,
+)
 from .f_learning_config import FLearningConfig
 from .hub import check_trainer_push
 from .parameter_arithmetic import _unload, atomic_dir, save_adapter, subtract_adapter, subtract_model_delta
@@ -38,7 +44,7 @@ __all__ = ["FLearningTrainer"]
 _MARKER = "f_learning.json"
 
 
-class FLearningTrainer(Trainer):
+class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
     """A ``Trainer`` that forgets the old knowledge before learning the new.
 
     Args:
@@ -178,7 +184,7 @@ class FLearningTrainer(Trainer):
             snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
         if resume is True:
             resume = get_last_checkpoint(self.forget_dir) if self.forget_dir.is_dir() else None
-        old = Trainer(
+        old = _OldPhaseTrainer(
             model=model, args=args.old_phase_arguments(), train_dataset=self.old_dataset, **self._old_kwargs
         )
         old.train(resume_from_checkpoint=resume)
@@ -231,7 +237,7 @@ class FLearningTrainer(Trainer):
             resume = get_last_checkpoint(self.forget_dir) if self.forget_dir.is_dir() else None
         old_args = args.old_phase_arguments()
         old_args.deepspeed_plugin = None  # accelerate lets only the processes' first Accelerator bring one
-        old = Trainer(model=model, args=old_args, train_dataset=self.old_dataset, **self._old_kwargs)
+        old = _OldPhaseTrainer(model=model, args=old_args, train_dataset=self.old_dataset, **self._old_kwargs)
         _refill_deepspeed_config(old.accelerator, self._deepspeed_template, old_args)
         try:
             old.train(resume_from_checkpoint=resume)
@@ -304,6 +310,10 @@ class FLearningTrainer(Trainer):
             logs = {**logs, **self._forget_logs}
             self._forget_logs = {}
         super().log(logs, *args, **kwargs)
+
+
+class _OldPhaseTrainer(NoEmptyParamGroupsMixin, Trainer):
+    """The old-knowledge phase's plain Trainer."""
 
 
 def _deepspeed_template(args) -> dict | None:
