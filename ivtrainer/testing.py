@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,11 +168,19 @@ def intercept_hub_upload(repo_id: str) -> Iterator[dict]:
         )
         return mock.MagicMock(commit_url="https://hub.invalid/commit/1")
 
-    with (
-        mock.patch(
-            "huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id=repo_id)
-        ) as create,
-        mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder),
-    ):
+    from huggingface_hub import HfApi
+
+    with contextlib.ExitStack() as stack:
+        create = stack.enter_context(
+            mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.MagicMock(repo_id=repo_id))
+        )
+        stack.enter_context(mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder))
+        # Module-level `create_repo = api.create_repo` aliases (huggingface_hub's, and the copies
+        # transformers 5.0 imported) are methods bound before the patch: bind them again.
+        for module in list(sys.modules.values()):
+            for name in ("create_repo", "upload_folder"):
+                bound = vars(module).get(name) if hasattr(module, "__dict__") else None
+                if isinstance(bound, types.MethodType) and isinstance(bound.__self__, HfApi):
+                    stack.enter_context(mock.patch.object(module, name, getattr(bound.__self__, name)))
         sent["create_repo"] = create
         yield sent
