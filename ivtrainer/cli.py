@@ -202,11 +202,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoPlan, run_demo
 
-    plan = (
-        DemoPlan.quick(seed=args.seed, iv_task=args.task)
-        if args.quick
-        else DemoPlan(seed=args.seed, iv_task=args.task)
-    )
+    plan = (DemoPlan.quick if args.quick else DemoPlan)(seed=args.seed, iv_task=args.task)
     run_demo(args.model, args.out, plan=plan, quick=args.quick, overwrite=args.overwrite)
     return 0
 
