@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..errors import InvalidInputError
 from ..instruction_vector import InstructionVector
 from ..intervention import Positions, add_to_residual
 from ..schedules import Schedule
@@ -25,7 +26,7 @@ IVLike = InstructionVector | str | os.PathLike
 def load_vectors(instruction_vectors: IVLike | Sequence[IVLike] | None) -> list[InstructionVector]:
     """InstructionVectors from objects, folders or Hub ids; at least one."""
     if instruction_vectors is None:
-        raise ValueError(
+        raise InvalidInputError(
             "no instruction vector given: pass instruction_vectors= (InstructionVector objects or folders "
             "written by InstructionVector.save_pretrained / `ivtrainer extract-iv`)"
         )
@@ -35,7 +36,7 @@ def load_vectors(instruction_vectors: IVLike | Sequence[IVLike] | None) -> list[
         else list(instruction_vectors)
     )
     if not items:
-        raise ValueError("instruction_vectors is empty: pass at least one InstructionVector or folder")
+        raise InvalidInputError("instruction_vectors is empty: pass at least one InstructionVector or folder")
     return [v if isinstance(v, InstructionVector) else InstructionVector.from_pretrained(v) for v in items]
 
 
@@ -46,7 +47,7 @@ def residual_pairs(
     its own layer."""
     weights = [1.0] * len(vectors) if weights is None else list(weights)
     if len(weights) != len(vectors):
-        raise ValueError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
+        raise InvalidInputError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
     return [(iv.edit_layer, w * iv.vector) for iv, w in zip(vectors, weights, strict=True)]
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..distributed import deepspeed_enabled, is_zero3_partitioned, zero3_copy
+from ..errors import InvalidInputError
 from ..hooks import record_head_outputs
 from ..intervention import add_to_residual, last_prompt_positions, suspend_interventions
 from ..kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
@@ -85,13 +86,13 @@ class IVKLCallback(IVCallback):
         ):
             _finite(name, value)
         if self.weight.start < 0 or self.weight.end < 0 or head_mse_weight < 0 or threshold < 0:
-            raise ValueError("KL weights, head_mse_weight and threshold must be >= 0")
+            raise InvalidInputError("KL weights, head_mse_weight and threshold must be >= 0")
         if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            raise InvalidInputError(f"temperature must be > 0, got {temperature!r}")
         if direction not in KL_DIRECTIONS:
-            raise ValueError(f"direction must be one of {KL_DIRECTIONS}, not {direction!r}")
+            raise InvalidInputError(f"direction must be one of {KL_DIRECTIONS}, not {direction!r}")
         if positions not in KL_POSITIONS:
-            raise ValueError(f"positions must be one of {KL_POSITIONS}, not {positions!r}")
+            raise InvalidInputError(f"positions must be one of {KL_POSITIONS}, not {positions!r}")
         self.teacher_strength, self.direction, self.temperature = teacher_strength, direction, temperature
         self.positions, self.threshold, self.head_mse_weight = positions, threshold, head_mse_weight
         self.teacher = teacher
@@ -125,7 +126,7 @@ class IVKLCallback(IVCallback):
         self._tokens_across = getattr(args, "average_tokens_across_devices", False)
         if not self._reference_ready:
             if state.global_step > 0 and not _is_peft(model) and not isinstance(self.teacher, nn.Module):
-                raise ValueError(
+                raise InvalidInputError(
                     "IVKLCallback was added after the Trainer was built, and training resumes from a checkpoint: "
                     "the teacher would be the resumed model, not the model before fine-tuning. Pass the callback "
                     "in Trainer(callbacks=[...]) or give it teacher=<the original model>"
@@ -216,7 +217,7 @@ class IVKLCallback(IVCallback):
         if isinstance(self.teacher, nn.Module):
             return self.teacher
         if self.teacher != "auto":
-            raise ValueError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
+            raise InvalidInputError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
         if _is_peft(model):
             return None
         if is_zero3_partitioned(model):
@@ -282,13 +283,13 @@ class IVKLCallback(IVCallback):
             return output
         labels = kwargs.get("labels")
         if labels is None:
-            raise ValueError(
+            raise InvalidInputError(
                 "IV-guided KL needs labels in every training batch (to place the IV and the KL): tokenise with "
                 "labels, or use a collator that adds them (DataCollatorForLanguageModeling(mlm=False), "
                 "DataCollatorForSeq2Seq)"
             )
         if getattr(output, "logits", None) is None:
-            raise ValueError(
+            raise InvalidInputError(
                 "the trainer asked the model for a loss without logits (trl's SFTTrainer uses a fused LM head), "
                 "so IVKLCallback cannot add its KL term there: use it with transformers.Trainer or IVGuidedTrainer "
                 "(IVInterventionCallback alone works with SFTTrainer)"
@@ -366,7 +367,7 @@ class IVKLCallback(IVCallback):
 
 def _finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import get_layout
+from .errors import InvalidInputError
 from .icl import EncodedPrompt, PromptBuilder, first_token_accuracy, last_token_forward
 from .instruction_vector import InstructionVector, extract_instruction_vector
 from .tasks import load_examples, load_task
@@ -99,7 +100,9 @@ def analyze_iv(
     if base_model is not None:
         iv.check_compatible(base_model)
     if examples is None and iv.task is None:
-        raise ValueError("the IV names no built-in task: pass examples= (the task's {input, output} pairs)")
+        raise InvalidInputError(
+            "the IV names no built-in task: pass examples= (the task's {input, output} pairs)"
+        )
     settings = iv.settings
     if examples is None:
         extraction, held_out = load_task(iv.task), load_task(iv.task, "held_out")
@@ -153,10 +156,10 @@ def analyze_iv(
 
 def save_analysis(result: IVDynamics, out: str | os.PathLike, *, plot: bool = True) -> Path:
     """``analysis.json``, the re-extracted IV (``reextracted_iv/``) and ``cie_change.png``."""
-    from .parameter_arithmetic import atomic_dir
+    from .outputs import atomic_dir
 
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker={"command": "analyze"}) as tmp:
         (tmp / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         result.reextracted.save_pretrained(tmp / "reextracted_iv")
         if plot:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
+from .errors import InvalidInputError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def register_architecture(model_type: str, *, layers: str, attn_output: str, ove
         and not overwrite
         and ARCHITECTURES[model_type] != ArchitectureSpec(layers, attn_output)
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"architecture {model_type!r} is already registered as {ARCHITECTURES[model_type]}; "
             "pass overwrite=True to replace it"
         )

@@ -41,15 +41,15 @@ def _edit_layer(value: str) -> int | str:
 
 def _extract_iv(args: argparse.Namespace) -> int:
     from .hub import check_push_target
-    from .instruction_vector import extract_instruction_vector
+    from .instruction_vector import check_extraction_sizes, extract_instruction_vector
     from .models import load_model
+    from .outputs import atomic_dir, check_output_dir
     from .tasks import load_examples
 
     # Everything that can be checked without the model is checked before loading it.
     examples = load_examples(args.task)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise IVTrainerError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    check_extraction_sizes(examples, n_shots=args.n_shots, n_heads=args.n_heads)
+    out = check_output_dir(args.out, inputs=[args.model, args.task], overwrite=args.overwrite)
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
 
@@ -68,19 +68,18 @@ def _extract_iv(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
     )
-    iv.save_pretrained(out)
+    with atomic_dir(out, marker={"command": "extract-iv"}) as tmp:
+        iv.save_pretrained(tmp)
+        if args.plot:
+            from .plotting import plot_cie
+
+            title = f"CIE, {iv.task or 'task'} ({args.method})"
+            plot_cie(iv.cie, tmp / "cie_heatmap.png", heads=iv.heads, title=title)
     print(f"top {len(iv.heads)} heads (layer, head: mean CIE):")
     for (layer, head), score in zip(iv.heads, iv.head_scores, strict=True):
         print(f"  L{layer:<3d} H{head:<3d} {score:+.4f}")
     print(f"edit layer {iv.edit_layer} of {iv.n_layers}; vector norm {iv.vector.norm():.3f}")
-    print(f"saved to {out}")
-    if args.plot:
-        from .plotting import plot_cie
-
-        png = plot_cie(
-            iv.cie, out / "cie_heatmap.png", heads=iv.heads, title=f"CIE, {iv.task or 'task'} ({args.method})"
-        )
-        print(f"heatmap: {png}")
+    print(f"saved to {args.out}" + (" (with cie_heatmap.png)" if args.plot else ""))
     if args.push_to_hub:
         print(f"pushed: {iv.push_to_hub(args.push_to_hub)}")
     return 0
@@ -88,39 +87,53 @@ def _extract_iv(args: argparse.Namespace) -> int:
 
 def _forget(args: argparse.Namespace) -> int:
     from .hub import check_push_target, push_folder
-    from .parameter_arithmetic import _check_lambdas, atomic_dir, subtract_adapter, subtract_task_vector
+    from .outputs import MARKER, atomic_dir, check_output_dir
+    from .parameter_arithmetic import _task_vector_plan, check_lambdas, subtract_adapter, write_task_vector
 
     # Checked before any model is loaded or anything is written.
     if bool(args.adapter) == bool(args.finetuned):
         raise IVTrainerError("pass either --adapter (one or more) or --finetuned, not both and not neither")
     n = len(args.adapter) if args.adapter else 1
-    lams = _check_lambdas(args.lam * n if len(args.lam) == 1 else args.lam, n)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise IVTrainerError(f"{out} already exists; choose another --out or pass --overwrite")
+    if len(args.lam) not in (1, n):
+        raise IVTrainerError(f"{len(args.lam)} --lam values for {n} adapters: pass one, or one per --adapter")
+    lams = check_lambdas(args.lam * n if len(args.lam) == 1 else args.lam, n)
+    if any(lam < 0 for lam in lams):
+        raise IVTrainerError(
+            f"--lam must be >= 0 (forget subtracts lambda x delta; 0 changes nothing), got {args.lam}"
+        )
+    inputs = [args.base, args.finetuned, *(args.adapter or [])]
+    out = check_output_dir(args.out, inputs=inputs, overwrite=args.overwrite)
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
 
     if args.finetuned:
-        subtract_task_vector(args.base, args.finetuned, lams[0], out, overwrite=args.overwrite)
+        plan = _task_vector_plan(args.base, args.finetuned)  # names and shapes checked before writing
+        with atomic_dir(out, marker={"command": "forget"}) as tmp:
+            write_task_vector(plan, lams[0], tmp)
+            _write_forget_card(tmp, args, lams)
     else:
         from .models import load_model
 
         model, tokenizer = load_model(args.base)
         model = subtract_adapter(
-            model, args.adapter if n > 1 else args.adapter[0], lams if n > 1 else lams[0]
+            model,
+            args.adapter if n > 1 else args.adapter[0],
+            lams if n > 1 else lams[0],
+            check_base_model=not args.no_check_base_model,
         )
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, marker={"command": "forget"}) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            _write_forget_card(tmp, args, lams)
     delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
-    _write_forget_card(out, args, lams)
-    print(f"wrote {out}: {args.base} - lambda {lams} x {delta}")
+    print(f"wrote {args.out}: {args.base} - lambda {lams} x {delta}")
     if args.push_to_hub:
         import shutil
 
-        url = push_folder(lambda folder: shutil.copytree(out, folder, dirs_exist_ok=True), args.push_to_hub)
-        print(f"pushed: {url}")
+        def copy(folder: Path) -> None:
+            shutil.copytree(out, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+
+        print(f"pushed: {push_folder(copy, args.push_to_hub)}")
     return 0
 
 
@@ -141,36 +154,54 @@ def _write_forget_card(out: Path, args: argparse.Namespace, lams: list[float]) -
             "delta": f"full fine-tune minus its base: `{args.finetuned}` - `{args.base}`",
             "lambda": lams[0],
         }
-    card = edited_model_card("forget", base_model=str(args.base), parameters=parameters)
-    tmp = out / "README.md.tmp"
-    card.save(tmp)
-    tmp.replace(out / "README.md")
+    edited_model_card("forget", base_model=str(args.base), parameters=parameters).save(str(out / "README.md"))
 
 
 def _evaluate_edits(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from .edit_metrics import evaluate_edits
     from .edits import BUILTIN, load_edits
     from .models import load_model
+    from .outputs import atomic_file, check_output_file
 
     records = None if args.data == BUILTIN else load_edits(args.data)  # file errors before any load
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise IVTrainerError(f"{args.json} already exists; choose another --json or pass --overwrite")
+    to_file = args.json not in (None, "-")
+    if to_file:
+        json_out = check_output_file(
+            args.json, inputs=[args.data, args.model, args.base], overwrite=args.overwrite
+        )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise IVTrainerError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = tokenizer = None
     if args.base:
         base, tokenizer = load_model(args.base)
+        base.to(device)
     model, model_tokenizer = load_model(args.model)
+    model.to(device)
     tokenizer = tokenizer or model_tokenizer
     if records is None:  # the facts the unedited model knows
         records = load_edits(BUILTIN, model=base if base is not None else model, tokenizer=tokenizer)
-    scores = evaluate_edits(model, tokenizer, records, base_model=base, batch_size=args.batch_size)
+    scores = evaluate_edits(
+        model, tokenizer, records, base_model=base, batch_size=args.batch_size, progress=True
+    )
+    text = json.dumps({"n_edits": len(records), **scores}, indent=2) + "\n"
+    if args.json == "-":  # machine-readable stdout: the JSON alone
+        sys.stdout.write(text)
+        return 0
     print(f"{len(records)} edits, {args.model}" + (f" vs unedited {args.base}" if base is not None else ""))
     for name in ("reliability", "generality", "locality"):
         value = f"{100 * scores[name]:.1f}" if name in scores else "n/a (pass --base, the unedited model)"
         print(f"{name:<12} {value}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"n_edits": len(records), **scores}, indent=2) + "\n")
+    if to_file:
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(text)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -178,11 +209,12 @@ def _analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_iv, save_analysis
     from .instruction_vector import InstructionVector
     from .models import load_model
+    from .outputs import check_output_dir
     from .tasks import load_examples
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise IVTrainerError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = check_output_dir(
+        args.out, inputs=[args.model, args.iv, args.base, args.task], overwrite=args.overwrite
+    )
     iv = InstructionVector.from_pretrained(args.iv)
     examples = None if args.task is None else load_examples(args.task)
     model, tokenizer = load_model(args.model)
@@ -195,7 +227,7 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     for name, values in result.evaluation.items():
         print(f"{name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -213,12 +245,16 @@ def _builtin_tasks() -> list[str]:
     return list_tasks()
 
 
+_OVERWRITE_HELP = "replace a non-empty --out, if an earlier ivtrainer run wrote it (never other folders)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ivtrainer",
         description="Instruction-vector-guided training and F-Learning for Hugging Face models.",
     )
     parser.add_argument("--version", action="version", version=f"ivtrainer {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -237,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes")
     demo.add_argument("--task", default="antonym", help="the built-in task whose IV guides training")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    demo.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     demo.set_defaults(func=_demo)
 
     info = sub.add_parser(
@@ -279,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
         "--plot", action="store_true", help="write the layers x heads CIE heatmap (cie_heatmap.png)"
     )
     ex.add_argument("--push-to-hub", metavar="REPO", help="also upload the vector to this Hub repo")
-    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ex.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     ex.set_defaults(func=_extract_iv)
 
     fo = sub.add_parser(
@@ -295,7 +331,12 @@ def _parser() -> argparse.ArgumentParser:
         "--lam", type=float, action="append", required=True, help="lambda (repeat: one per adapter)"
     )
     fo.add_argument("--out", required=True, help="output model folder")
-    fo.add_argument("--overwrite", action="store_true")
+    fo.add_argument(
+        "--no-check-base-model",
+        action="store_true",
+        help="subtract an adapter whose adapter_config.json names another base model (same shapes)",
+    )
+    fo.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     fo.add_argument("--push-to-hub", metavar="REPO")
     fo.set_defaults(func=_forget)
 
@@ -315,8 +356,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--base", help="the unedited model, for Locality (and for building the built-in set)")
     ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--json", help="also write the scores to this JSON file")
-    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument(
+        "--device", help="where to run: cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)"
+    )
+    ev.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    ev.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the scores as JSON (to stdout, or to FILE when given)",
+    )
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
     ev.set_defaults(func=_evaluate_edits)
 
     an = sub.add_parser(
@@ -335,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--n-prompts", type=int, default=50, help="held-out prompts for similarity and accuracy")
     an.add_argument("--no-plot", action="store_true")
-    an.add_argument("--overwrite", action="store_true")
+    an.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     an.set_defaults(func=_analyze)
     return parser
 
@@ -344,8 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (IVTrainerError, ValueError, FileNotFoundError) as exc:
-        # Bad input: one line naming the problem and the fix, no traceback.
+    except IVTrainerError as exc:
+        # Bad input: one line naming the problem and the fix. Anything else is a bug: a traceback.
+        if args.debug:
+            raise
         print(f"ivtrainer {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -97,14 +96,13 @@ class DemoPlan:
         return math.ceil(self.n_edits / self.edit_batch_size) * math.ceil(self.edit_epochs)
 
 
-def check_output_folder(out: str | os.PathLike, overwrite: bool) -> Path:
-    """The folder the demo will write, refused if it holds anything and ``overwrite`` is False."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise IVTrainerError(f"{path} is a file; choose a folder for --out")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise IVTrainerError(f"{path} exists and is not empty; choose another --out or pass --overwrite")
-    return path
+def check_output_folder(
+    out: str | os.PathLike, overwrite: bool, model: str | os.PathLike = "default"
+) -> Path:
+    """The folder the demo will write (:func:`ivtrainer.outputs.check_output_dir`'s rules)."""
+    from .outputs import check_output_dir
+
+    return check_output_dir(out, inputs=[model], overwrite=overwrite)
 
 
 # --- the estimate ------------------------------------------------------------------------------
@@ -498,11 +496,11 @@ def run_demo(
     from .architectures import get_layout
     from .edits import build_counterfacts
     from .models import DEFAULT_MODEL, load_model, model_source
-    from .parameter_arithmetic import atomic_dir
+    from .outputs import atomic_dir, scratch_dir
     from .tasks import list_tasks
 
     plan = plan or (DemoPlan.quick() if quick else DemoPlan())
-    target = check_output_folder(out, overwrite)
+    target = check_output_folder(out, overwrite, model_name)
     if plan.iv_task not in list_tasks():
         raise IVTrainerError(f"unknown task {plan.iv_task!r}; built-in tasks: {', '.join(list_tasks())}")
     start = time.perf_counter()
@@ -537,8 +535,7 @@ def run_demo(
             f"watch for forgetting. Estimated time: {_minutes(sum(estimate.values()))} "
             f"({', '.join(f'{k} {_minutes(v)}' for k, v in estimate.items())})"
         )
-        with tempfile.TemporaryDirectory(prefix="ivtrainer-demo-") as scratch, atomic_dir(target) as tmp:
-            work = Path(scratch)
+        with scratch_dir("ivtrainer-demo") as work, atomic_dir(target, marker={"command": "demo"}) as tmp:
             echo(f"\n[1/3] Instruction vector of '{plan.iv_task}' (causal mediation over all heads)")
             with _timed(seconds, "instruction vector"):
                 iv_result = stage_instruction_vector(model, tokenizer, plan, tmp)
@@ -572,7 +569,7 @@ def run_demo(
             _write_results(tmp, results)
     echo(
         f"\nDone in {_minutes(seconds['total'])} (estimated {_minutes(sum(estimate.values()))} after loading). "
-        f"Everything is in {target}/:"
+        f"Everything is in {os.fspath(out)}/:"
     )
     for line in _listing(target):
         echo(f"  {line}")
@@ -623,6 +620,8 @@ def _write_results(folder: Path, results: dict[str, Any]) -> None:
 def _listing(folder: Path) -> list[str]:
     entries = []
     for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):  # ivtrainer's marker
+            continue
         if item.is_dir():
             subs = sorted(p.name for p in item.iterdir())
             entries.append(f"{item.name}/ ({', '.join(subs)})")

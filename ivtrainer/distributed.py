@@ -7,6 +7,8 @@ import contextlib
 
 from torch import nn
 
+from .errors import InvalidInputError
+
 __all__ = [
     "NoEmptyParamGroupsMixin",
     "check_deepspeed_config",
@@ -40,7 +42,7 @@ def check_deepspeed_config(accelerator) -> None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     mismatches = getattr(getattr(plugin, "hf_ds_config", None), "mismatches", None)
     if mismatches:
-        raise ValueError(
+        raise InvalidInputError(
             "the DeepSpeed config contradicts the training arguments:\n"
             + "\n".join(mismatches)
             + '\nset these DeepSpeed values to "auto" (the Trainer fills them from its arguments) or make the '
@@ -76,7 +78,7 @@ def zero3_copy(model: nn.Module, what: str = "copied") -> nn.Module:
     parameter at a time, so no process ever holds a whole model. ``what`` names the purpose in
     the error raised for a model that is not a transformers model."""
     if not hasattr(type(model), "_from_config"):
-        raise ValueError(
+        raise InvalidInputError(
             f"under DeepSpeed ZeRO-3 the {type(model).__name__}'s parameters are partitioned and ivtrainer can only "
             f"copy a transformers model ({what}): pass a transformers model, loaded after the training arguments so "
             "that DeepSpeed shards it"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .edits import target_predictions
+from .errors import InvalidInputError
 
 __all__ = ["evaluate_edits", "locality_reference", "score_tokens"]
 
@@ -22,13 +23,15 @@ def score_tokens(
     """Mean over records of the fraction of positions where prediction equals reference; one mean
     per distinct ``kinds`` entry, or ``{"score": ...}`` without kinds."""
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        raise InvalidInputError(f"{len(predictions)} predictions but {len(references)} references")
     if kinds is not None and len(kinds) != len(predictions):
-        raise ValueError(f"{len(kinds)} kinds for {len(predictions)} predictions")
+        raise InvalidInputError(f"{len(kinds)} kinds for {len(predictions)} predictions")
     sums: dict[str, list[float]] = {}
     for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         if len(pred) != len(ref) or not ref:
-            raise ValueError(f"record {i}: {len(pred)} predicted tokens for {len(ref)} reference tokens")
+            raise InvalidInputError(
+                f"record {i}: {len(pred)} predicted tokens for {len(ref)} reference tokens"
+            )
         key = kinds[i] if kinds is not None else "score"
         agree = sum(int(p) == int(r) for p, r in zip(pred, ref, strict=True)) / len(ref)
         sums.setdefault(key, []).append(agree)
@@ -36,7 +39,12 @@ def score_tokens(
 
 
 def locality_reference(
-    model: nn.Module, tokenizer, records: Sequence[dict[str, str]], *, batch_size: int = 32
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict[str, str]],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> list[list[int]]:
     """The unedited model's teacher-forced predictions on the locality prompts: compute them once,
     before editing, and pass them to :func:`evaluate_edits` (no second model in memory)."""
@@ -46,6 +54,7 @@ def locality_reference(
         [r["locality_prompt"] for r in records],
         [r["locality_ground_truth"] for r in records],
         batch_size=batch_size,
+        desc="unedited model (locality)" if progress else None,
     )
     return [p for p, _ in preds]
 
@@ -58,6 +67,7 @@ def evaluate_edits(
     base_model: nn.Module | None = None,
     base_predictions: Sequence[Sequence[int]] | None = None,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Reliability and Generality of ``model`` on ``records``, and Locality against the unedited
     model (``base_model``, or its ``base_predictions`` from :func:`locality_reference`).
@@ -66,13 +76,15 @@ def evaluate_edits(
     left out when neither base is given.
     """
     if not records:
-        raise ValueError("no edit records to evaluate")
+        raise InvalidInputError("no edit records to evaluate")
     if base_model is not None and base_predictions is not None:
-        raise ValueError("pass base_model or base_predictions, not both")
+        raise InvalidInputError("pass base_model or base_predictions, not both")
     if base_model is not None:
-        base_predictions = locality_reference(base_model, tokenizer, records, batch_size=batch_size)
+        base_predictions = locality_reference(
+            base_model, tokenizer, records, batch_size=batch_size, progress=progress
+        )
     if base_predictions is not None and len(base_predictions) != len(records):
-        raise ValueError(f"{len(base_predictions)} base predictions for {len(records)} records")
+        raise InvalidInputError(f"{len(base_predictions)} base predictions for {len(records)} records")
     prompts, targets, kinds = [], [], []
     for rec in records:
         prompts += [rec["prompt"], rec["rephrase_prompt"]]
@@ -82,7 +94,8 @@ def evaluate_edits(
         prompts += [r["locality_prompt"] for r in records]
         targets += [r["locality_ground_truth"] for r in records]
         kinds += ["locality"] * len(records)
-    preds = target_predictions(model, tokenizer, prompts, targets, batch_size=batch_size)
+    desc = "edited model" if progress else None
+    preds = target_predictions(model, tokenizer, prompts, targets, batch_size=batch_size, desc=desc)
     predictions = [p for p, _ in preds]
     references = [t for _, t in preds]
     if base_predictions is not None:

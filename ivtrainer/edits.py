@@ -24,8 +24,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from .errors import InvalidInputError
 from .tasks import read_json_or_jsonl
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "EDIT_FIELDS",
@@ -67,6 +71,7 @@ _ZSRE = {
     "loc": "locality_prompt",
     "loc_ans": "locality_ground_truth",
 }
+_OWN = {f: f for f in EDIT_FIELDS}
 _REQUIRED = (
     "prompt",
     "target_old",
@@ -77,42 +82,77 @@ _REQUIRED = (
 )
 
 
-def load_edits(source: Any, *, model=None, tokenizer=None) -> list[dict[str, str]]:
+def load_edits(
+    source: Any,
+    *,
+    model=None,
+    tokenizer=None,
+    on_invalid: Literal["auto", "skip", "raise"] = "auto",
+) -> list[dict[str, str]]:
     """Edit records from ``"builtin"`` (needs ``model`` and ``tokenizer``), a JSON/JSONL file, a
     list of dicts or a ``datasets.Dataset``, in CounterFact (EasyEdit split), ZsRE (MEND split) or
-    our own field names; the format is detected from the first record's fields."""
+    our own field names; the format is detected from the first record's fields.
+
+    ``on_invalid``: what to do with a record that lacks a field or has an empty one (the public
+    files have a few, e.g. 2 ZsRE records with ``"alt": ""``): ``"skip"`` it (a warning names
+    them and the count), ``"raise"``, or ``"auto"``: skip in the public formats, raise in ours.
+    Records without a relation get one from the prompt (the prompt with the subject replaced by
+    ``{}``), so :func:`split_edits` can stratify public files.
+    """
+    if on_invalid not in ("auto", "skip", "raise"):
+        raise InvalidInputError(f"on_invalid must be 'auto', 'skip' or 'raise', not {on_invalid!r}")
     if isinstance(source, str) and source == BUILTIN:
         if model is None or tokenizer is None:
-            raise ValueError("the built-in set depends on what the model knows: pass model= and tokenizer=")
+            raise InvalidInputError(
+                "the built-in set depends on what the model knows: pass model= and tokenizer="
+            )
         return build_counterfacts(model, tokenizer)
     where = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ValueError(f"{os.fspath(source)!r} is not a file; pass a JSON/JSONL file or 'builtin'")
+            raise InvalidInputError(
+                f"{os.fspath(source)!r} is not a file; pass a JSON/JSONL file or 'builtin'"
+            )
         where, source = str(path), _read_records(path)
     elif hasattr(source, "column_names") and hasattr(source, "to_list"):  # datasets.Dataset
         source = source.to_list()
     if not isinstance(source, Iterable) or isinstance(source, (Mapping, str)):
-        raise ValueError(f"edits must be a list of records, not {type(source).__name__}")
+        raise InvalidInputError(f"edits must be a list of records, not {type(source).__name__}")
     records = list(source)
+    loc = f" in {where}" if where else ""
     if not records:
-        raise ValueError(f"no edit records{f' in {where}' if where else ''}")
-    fields = set(records[0])
-    mapping = (
-        _ZSRE
-        if "src" in fields
-        else _COUNTERFACT
-        if "ground_truth" in fields
-        else {f: f for f in EDIT_FIELDS}
-    )
-    return [_normalise(rec, mapping, i, where) for i, rec in enumerate(records)]
+        raise InvalidInputError(f"no edit records{loc}")
+    fields = set(next((r for r in records if isinstance(r, Mapping)), {}))
+    mapping = _ZSRE if "src" in fields else _COUNTERFACT if "ground_truth" in fields else _OWN
+    skip = on_invalid == "skip" or (on_invalid == "auto" and mapping is not _OWN)
+    out, problems = [], []
+    for i, rec in enumerate(records):
+        try:
+            out.append(_normalise(rec, mapping, i, where))
+        except InvalidInputError as exc:
+            if not skip:
+                raise
+            problems.append(str(exc))
+    if problems:
+        if not out:
+            raise InvalidInputError(f"no valid edit records{loc}: {problems[0]}")
+        shown = "; ".join(p.split(" (fields:")[0].split(f"{loc};")[0] for p in problems[:3])
+        logger.warning(
+            "skipped %d of %d edit records%s that are incomplete: %s%s (on_invalid='raise' to stop instead)",
+            len(problems),
+            len(records),
+            loc,
+            shown,
+            "; ..." if len(problems) > 3 else "",
+        )
+    return out
 
 
 def _normalise(rec: Any, mapping: dict[str, str], i: int, where: str | None) -> dict[str, str]:
     loc = f" in {where}" if where else ""
     if not isinstance(rec, Mapping):
-        raise ValueError(f"record {i}{loc} is a {type(rec).__name__}, not a dict")
+        raise InvalidInputError(f"record {i}{loc} is a {type(rec).__name__}, not a dict")
     out = {}
     for src, dst in mapping.items():
         value = rec.get(src)
@@ -125,14 +165,19 @@ def _normalise(rec: Any, mapping: dict[str, str], i: int, where: str | None) -> 
     missing = [f for f in _REQUIRED if not out.get(f)]
     if missing:
         names = {v: k for k, v in mapping.items()}
-        raise ValueError(
-            f"record {i}{loc} has no {names.get(missing[0], missing[0])!r} (fields: {sorted(rec)}); "
-            "edit records need a prompt, the old and new targets, a rephrased prompt and a locality prompt + answer"
+        name = names.get(missing[0], missing[0])
+        problem = f"an empty {name!r}" if name in rec else f"no {name!r}"
+        raise InvalidInputError(
+            f"record {i}{loc} has {problem} (fields: {sorted(rec)}); edit records need a prompt, the old and "
+            "new targets, a rephrased prompt and a locality prompt + answer"
         )
     out.setdefault("subject", "")
-    out.setdefault("relation", str(rec.get("relation", "")))
     if "{}" in out["prompt"] and out["subject"]:  # raw CounterFact templates
         out["prompt"] = out["prompt"].format(out["subject"])
+    relation = str(rec.get("relation") or rec.get("relation_id") or "")
+    if not relation and out["subject"] and out["subject"] in out["prompt"]:
+        relation = out["prompt"].replace(out["subject"], "{}")  # the prompt's template names the relation
+    out["relation"] = relation
     return {f: out[f] for f in EDIT_FIELDS}
 
 
@@ -163,7 +208,7 @@ def target_predictions(
     leaves every real position's logits as in an unpadded forward.
     """
     if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        raise InvalidInputError(f"{len(prompts)} prompts but {len(targets)} targets")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []
@@ -171,28 +216,34 @@ def target_predictions(
         full = tokenizer(f"{prompt} {target}")["input_ids"]
         n_prompt = len(tokenizer(prompt)["input_ids"])
         if n_prompt >= len(full):
-            raise ValueError(f"target {target!r} adds no tokens to prompt {prompt!r}")
+            raise InvalidInputError(f"target {target!r} adds no tokens to prompt {prompt!r}")
         rows.append((full, n_prompt))
-    out: list[tuple[list[int], list[int]]] = []
+    # longest first, in batches of similar length: little padding, and the slowest batch (and any
+    # out-of-memory error) comes first
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[tuple[list[int], list[int]] | None] = [None] * len(rows)
     was_training = model.training
     model.eval()
     try:
         starts = range(0, len(rows), batch_size)
-        for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
-            batch = rows[start : start + batch_size]
-            width = max(len(full) for full, _ in batch)
+        bar = tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False, unit="batch")
+        for start in bar:
+            batch = order[start : start + batch_size]
+            width = len(rows[batch[0]][0])
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for i, (full, _) in enumerate(batch):
+            for i, row in enumerate(batch):
+                full = rows[row][0]
                 ids[i, : len(full)] = torch.tensor(full)
                 mask[i, : len(full)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for i, (full, n) in enumerate(batch):
+            for i, row in enumerate(batch):
+                full, n = rows[row]
                 pred = logits[i, n - 1 : len(full) - 1].argmax(-1).tolist()
-                out.append((pred, full[n:]))
+                out[row] = (pred, full[n:])
     finally:
         model.train(was_training)
-    return out
+    return out  # type: ignore[return-value]
 
 
 def build_counterfacts(
@@ -213,7 +264,7 @@ def build_counterfacts(
     questions are); the rest are edits whose new target is another object of the same relation.
     """
     if not 0 < locality_fraction < 1:
-        raise ValueError(f"locality_fraction must be in (0, 1), got {locality_fraction}")
+        raise InvalidInputError(f"locality_fraction must be in (0, 1), got {locality_fraction}")
     relations = _candidate_relations()
     prompts, targets, index = [], [], []
     for rel in relations:
@@ -256,7 +307,7 @@ def build_counterfacts(
                 }
             )
     if not records:
-        raise ValueError(
+        raise InvalidInputError(
             "the model completes too few of the candidate facts to build a counterfactual set; "
             "pass your own edits (CounterFact or ZsRE JSON) instead"
         )
@@ -269,15 +320,27 @@ def split_edits(
     """(validation, test): a fixed shuffle, stratified by relation, so settings such as lambda are
     chosen on records that are never reported."""
     if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+        raise InvalidInputError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     by_relation: dict[str, list[dict[str, str]]] = {}
     for rec in records:
         by_relation.setdefault(rec.get("relation", ""), []).append(rec)
     rng = random.Random(seed)
-    validation, test = [], []
-    for group in by_relation.values():
-        group = list(group)
+    groups = [list(group) for group in by_relation.values()]
+    for group in groups:
         rng.shuffle(group)
+    if sum(len(g) < 3 for g in groups) > len(groups) / 2:
+        # most relations too small to split on their own (public files: one template per few
+        # records): one ordering, relation by relation, cut with a running quota
+        ordered = [rec for group in groups for rec in group]
+        picks = [
+            round((k + 1) * validation_fraction) > round(k * validation_fraction) for k in range(len(ordered))
+        ]
+        return (
+            [r for r, v in zip(ordered, picks, strict=True) if v],
+            [r for r, v in zip(ordered, picks, strict=True) if not v],
+        )
+    validation, test = [], []
+    for group in groups:
         cut = round(len(group) * validation_fraction)
         validation += group[:cut]
         test += group[cut:]
@@ -303,7 +366,7 @@ def edit_dataset(
     from datasets import Dataset
 
     if target not in ("new", "old"):
-        raise ValueError(f"target must be 'new' or 'old', not {target!r}")
+        raise InvalidInputError(f"target must be 'new' or 'old', not {target!r}")
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     for rec in records:

@@ -21,3 +21,11 @@ class ModelLoadError(IVTrainerError, OSError):
 
 class MissingDependencyError(IVTrainerError, ImportError):
     """An optional dependency is missing; the message names the install command."""
+
+
+class InvalidInputError(IVTrainerError, ValueError):
+    """An argument, file or record that ivtrainer cannot use; the message names the fix."""
+
+
+class InputNotFoundError(IVTrainerError, FileNotFoundError):
+    """A path or Hub id that does not exist or holds something else than expected."""

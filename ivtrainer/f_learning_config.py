@@ -8,6 +8,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from .errors import InvalidInputError
+
 __all__ = ["FLearningConfig"]
 
 _METHODS = ("full", "lora")
@@ -64,18 +66,18 @@ class FLearningConfig(TrainingArguments):
     def __post_init__(self) -> None:
         for name in ("forget_method", "learn_method"):
             if getattr(self, name) not in _METHODS:
-                raise ValueError(f"{name} must be 'full' or 'lora', not {getattr(self, name)!r}")
+                raise InvalidInputError(f"{name} must be 'full' or 'lora', not {getattr(self, name)!r}")
         lam = self.forget_lambda
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"forget_lambda must be a finite number >= 0 (0 = plain fine-tuning), got {lam!r}"
             )
         for name in ("old_num_train_epochs", "old_learning_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
+                raise InvalidInputError(f"{name} must be > 0, got {value!r}")
         if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            raise InvalidInputError(f"lora_r must be >= 1, got {self.lora_r}")
         super().__post_init__()
 
     @property

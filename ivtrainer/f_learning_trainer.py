@@ -35,9 +35,11 @@ from .distributed import (
     is_zero3_partitioned,
     zero3_copy,
 )
+from .errors import InvalidInputError
 from .f_learning_config import FLearningConfig
 from .hub import check_trainer_push
-from .parameter_arithmetic import _unload, atomic_dir, save_adapter, subtract_adapter, subtract_model_delta
+from .outputs import atomic_dir
+from .parameter_arithmetic import _unload, save_adapter, subtract_adapter, subtract_model_delta
 
 __all__ = ["FLearningTrainer"]
 
@@ -87,19 +89,19 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
             if v is not None
         ]
         if len(given) != 1:
-            raise ValueError(
+            raise InvalidInputError(
                 f"pass exactly one source of the old knowledge: old_dataset (to fine-tune on), old_adapter "
                 f"or old_model (an existing fine-tune); got {given or 'none'}"
             )
         if train_dataset is None:
-            raise ValueError("pass train_dataset: the new knowledge to learn")
+            raise InvalidInputError("pass train_dataset: the new knowledge to learn")
         is_peft = isinstance(model, PeftModel)
         if args.learn_method == "full" and is_peft:
-            raise ValueError(
+            raise InvalidInputError(
                 "learn_method='full' but model is a PeftModel: pass the base model, or set learn_method='lora'"
             )
         if old_dataset is not None and args.forget_method == "full" and args.learn_method == "lora":
-            raise ValueError(
+            raise InvalidInputError(
                 "forget_method='full' with learn_method='lora' (FT->LoRA) is not supported with old_dataset: "
                 "fine-tune on the old knowledge yourself and pass old_model=, or use forget_method='lora'"
             )
@@ -115,7 +117,7 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         check_deepspeed_config(self.accelerator)
         if old_dataset is not None and args.learn_method == "lora" and deepspeed_enabled():
-            raise ValueError(
+            raise InvalidInputError(
                 "F-Learning with learn_method='lora' and old_dataset is not supported under DeepSpeed yet: use "
                 "learn_method='full' (FT or LoRA->FT), or the LoRA variant without DeepSpeed (it fits where LoRA "
                 "training fits)"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
 from .tasks import Example
 
 __all__ = ["EncodedPrompt", "PromptBuilder", "first_token_accuracy", "last_token_forward"]
@@ -44,7 +45,7 @@ class PromptBuilder:
 
     def __post_init__(self) -> None:
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
+            raise InvalidInputError(
                 "chat_template=True, but the tokenizer has no chat template; pass chat_template=False"
             )
 

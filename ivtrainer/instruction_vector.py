@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -20,13 +19,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .architectures import ModelLayout, get_layout
+from .errors import InputNotFoundError, InvalidInputError, IVTrainerError
 from .icl import PromptBuilder, first_token_accuracy
 from .intervention import Intervention, Positions, add_to_residual
 from .mediation import cie_atp, cie_exact, eval_mode, mean_head_activations
 from .models import model_source
+from .outputs import atomic_file
 from .tasks import load_examples
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["IncompatibleVectorError", "InstructionVector", "extract_instruction_vector", "head_contributions"]
 
@@ -35,7 +39,7 @@ WEIGHTS_NAME = "instruction_vector.safetensors"
 CONFIG_NAME = "instruction_vector.json"
 
 
-class IncompatibleVectorError(ValueError):
+class IncompatibleVectorError(IVTrainerError, ValueError):
     """An instruction vector was applied to a model of another shape."""
 
 
@@ -131,12 +135,12 @@ class InstructionVector:
             "cie": self.cie.detach().float().cpu().contiguous(),
             "mean_activations": self.mean_activations.detach().float().cpu().contiguous(),
         }
-        with _atomic(out / WEIGHTS_NAME) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        with _atomic(out / CONFIG_NAME) as tmp:
-            Path(tmp).write_text(json.dumps(self._config(), indent=2) + "\n")
-        with _atomic(out / "README.md") as tmp:
-            self.model_card().save(tmp)
+        with atomic_file(out / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with atomic_file(out / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(self._config(), indent=2) + "\n")
+        with atomic_file(out / "README.md") as tmp:
+            self.model_card().save(str(tmp))
         return out
 
     @classmethod
@@ -150,7 +154,7 @@ class InstructionVector:
         if path.is_dir():
             config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
             if not config_file.is_file() or not weights_file.is_file():
-                raise FileNotFoundError(
+                raise InputNotFoundError(
                     f"{path} holds no {CONFIG_NAME} + {WEIGHTS_NAME}: not an instruction vector folder "
                     "(write one with InstructionVector.save_pretrained)"
                 )
@@ -165,13 +169,13 @@ class InstructionVector:
                     str(path_or_repo_id), WEIGHTS_NAME, revision=revision, token=token
                 )
             except Exception as exc:
-                raise FileNotFoundError(
+                raise InputNotFoundError(
                     f"cannot load an instruction vector from {os.fspath(path_or_repo_id)!r}: not a local folder, "
                     f"and the Hub download failed ({type(exc).__name__})"
                 ) from None
         config = json.loads(Path(config_file).read_text())
         if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported instruction vector format {config.get('format_version')!r}")
+            raise InvalidInputError(f"unsupported instruction vector format {config.get('format_version')!r}")
         tensors = load_file(weights_file)
         config.pop("format_version")
         config.pop("ivtrainer_version", None)
@@ -247,19 +251,6 @@ with iv.apply(model, strength=1.0):
         return ModelCard(content)
 
 
-@contextlib.contextmanager
-def _atomic(target: Path) -> Iterator[str]:
-    """A temporary path next to ``target``, renamed onto it when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @torch.no_grad()
 def head_contributions(layout: ModelLayout, mean: torch.Tensor, heads: list[tuple[int, int]]) -> torch.Tensor:
     """``(len(heads), hidden)``: each head's mean output pushed through its output projection.
@@ -278,32 +269,62 @@ def head_contributions(layout: ModelLayout, mean: torch.Tensor, heads: list[tupl
     return torch.stack(out)
 
 
+#: Longest input or output accepted for extraction: k-shot prompts repeat them k + 1 times.
+MAX_FIELD_CHARS = 2000
+
+
+def check_extraction_sizes(
+    examples: list[dict[str, str]], *, n_shots: int, n_heads: int | None = None
+) -> None:
+    """What can be checked about extraction data without the model: enough pairs for
+    ``n_shots``-shot prompts, fields short enough for prompts, outputs that differ (with one
+    output for every input, shuffled labels change nothing and every causal effect is 0)."""
+    if not isinstance(n_shots, int) or isinstance(n_shots, bool) or n_shots < 0:
+        raise InvalidInputError(f"n_shots must be an integer >= 0, got {n_shots!r}")
+    if n_heads is not None and (not isinstance(n_heads, int) or n_heads < 1):
+        raise InvalidInputError(f"n_heads must be an integer >= 1, got {n_heads!r}")
+    if len(examples) < n_shots + 1:
+        raise InvalidInputError(
+            f"{len(examples)} examples are too few for {n_shots}-shot prompts: each prompt needs {n_shots} "
+            f"demonstrations plus a query, so pass at least {n_shots + 1} examples or lower n_shots"
+        )
+    for i, ex in enumerate(examples):
+        for field in ("input", "output"):
+            if len(ex[field]) > MAX_FIELD_CHARS:
+                raise InvalidInputError(
+                    f"example {i}: {field!r} has {len(ex[field])} characters (at most {MAX_FIELD_CHARS}); each "
+                    f"{n_shots}-shot prompt repeats {n_shots + 1} pairs, so use short task pairs"
+                )
+    if len({ex["output"].strip() for ex in examples}) < 2:
+        raise InvalidInputError(
+            f"all {len(examples)} examples have the output {examples[0]['output']!r}: with shuffled labels the "
+            "corrupted prompts equal the clean ones, so every head's causal effect is 0; use a task whose "
+            "outputs depend on the input"
+        )
+
+
 def _validate(
     layout: ModelLayout, examples, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer
 ):
     if method not in ("exact", "atp"):
-        raise ValueError(f"method must be 'exact' or 'atp', not {method!r}")
+        raise InvalidInputError(f"method must be 'exact' or 'atp', not {method!r}")
     for name, value, low in (
         ("n_shots", n_shots, 0),
         ("n_mean_prompts", n_mean_prompts, 1),
         ("n_cie_prompts", n_cie_prompts, 1),
     ):
         if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if len(examples) < n_shots + 1:
-        raise ValueError(
-            f"{len(examples)} examples are too few for {n_shots}-shot prompts: each prompt needs {n_shots} "
-            f"demonstrations plus a query, so pass at least {n_shots + 1} examples or lower n_shots"
-        )
+            raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_extraction_sizes(examples, n_shots=n_shots)
     total = layout.n_layers * layout.n_heads
     if not isinstance(n_heads, int) or not 1 <= n_heads <= total:
-        raise ValueError(
+        raise InvalidInputError(
             f"n_heads must be between 1 and the model's {layout.n_layers} x {layout.n_heads} = {total} heads, got {n_heads!r}"
         )
     if edit_layer not in (None, "auto") and not (
         isinstance(edit_layer, int) and 0 <= edit_layer < layout.n_layers
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"edit_layer must be None, 'auto' or a layer in [0, {layout.n_layers}), got {edit_layer!r}"
         )
 
@@ -361,6 +382,12 @@ def extract_instruction_vector(
             cie += score(model, layout, prompt, mean)
         cie /= len(corrupted)
 
+        if not bool((cie > 0).any()):
+            logger.warning(
+                "no head has a positive causal effect on this task (max CIE %.3g): the instruction vector "
+                "will not steer; check the task data, or use more prompts (n_cie_prompts)",
+                float(cie.max()),
+            )
         top = torch.topk(cie.flatten(), n_heads)
         heads = [divmod(int(i), layout.n_heads) for i in top.indices]
         vector = head_contributions(layout, mean, heads).sum(0)

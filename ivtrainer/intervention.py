@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import get_layout, unwrap_model
+from .errors import InvalidInputError
 from .hooks import hooks
 
 __all__ = ["Intervention", "Positions", "add_to_residual", "last_prompt_positions", "suspend_interventions"]
@@ -71,7 +72,7 @@ class Intervention:
                 positions = "last"
         if isinstance(positions, torch.Tensor):
             if positions.shape != (batch, seq):
-                raise ValueError(
+                raise InvalidInputError(
                     f"positions mask has shape {tuple(positions.shape)} but the input is {(batch, seq)}; "
                     "pass a (batch, seq) bool mask per forward, or 'last' / 'all'"
                 )
@@ -96,9 +97,11 @@ class Intervention:
 def _check_positions(positions: Positions) -> None:
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 2:
-            raise ValueError(f"a positions mask must be (batch, seq), got shape {tuple(positions.shape)}")
+            raise InvalidInputError(
+                f"a positions mask must be (batch, seq), got shape {tuple(positions.shape)}"
+            )
     elif positions not in ("last", "all", "last_prompt"):
-        raise ValueError(
+        raise InvalidInputError(
             f"positions must be 'last', 'all', 'last_prompt' or a (batch, seq) bool tensor, not {positions!r}"
         )
 
@@ -122,9 +125,9 @@ def add_to_residual(
     layout = get_layout(model)
     for layer, vector in vectors:
         if not 0 <= layer < layout.n_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has {layout.n_layers} layers")
+            raise InvalidInputError(f"layer {layer} is out of range: the model has {layout.n_layers} layers")
         if vector.shape != (layout.hidden_size,):
-            raise ValueError(
+            raise InvalidInputError(
                 f"vector has shape {tuple(vector.shape)}, the model's hidden size is {layout.hidden_size}"
             )
     handle = Intervention(strength, positions)
@@ -139,7 +142,7 @@ def add_to_residual(
         embeds = bound.get("inputs_embeds", extra.get("inputs_embeds"))
         source = ids if ids is not None else embeds
         if source is None:
-            raise ValueError("cannot intervene: the forward got neither input_ids nor inputs_embeds")
+            raise InvalidInputError("cannot intervene: the forward got neither input_ids nor inputs_embeds")
         past = bound.get("past_key_values", extra.get("past_key_values"))
         past_len = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
         handle._locate(

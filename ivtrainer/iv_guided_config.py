@@ -7,6 +7,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from .errors import InvalidInputError
 from .kl_loss import KL_DIRECTIONS, KL_POSITIONS
 from .schedules import SCHEDULES, Schedule
 
@@ -71,21 +72,21 @@ class IVGuidedConfig(TrainingArguments):
         self.iv_schedule_obj()  # every value checked before the Trainer does any work
         self.kl_schedule_obj()
         if self.iv_positions not in ("last_prompt", "last", "all"):
-            raise ValueError(
+            raise InvalidInputError(
                 f"iv_positions must be 'last_prompt', 'last' or 'all', not {self.iv_positions!r}"
             )
         if self.kl_direction not in KL_DIRECTIONS:
-            raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, not {self.kl_direction!r}")
+            raise InvalidInputError(f"kl_direction must be one of {KL_DIRECTIONS}, not {self.kl_direction!r}")
         if self.kl_positions not in KL_POSITIONS:
-            raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, not {self.kl_positions!r}")
+            raise InvalidInputError(f"kl_positions must be one of {KL_POSITIONS}, not {self.kl_positions!r}")
         for name in ("teacher_iv_strength", "kl_temperature", "kl_threshold", "head_mse_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
         if self.kl_temperature <= 0:
-            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+            raise InvalidInputError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if min(self.kl_weight, self.kl_weight_end or 0.0, self.kl_threshold, self.head_mse_weight) < 0:
-            raise ValueError("kl_weight, kl_weight_end, kl_threshold and head_mse_weight must be >= 0")
+            raise InvalidInputError("kl_weight, kl_weight_end, kl_threshold and head_mse_weight must be >= 0")
         super().__post_init__()
 
     def iv_schedule_obj(self) -> Schedule:

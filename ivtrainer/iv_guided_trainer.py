@@ -12,6 +12,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 from .callbacks import IVCallback
 from .callbacks.iv_intervention import IVLike, load_vectors
 from .distributed import NoEmptyParamGroupsMixin, check_deepspeed_config
+from .errors import InvalidInputError
 from .hub import check_trainer_push
 from .iv_guided_config import IVGuidedConfig
 
@@ -138,7 +139,7 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         train = kwargs.get("train_dataset")
         if train is not None and _is_prompt_completion(train):
             if tokenizer is None:
-                raise ValueError(
+                raise InvalidInputError(
                     "prompt/completion data needs processing_class= (the tokenizer) to tokenise it"
                 )
             kwargs["train_dataset"] = tokenize_prompt_completion(train, tokenizer)
@@ -181,7 +182,7 @@ def _check_labels(dataset, collator) -> None:
         return
     batch = collator([example])
     if batch.get("labels") is None:
-        raise ValueError(
+        raise InvalidInputError(
             "the training batches have no labels: IV-guided training places the IV before the first label and "
             "masks the KL with them. Tokenise with labels (-100 on the prompt), pass prompt/completion columns, "
             "or use DataCollatorForLanguageModeling(tokenizer, mlm=False)"

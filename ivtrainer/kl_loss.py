@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .errors import InvalidInputError
 from .intervention import last_prompt_positions
 
 __all__ = ["KL_DIRECTIONS", "KL_POSITIONS", "kl_positions", "kl_term", "token_kl"]
@@ -46,7 +47,7 @@ def kl_positions(
         return mask
     if which == "all":
         return torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    raise ValueError(f"KL positions must be one of {KL_POSITIONS}, not {which!r}")
+    raise InvalidInputError(f"KL positions must be one of {KL_POSITIONS}, not {which!r}")
 
 
 def token_kl(
@@ -70,7 +71,7 @@ def token_kl(
     if direction == "jsd":
         m = torch.logaddexp(s, t) - torch.log(torch.tensor(2.0, device=s.device))
         return 0.5 * ((s.exp() * (s - m)).sum(-1) + (t.exp() * (t - m)).sum(-1))
-    raise ValueError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
+    raise InvalidInputError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
 
 
 def kl_term(
@@ -98,7 +99,7 @@ def kl_term(
     was run with ``logits_to_keep=teacher_columns``; they must include every position in ``mask``.
     """
     if direction not in KL_DIRECTIONS:
-        raise ValueError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
+        raise InvalidInputError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
     if not bool(mask.any()):
         return None
     index = mask.reshape(-1).nonzero().squeeze(1)
@@ -109,7 +110,7 @@ def kl_term(
         where[teacher_columns] = torch.arange(teacher_columns.numel(), device=mask.device)
         column = where[index % seq]
         if bool((column < 0).any()):
-            raise ValueError("teacher_columns must include every position the mask selects")
+            raise InvalidInputError("teacher_columns must include every position the mask selects")
         teacher_index = index // seq * teacher_columns.numel() + column
     denominator = num_items_in_batch if num_items_in_batch is not None else index.numel()
     return _FusedKL.apply(

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidInputError
+
 __all__ = ["METHODS", "adapter_description", "edited_model_card", "write_trainer_card"]
 
 METHODS = {
@@ -62,7 +64,7 @@ def edited_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {sorted(METHODS)}")
+        raise InvalidInputError(f"unknown method {method!r}; one of {sorted(METHODS)}")
     title, paper, summary = METHODS[method]
     hub_id = base_model if base_model and "/" in base_model and not Path(base_model).exists() else None
     data = ModelCardData(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MissingDependencyError, ModelLoadError
+from .outputs import apply_umask, sweep_stale
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -84,8 +85,9 @@ def default_model_path() -> Path:
     if (target / _SOURCE_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(target)
+    sweep_stale(target.parent, f".{target.name}.tmp-")  # conversions whose process is gone
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    apply_umask(tmp, 0o777)  # a shared IVTRAINER_CACHE stays readable for the group
     try:
         _convert_gguf(gguf_dir, tmp, version)
         try:
@@ -96,24 +98,6 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _remove_stale_tmp(target: Path) -> None:
-    """Delete temporary folders left by conversions whose process is gone."""
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _convert_gguf(gguf_dir: Path, out: Path, version: str) -> None:

@@ -11,13 +11,11 @@ Both compute in float32 and cast back to the stored dtype.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import gathered
-from .errors import IVTrainerError
+from .errors import InvalidInputError, IVTrainerError
+from .outputs import atomic_dir, scratch_dir
 
 __all__ = [
     "AdapterMismatchError",
@@ -45,13 +44,15 @@ def _as_list(value, n: int | None = None) -> list:
     return items * n if n is not None and len(items) == 1 else items
 
 
-def _check_lambdas(lams: Sequence, n: int) -> list[float]:
+def check_lambdas(lams: Sequence, n: int) -> list[float]:
     if len(lams) != n:
-        raise ValueError(f"got {len(lams)} lambdas for {n} adapters; pass one lambda, or one per adapter")
+        raise InvalidInputError(
+            f"got {len(lams)} lambdas for {n} adapters; pass one lambda, or one per adapter"
+        )
     out = []
     for lam in lams:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise ValueError(f"lambda must be a finite number, got {lam!r}")
+            raise InvalidInputError(f"lambda must be a finite number, got {lam!r}")
         out.append(float(lam))
     return out
 
@@ -208,22 +209,24 @@ def subtract_adapter(
     PeftModel, _ = _peft_types()
     if isinstance(model, PeftModel) and adapter is None:
         names = [adapter_name] if adapter_name else list(model.peft_config)
-        lams = _check_lambdas(_as_list(lam, len(names)), len(names))
+        lams = check_lambdas(_as_list(lam, len(names)), len(names))
         for name in names:
             if name not in model.peft_config:
-                raise ValueError(f"the PeftModel has no adapter {name!r}; it has {list(model.peft_config)}")
+                raise InvalidInputError(
+                    f"the PeftModel has no adapter {name!r}; it has {list(model.peft_config)}"
+                )
             _check_config(name, model.peft_config[name], None, False)
         _subtract_in_place(model, names, lams)
         return _unload(model)
 
     if adapter is None:
-        raise ValueError("pass the adapter to subtract (a folder, a Hub id or a PeftModel)")
+        raise InvalidInputError("pass the adapter to subtract (a folder, a Hub id or a PeftModel)")
     adapters = _as_list(adapter)
-    lams = _check_lambdas(_as_list(lam, len(adapters)), len(adapters))
+    lams = check_lambdas(_as_list(lam, len(adapters)), len(adapters))
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     model_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     loaded = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         for i, item in enumerate(adapters):
             if isinstance(item, PeftModel):  # its trained adapter, as files
                 item = save_adapter(item, Path(tmp) / str(i), adapter_name)
@@ -302,20 +305,22 @@ def subtract_model_delta(
     state dict or a model folder (read one tensor at a time). A PeftModel's base weights are
     updated and its LoRA weights left alone. Computed in float32, cast back; returns ``model``.
     """
-    (lam,) = _check_lambdas([lam], 1)
+    (lam,) = check_lambdas([lam], 1)
     params = {_plain_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
     tuned = _tensor_source(finetuned)
     theta = _tensor_source(base) if base is not None else None
     missing = [n for n in params if n not in tuned]
     if missing:
-        raise ValueError(
+        raise InvalidInputError(
             f"the fine-tuned weights lack {missing[:3]} ({len(missing)} tensors); "
             "the delta needs a fine-tune of this same model"
         )
     for name, p in params.items():
         t, shape = tuned[name], tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape aside
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} in the fine-tuned weights but {shape} here")
+            raise InvalidInputError(
+                f"{name} has shape {tuple(t.shape)} in the fine-tuned weights but {shape} here"
+            )
     for name, p in tqdm(params.items(), desc="subtract delta", unit="tensor", leave=False):
         with gathered(p):  # whole under ZeRO-3 (one tensor at a time), else a no-op
             theta32 = (theta[name] if theta is not None else p.data).to(p.device, torch.float32)
@@ -374,7 +379,7 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-_SKIP_FILES = {"README.md", "ivtrainer_source.json", ".gitattributes"}
+_SKIP_FILES = {"README.md", "ivtrainer_source.json", ".gitattributes", ".ivtrainer-output.json"}
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -392,7 +397,7 @@ def _read(f, info: dict, start: int) -> torch.Tensor:
     f.seek(start + begin)
     buffer = bytearray(end - begin)
     if f.readinto(buffer) != len(buffer):
-        raise ValueError(f"{f.name} is truncated: a tensor ends past the end of the file")
+        raise InvalidInputError(f"{f.name} is truncated: a tensor ends past the end of the file")
     dtype = _DTYPES[info["dtype"]]
     if not buffer:
         return torch.empty(info["shape"], dtype=dtype)
@@ -407,7 +412,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
     single = folder / "model.safetensors"
     if single.is_file():
         return dict.fromkeys(_header(single)[0], "model.safetensors")
-    raise ValueError(
+    raise InvalidInputError(
         f"{folder} has no model.safetensors(.index.json); re-save it with model.save_pretrained(dir) "
         "(safetensors is the default)"
     )
@@ -429,7 +434,7 @@ def _model_folder(name_or_path: str | os.PathLike) -> Path:
             snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
         )
     except Exception as exc:
-        raise ValueError(
+        raise InvalidInputError(
             f"cannot find model {name!r}: not a local folder, and the Hub download failed ({type(exc).__name__})"
         ) from None
 
@@ -449,15 +454,23 @@ def subtract_task_vector(
     generation config and tokenizer, plus ``ivtrainer_task_vector.json`` recording the operation.
     It is written to a temporary folder and renamed into place; nothing is left on failure.
     """
-    (lam,) = _check_lambdas([lam], 1)
+    (lam,) = check_lambdas([lam], 1)
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
-    base_dir, ft_dir = _model_folder(base), _model_folder(finetuned)
+    plan = _task_vector_plan(base, finetuned)
+    with atomic_dir(out, marker={"command": "subtract_task_vector"}) as tmp:
+        write_task_vector(plan, lam, tmp)
+    return out
+
+
+def _task_vector_plan(base: str | os.PathLike, finetuned: str | os.PathLike, **download) -> dict:
+    """Both models' folders, weight maps and shard headers, checked to match (names and shapes)."""
+    base_dir, ft_dir = _model_folder(base, **download), _model_folder(finetuned, **download)
     base_map, ft_map = _weight_map(base_dir), _weight_map(ft_dir)
     if base_map.keys() != ft_map.keys():
         only_base, only_ft = sorted(base_map.keys() - ft_map.keys()), sorted(ft_map.keys() - base_map.keys())
-        raise ValueError(
+        raise InvalidInputError(
             f"the models have different tensors: only in base {only_base[:3]}, only in finetuned {only_ft[:3]}; "
             "a task vector needs two checkpoints of the same architecture"
         )
@@ -466,26 +479,36 @@ def subtract_task_vector(
     for name, shard in base_map.items():
         b, f = base_headers[shard][0][name], ft_headers[ft_map[name]][0][name]
         if b["shape"] != f["shape"]:
-            raise ValueError(f"{name} has shape {b['shape']} in base but {f['shape']} in finetuned")
+            raise InvalidInputError(f"{name} has shape {b['shape']} in base but {f['shape']} in finetuned")
+    return {"base": os.fspath(base), "finetuned": os.fspath(finetuned), "base_dir": base_dir, "ft_dir": ft_dir,
+            "ft_map": ft_map, "ft_headers": ft_headers, "base_headers": base_headers}  # fmt: skip
 
-    with atomic_dir(out) as tmp:
-        handles = {shard: open(ft_dir / shard, "rb") for shard in ft_headers}  # noqa: SIM115 - closed below
-        try:
-            for shard, (header, start) in tqdm(
-                sorted(base_headers.items()), desc="task vector", unit="shard"
-            ):
-                with open(base_dir / shard, "rb") as fb:
-                    _write_shard(tmp / shard, header, start, fb, ft_map, ft_headers, handles, lam)
-        finally:
-            for handle in handles.values():
-                handle.close()
-        for item in base_dir.iterdir():
-            if item.is_file() and item.name not in _SKIP_FILES and not item.name.endswith(".safetensors"):
-                shutil.copy2(item, tmp / item.name)
-        record = {"operation": "theta - lam * (theta_finetuned - theta)", "lam": lam,
-                  "base": os.fspath(base), "finetuned": os.fspath(finetuned)}  # fmt: skip
-        (tmp / "ivtrainer_task_vector.json").write_text(json.dumps(record, indent=2) + "\n")
-    return out
+
+def write_task_vector(plan: dict, lam: float, folder: Path) -> None:
+    """Stream ``theta - lam * (theta_ft - theta)`` into ``folder`` (shards, config, tokenizer,
+    ``ivtrainer_task_vector.json``); ``plan`` from :func:`_task_vector_plan`."""
+    base_dir, ft_dir, ft_map, ft_headers = (
+        plan["base_dir"],
+        plan["ft_dir"],
+        plan["ft_map"],
+        plan["ft_headers"],
+    )
+    handles = {shard: open(ft_dir / shard, "rb") for shard in ft_headers}  # noqa: SIM115 - closed below
+    try:
+        for shard, (header, start) in tqdm(
+            sorted(plan["base_headers"].items()), desc="task vector", unit="shard"
+        ):
+            with open(base_dir / shard, "rb") as fb:
+                _write_shard(folder / shard, header, start, fb, ft_map, ft_headers, handles, lam)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    for item in base_dir.iterdir():
+        if item.is_file() and item.name not in _SKIP_FILES and not item.name.endswith(".safetensors"):
+            shutil.copy2(item, folder / item.name)
+    record = {"operation": "theta - lam * (theta_finetuned - theta)", "lam": lam,
+              "base": plan["base"], "finetuned": plan["finetuned"]}  # fmt: skip
+    (folder / "ivtrainer_task_vector.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _write_shard(path: Path, header: dict, start: int, fb, ft_map, ft_headers, handles, lam: float) -> None:
@@ -515,25 +538,3 @@ def _write_shard(path: Path, header: dict, start: int, fb, ft_map, ft_headers, h
             else:  # integer buffers are not parameters: keep the base's
                 result = theta
             f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary folder next to ``target``, renamed onto it when the block succeeds.
-
-    An existing ``target`` is moved aside first and deleted after the rename; on failure the
-    temporary folder is removed and ``target`` is left as it was.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

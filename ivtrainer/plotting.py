@@ -26,13 +26,14 @@ def _pyplot():
 def _save(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from .outputs import atomic_file
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_cie(cie: torch.Tensor, path: str | os.PathLike, *, heads=(), title: str | None = None) -> Path:

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from .errors import InvalidInputError
+
 __all__ = ["SCHEDULES", "Schedule"]
 
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "step")
@@ -34,13 +36,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.kind!r}")
+            raise InvalidInputError(f"schedule must be one of {SCHEDULES}, not {self.kind!r}")
         for name in ("start", "end"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"schedule {name} must be a finite number, got {value!r}")
+                raise InvalidInputError(f"schedule {name} must be a finite number, got {value!r}")
         if not (isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 1):
-            raise ValueError(f"schedule fraction must be in [0, 1], got {self.fraction!r}")
+            raise InvalidInputError(f"schedule fraction must be in [0, 1], got {self.fraction!r}")
 
     def __call__(self, step: int, total_steps: int) -> float:
         """The value for the optimizer step ``step`` (0-based) of ``total_steps``."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInputError
+
 __all__ = [
     "TINY_ARCHITECTURES",
     "intercept_hub_upload",
@@ -97,7 +99,9 @@ def tiny_config(model_type: str = "llama", vocab_size: int = 320, **overrides):
     from transformers import AutoConfig
 
     if model_type not in TINY_ARCHITECTURES:
-        raise ValueError(f"no tiny config for {model_type!r}; choose one of {sorted(TINY_ARCHITECTURES)}")
+        raise InvalidInputError(
+            f"no tiny config for {model_type!r}; choose one of {sorted(TINY_ARCHITECTURES)}"
+        )
     # Special ids must lie inside the tiny vocabulary (the families' defaults do not).
     ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     fields = {**_WIDTH, **ids, **TINY_ARCHITECTURES[model_type], "vocab_size": vocab_size, **overrides}

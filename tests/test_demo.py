@@ -13,6 +13,7 @@ import torch
 from ivtrainer.cli import main
 from ivtrainer.demo import DemoPlan, estimate_seconds, knowledge_table, new_task_table, run_demo
 from ivtrainer.errors import IVTrainerError
+from ivtrainer.outputs import MARKER
 from ivtrainer.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,7 @@ def test_quick_demo_end_to_end(tmp_path, default_model):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
+    (out / MARKER).write_text('{"command": "demo"}')  # an earlier run's folder: --overwrite replaces it
     command = [
         str(Path(sys.executable).parent / "ivtrainer"),
         "demo",

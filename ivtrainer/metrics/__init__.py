@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+from ..errors import InvalidInputError
+
 __all__ = ["load", "path"]
 
 _NAMES = ("knowledge_update",)
@@ -16,7 +18,7 @@ _NAMES = ("knowledge_update",)
 def path(name: str) -> str:
     """Local path of a shipped ``evaluate`` module script, for ``evaluate.load(path)``."""
     if name not in _NAMES:
-        raise ValueError(f"no metric {name!r}; ivtrainer ships {list(_NAMES)}")
+        raise InvalidInputError(f"no metric {name!r}; ivtrainer ships {list(_NAMES)}")
     return str(resources.files("ivtrainer") / "metrics" / name / f"{name}.py")
 
 
