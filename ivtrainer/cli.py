@@ -48,7 +48,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
 
     # Everything that can be checked without the model is checked before loading it.
     examples = load_examples(args.task)
-    check_extraction_sizes(examples, n_shots=args.n_shots, n_heads=args.n_heads)
+    check_extraction_sizes(examples, n_shots=args.n_shots, n_heads=args.n_heads, source=args.task)
     out = check_output_dir(args.out, inputs=[args.model, args.task], overwrite=args.overwrite)
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
@@ -88,14 +88,18 @@ def _extract_iv(args: argparse.Namespace) -> int:
 def _forget(args: argparse.Namespace) -> int:
     from .hub import check_push_target, push_folder
     from .outputs import MARKER, atomic_dir, check_output_dir
-    from .parameter_arithmetic import _task_vector_plan, check_lambdas, subtract_adapter, write_task_vector
+    from .parameter_arithmetic import (
+        _task_vector_plan,
+        check_adapter_configs,
+        check_lambdas,
+        subtract_adapter,
+        write_task_vector,
+    )
 
     # Checked before any model is loaded or anything is written.
     if bool(args.adapter) == bool(args.finetuned):
         raise IVTrainerError("pass either --adapter (one or more) or --finetuned, not both and not neither")
     n = len(args.adapter) if args.adapter else 1
-    if len(args.lam) not in (1, n):
-        raise IVTrainerError(f"{len(args.lam)} --lam values for {n} adapters: pass one, or one per --adapter")
     lams = check_lambdas(args.lam * n if len(args.lam) == 1 else args.lam, n)
     if any(lam < 0 for lam in lams):
         raise IVTrainerError(
@@ -112,8 +116,10 @@ def _forget(args: argparse.Namespace) -> int:
             write_task_vector(plan, lams[0], tmp)
             _write_forget_card(tmp, args, lams)
     else:
-        from .models import load_model
+        from .models import DEFAULT_MODEL, load_model
 
+        base_name = None if args.base == DEFAULT_MODEL else args.base  # checked after loading then
+        check_adapter_configs(args.adapter, base_name, check_base_model=not args.no_check_base_model)
         model, tokenizer = load_model(args.base)
         model = subtract_adapter(
             model,
@@ -167,7 +173,11 @@ def _evaluate_edits(args: argparse.Namespace) -> int:
     from .models import load_model
     from .outputs import atomic_file, check_output_file
 
-    records = None if args.data == BUILTIN else load_edits(args.data)  # file errors before any load
+    def warn(message: str) -> None:
+        print(f"ivtrainer evaluate-edits: warning: {message}", file=sys.stderr)
+
+    # file errors before any load
+    records = None if args.data == BUILTIN else load_edits(args.data, on_skip=warn)
     to_file = args.json not in (None, "-")
     if to_file:
         json_out = check_output_file(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +88,7 @@ def load_edits(
     model=None,
     tokenizer=None,
     on_invalid: Literal["auto", "skip", "raise"] = "auto",
+    on_skip: Callable[[str], None] | None = None,
 ) -> list[dict[str, str]]:
     """Edit records from ``"builtin"`` (needs ``model`` and ``tokenizer``), a JSON/JSONL file, a
     list of dicts or a ``datasets.Dataset``, in CounterFact (EasyEdit split), ZsRE (MEND split) or
@@ -95,7 +96,8 @@ def load_edits(
 
     ``on_invalid``: what to do with a record that lacks a field or has an empty one (the public
     files have a few, e.g. 2 ZsRE records with ``"alt": ""``): ``"skip"`` it (a warning names
-    them and the count), ``"raise"``, or ``"auto"``: skip in the public formats, raise in ours.
+    them and the count; ``on_skip`` receives that message instead of the log), ``"raise"``, or
+    ``"auto"``: skip in the public formats, raise in ours.
     Records without a relation get one from the prompt (the prompt with the subject replaced by
     ``{}``), so :func:`split_edits` can stratify public files.
     """
@@ -137,15 +139,12 @@ def load_edits(
     if problems:
         if not out:
             raise InvalidInputError(f"no valid edit records{loc}: {problems[0]}")
-        shown = "; ".join(p.split(" (fields:")[0].split(f"{loc};")[0] for p in problems[:3])
-        logger.warning(
-            "skipped %d of %d edit records%s that are incomplete: %s%s (on_invalid='raise' to stop instead)",
-            len(problems),
-            len(records),
-            loc,
-            shown,
-            "; ..." if len(problems) > 3 else "",
+        shown = "; ".join(p.split(" (fields:")[0].replace(loc, "") for p in problems[:3])
+        more = "; ..." if len(problems) > 3 else ""
+        message = (
+            f"skipped {len(problems)} of {len(records)} edit records{loc} that are incomplete: {shown}{more}"
         )
+        (on_skip or logger.warning)(message)
     return out
 
 

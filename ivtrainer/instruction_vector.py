@@ -274,7 +274,7 @@ MAX_FIELD_CHARS = 2000
 
 
 def check_extraction_sizes(
-    examples: list[dict[str, str]], *, n_shots: int, n_heads: int | None = None
+    examples: list[dict[str, str]], *, n_shots: int, n_heads: int | None = None, source: str | None = None
 ) -> None:
     """What can be checked about extraction data without the model: enough pairs for
     ``n_shots``-shot prompts, fields short enough for prompts, outputs that differ (with one
@@ -283,21 +283,22 @@ def check_extraction_sizes(
         raise InvalidInputError(f"n_shots must be an integer >= 0, got {n_shots!r}")
     if n_heads is not None and (not isinstance(n_heads, int) or n_heads < 1):
         raise InvalidInputError(f"n_heads must be an integer >= 1, got {n_heads!r}")
+    where = f" in {source}" if source else ""
     if len(examples) < n_shots + 1:
         raise InvalidInputError(
-            f"{len(examples)} examples are too few for {n_shots}-shot prompts: each prompt needs {n_shots} "
+            f"{len(examples)} examples{where} are too few for {n_shots}-shot prompts: each prompt needs {n_shots} "
             f"demonstrations plus a query, so pass at least {n_shots + 1} examples or lower n_shots"
         )
     for i, ex in enumerate(examples):
         for field in ("input", "output"):
             if len(ex[field]) > MAX_FIELD_CHARS:
                 raise InvalidInputError(
-                    f"example {i}: {field!r} has {len(ex[field])} characters (at most {MAX_FIELD_CHARS}); each "
+                    f"example {i}{where}: {field!r} has {len(ex[field])} characters (at most {MAX_FIELD_CHARS}); each "
                     f"{n_shots}-shot prompt repeats {n_shots + 1} pairs, so use short task pairs"
                 )
     if len({ex["output"].strip() for ex in examples}) < 2:
         raise InvalidInputError(
-            f"all {len(examples)} examples have the output {examples[0]['output']!r}: with shuffled labels the "
+            f"all {len(examples)} examples{where} have the output {examples[0]['output']!r}: with shuffled labels the "
             "corrupted prompts equal the clean ones, so every head's causal effect is 0; use a task whose "
             "outputs depend on the input"
         )

@@ -145,6 +145,20 @@ def apply_umask(path: Path, mode: int) -> None:
         os.chmod(path, mode & ~_umask())
 
 
+def _apply_umask_tree(folder: Path) -> None:
+    """Folders and files as a plain mkdir/open would make them: writers that go through
+    ``mkstemp`` (some save functions do) leave 0600."""
+    mask = _umask()
+    for root, _dirs, files in os.walk(folder):
+        with contextlib.suppress(OSError):
+            os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, (0o777 if os.stat(path).st_mode & 0o100 else 0o666) & ~mask)
+
+
 # -- stale temporaries -----------------------------------------------------------------------------------
 
 
@@ -202,6 +216,7 @@ def atomic_dir(target: str | os.PathLike, *, marker: dict | None = None) -> Iter
     apply_umask(tmp, 0o777)
     try:
         yield tmp
+        _apply_umask_tree(tmp)
         if marker is not None:
             from . import __version__
 

@@ -28,6 +28,7 @@ from .outputs import atomic_dir, scratch_dir
 
 __all__ = [
     "AdapterMismatchError",
+    "check_adapter_configs",
     "save_adapter",
     "subtract_adapter",
     "subtract_model_delta",
@@ -80,8 +81,27 @@ def _check_config(name: str, config, model_name: str | None, check_base_model: b
     if check_base_model and base and model_name and _norm(base) != _norm(model_name):
         raise AdapterMismatchError(
             f"adapter {name!r} was trained on {base!r}, but the model is {model_name!r}; "
-            "pass check_base_model=False if these are the same weights"
+            "pass check_base_model=False (CLI: --no-check-base-model) if these are the same weights"
         )
+
+
+def check_adapter_configs(
+    adapters: Sequence, model_name: str | None, *, check_base_model: bool = True
+) -> None:
+    """The checks of :func:`subtract_adapter` that need only the adapters' configs (type, DoRA,
+    base model name): run them before loading a model."""
+    from peft import PeftConfig
+
+    for adapter in adapters:
+        where = os.fspath(adapter)
+        try:
+            config = PeftConfig.from_pretrained(where)
+        except Exception as exc:
+            raise AdapterMismatchError(
+                f"cannot read the adapter config of {where!r} ({type(exc).__name__}): pass a PEFT adapter folder "
+                "(with adapter_config.json) or a Hub id"
+            ) from None
+        _check_config(where, config, model_name, check_base_model)
 
 
 def _norm(name: str) -> str:

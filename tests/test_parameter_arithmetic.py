@@ -170,7 +170,8 @@ def test_task_vector_formula_and_files(tmp_path, tokenizer, save_kwargs):
     base, tuned = _finetuned_pair(tmp_path, tokenizer, **save_kwargs)
     out = subtract_task_vector(tmp_path / "base", tmp_path / "tuned", 0.4, tmp_path / "out")
     base_files = sorted(p.name for p in (tmp_path / "base").iterdir())
-    assert sorted(p.name for p in out.iterdir()) == sorted([*base_files, "ivtrainer_task_vector.json"])
+    written = ["ivtrainer_task_vector.json", ".ivtrainer-output.json"]  # the record, and the folder's marker
+    assert sorted(p.name for p in out.iterdir()) == sorted([*base_files, *written])
     if save_kwargs:
         assert len(list(out.glob("*.safetensors"))) > 1  # the shard layout is kept
     result = AutoModelForCausalLM.from_pretrained(out)

@@ -1,0 +1,329 @@
+"""The CLI against hostile input: one-line errors with exit code 2, before any work, and nothing
+outside ``--out`` touched or half-written (the rules of ``ivtrainer.outputs``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ivtrainer.cli import main
+from ivtrainer.testing import tiny_model
+
+MARKER = ".ivtrainer-output.json"  # spelled out: the tests pin the file name users may see
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tokenizer):
+    """proj/base (a tiny Llama folder), proj/adapter (a LoRA adapter trained on it), proj/notes.txt."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("proj")
+    tiny_model("llama").save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(root / "adapter")
+    (root / "notes.txt").write_text("the user's own file")
+    return root
+
+
+def _tree(root: Path, skip: Path | None = None) -> dict[str, tuple]:
+    """Every path under ``root`` (outside ``skip``) with its size and modification time."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if skip is not None and (path == skip or skip in path.parents):
+            continue
+        st = path.lstat()
+        out[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _refused(capsys, args, match: str, watch: Path) -> str:
+    before = _tree(watch)
+    code, _, err = _run(capsys, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], err
+    assert _tree(watch) == before  # nothing created, changed or deleted
+    return lines[0]
+
+
+def _forget(project, out, *extra):
+    return [
+        "forget",
+        "--base",
+        project / "base",
+        "--adapter",
+        project / "adapter",
+        "--lam",
+        "1",
+        "--out",
+        out,
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "match"),
+    [
+        ("proj", "contains the input"),  # the folder holding the base model and the user's files
+        ("base", "is the input"),
+        ("adapter", "is the input"),
+        ("base/edited", "lies inside the input"),
+        ("cwd", "is the current directory"),
+        ("dot", "is the current directory"),
+        ("parent-of-cwd", "contains the current directory"),
+        ("home", "is the home directory"),
+        ("root", "filesystem root"),
+    ],
+)
+def test_forget_overwrite_never_destroys_inputs_or_home(project, tmp_path, capsys, monkeypatch, where, match):
+    home = tmp_path / "home"
+    work = home / "code" / "work"
+    work.mkdir(parents=True)
+    (work / "thesis.tex").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    out = {
+        "proj": project,
+        "base": project / "base",
+        "adapter": project / "adapter",
+        "base/edited": project / "base" / "edited",
+        "cwd": work,
+        "dot": ".",
+        "parent-of-cwd": "..",
+        "home": "~",
+        "root": "/",
+    }[where]
+    for watch in (project, home):
+        _refused(capsys, _forget(project, out, "--overwrite"), match, watch)
+
+
+def test_overwrite_replaces_only_what_ivtrainer_wrote(project, tmp_path, capsys):
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "paper.pdf").write_text("not ivtrainer's")
+    line = _refused(
+        capsys, _forget(project, foreign, "--overwrite"), "was not written by ivtrainer", tmp_path
+    )
+    assert str(foreign) in line
+    _refused(capsys, _forget(project, foreign), "not empty", tmp_path)
+
+    out = tmp_path / "edited"
+    assert _run(capsys, *_forget(project, out))[0] == 0
+    assert (
+        (out / MARKER).is_file() and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    )
+    (out / "stale.txt").write_text("from the first run")
+    assert _run(capsys, *_forget(project, out, "--overwrite"))[0] == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited", "results"]  # no temporaries left
+
+
+def test_empty_folder_needs_no_flag_and_file_is_refused(project, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(capsys, *_forget(project, empty))[0] == 0
+    (tmp_path / "file").write_text("x")
+    _refused(capsys, _forget(project, tmp_path / "file", "--overwrite"), "is a file", tmp_path)
+    _refused(capsys, _forget(project, ""), "--out is empty", tmp_path)
+
+
+def test_symlinked_out_keeps_its_link(project, tmp_path, capsys):
+    real = tmp_path / "disk" / "edited"
+    assert _run(capsys, *_forget(project, real))[0] == 0
+    link = tmp_path / "edited"
+    link.symlink_to(real, target_is_directory=True)
+    assert _run(capsys, *_forget(project, link, "--overwrite"))[0] == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["edited"]
+
+
+def test_stale_temporaries_of_killed_runs_are_swept(project, tmp_path, capsys):
+    out = tmp_path / "edited"
+    dead = 2**22 + 12345  # above any pid_max default: no such process
+    for name in (f".edited.tmp-{dead}-abc", f".edited.old-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("half-written")
+    alive = tmp_path / f".edited.tmp-{os.getpid()}-xyz"  # a running process's: kept
+    alive.mkdir()
+    assert _run(capsys, *_forget(project, out))[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "edited"]
+
+
+def test_outputs_follow_the_umask(project, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert _run(capsys, *_forget(project, tmp_path / "edited"))[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "edited").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "edited" / "model.safetensors").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--lam", "-1"], "--lam must be >= 0"),
+        (["--lam", "nan"], "finite"),
+        (["--lam", "1", "--lam", "2"], "got 2 lambdas for 1 adapters"),
+    ],
+)
+def test_forget_bad_lambda_is_refused_before_work(project, tmp_path, capsys, args, match):
+    argv = [
+        "forget",
+        "--base",
+        project / "base",
+        "--adapter",
+        project / "adapter",
+        *args,
+        "--out",
+        tmp_path / "o",
+    ]
+    _refused(capsys, argv, match, tmp_path)
+
+
+def test_forget_adapter_of_another_base_model(project, tmp_path, capsys):
+    """The base-name check says what the CLI can do about it."""
+    other = tmp_path / "other"
+    tiny_model("llama").save_pretrained(other)
+    capsys.readouterr()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((project / "base" / name).read_bytes())
+    args = [
+        "forget",
+        "--base",
+        other,
+        "--adapter",
+        project / "adapter",
+        "--lam",
+        "1",
+        "--out",
+        tmp_path / "o",
+    ]
+    _refused(capsys, args, "--no-check-base-model", tmp_path)
+    assert _run(capsys, *args, "--no-check-base-model")[0] == 0
+
+
+def test_extract_iv_overwrite_means_replace(project, tmp_path, capsys):
+    """extract-iv follows the same rule: an unmarked non-empty folder is never merged into."""
+    out = tmp_path / "iv"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["extract-iv", "--model", project / "base", "--task", "antonym", "--out", out, "--overwrite"]
+    _refused(capsys, argv, "was not written by ivtrainer", tmp_path)
+
+
+def test_analyze_out_may_not_be_the_iv_folder(project, tmp_path, capsys):
+    iv = tmp_path / "iv"
+    iv.mkdir()
+    (iv / "instruction_vector.json").write_text("{}")
+    argv = ["analyze", "--model", project / "base", "--iv", iv, "--out", iv, "--overwrite"]
+    _refused(capsys, argv, "is the input", tmp_path)
+
+
+def test_demo_out_may_not_be_home(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.txt").write_text("x")
+    _refused(capsys, ["demo", "--out", "~", "--overwrite"], "is the home directory", tmp_path)
+
+
+# -- task files -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ('[["hot", "cold"], "xy"]', "row 1 in"),
+        ('[["hot", "cold"], 7]', "row 1 in"),
+        ('[["hot", "cold"], ["a", "b", "c"]]', "row 1 in"),
+        ('[["hot", "cold"], [["deep", "er"], "x"]]', "row 1 in"),
+        (
+            '{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\n{"input": "e" "output": "f"}\n',
+            "line 3",
+        ),
+        (b'[{"input": "caf\xe9", "output": "x"}]', "is not UTF-8"),
+        (
+            json.dumps([{"input": f"w{i}", "output": "same"} for i in range(20)]),
+            "have the output 'same'",
+        ),
+        (
+            json.dumps(
+                [{"input": "x" * 20000, "output": "y"}]
+                + [{"input": f"w{i}", "output": f"v{i}"} for i in range(20)]
+            ),
+            "20000 characters",
+        ),
+        (json.dumps([{"input": f"w{i}", "output": f"v{i}"} for i in range(5)]), "are too few for 10-shot"),
+    ],
+)
+def test_extract_iv_bad_task_file_before_loading(tmp_path, capsys, content, match):
+    task = tmp_path / "task.json"
+    task.write_bytes(content.encode() if isinstance(content, str) else content)
+    missing_model = tmp_path / "no-model"  # were the file read after loading, this would fail first
+    argv = ["extract-iv", "--model", missing_model, "--task", task, "--out", tmp_path / "iv"]
+    line = _refused(capsys, argv, match, tmp_path)
+    assert "task.json" in line
+
+
+# -- evaluate-edits -------------------------------------------------------------------------------
+
+
+ZSRE = {
+    "subject": "land 0",
+    "src": "The capital of land 0 is",
+    "answers": ["Paris"],
+    "alt": "Rome",
+    "rephrase": "Land 0 has its capital in",
+    "loc": "The river of place 0 is the",
+    "loc_ans": "Nile",
+}
+
+
+def test_evaluate_edits_bare_json_prints_json_and_skips_empty_records(project, tmp_path, capsys):
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([ZSRE, {**ZSRE, "alt": ""}, ZSRE]))  # as in the public MEND split
+    code, out, err = _run(capsys, "evaluate-edits", "--model", project / "base", "--data", data, "--json")
+    assert code == 0, err
+    scores = json.loads(out)  # stdout is the JSON alone
+    assert scores["n_edits"] == 2 and 0 <= scores["reliability"] <= 1
+    assert "skipped 1 of 3 edit records" in err and "record 1" in err and "empty 'alt'" in err
+
+
+def test_evaluate_edits_json_may_not_overwrite_the_data(project, tmp_path, capsys):
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([ZSRE]))
+    argv = ["evaluate-edits", "--model", project / "base", "--data", data, "--json", data, "--overwrite"]
+    _refused(capsys, argv, "would overwrite the input", tmp_path)
+
+
+# -- errors and bugs ------------------------------------------------------------------------------
+
+
+def test_bugs_show_a_traceback_and_input_errors_one_line(tmp_path, capsys, monkeypatch):
+    import ivtrainer.models
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(ivtrainer.models, "load_model", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["info", "--model", "anything"])
+    from ivtrainer.errors import IVTrainerError
+
+    argv = ["forget", "--base", "b", "--adapter", "a", "--lam", "-1", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    with pytest.raises(IVTrainerError, match="--lam must be >= 0"):
+        main(["--debug", *argv])
