@@ -12,7 +12,15 @@ from .errors import InvalidInputError
 
 __all__ = ["FLearningConfig"]
 
+#: The old phase's folder under ``output_dir``: its leading underscore keeps it out of every upload
+#: of ``Trainer.push_to_hub`` (which skips ``_*`` and ``checkpoint-*``).
+OLD_PHASE_DIR = "_forget"
+
 _METHODS = ("full", "lora")
+
+#: The old phase's learning rate when none is given: the paper's for full fine-tuning, a LoRA one
+#: for LoRA (the knowledge-update benchmark's).
+DEFAULT_OLD_LEARNING_RATE = {"full": 5e-5, "lora": 1e-3}
 
 
 @dataclasses.dataclass
@@ -50,8 +58,13 @@ class FLearningConfig(TrainingArguments):
     old_num_train_epochs: float = dataclasses.field(
         default=3.0, metadata={"help": "Epochs of the old-knowledge fine-tuning (paper: 3)."}
     )
-    old_learning_rate: float = dataclasses.field(
-        default=5e-5, metadata={"help": "Learning rate of the old-knowledge fine-tuning (paper: 5e-5)."}
+    old_learning_rate: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the old-knowledge fine-tuning; default 5e-5 for forget_method='full' "
+            "(the paper's) and 1e-3 for 'lora' (at 5e-5 a LoRA adapter barely moves, and subtracting it "
+            "changes nothing)."
+        },
     )
     lora_r: int = dataclasses.field(default=8, metadata={"help": "LoRA rank (both phases)."})
     lora_alpha: int = dataclasses.field(default=16, metadata={"help": "LoRA alpha (both phases)."})
@@ -72,6 +85,8 @@ class FLearningConfig(TrainingArguments):
             raise InvalidInputError(
                 f"forget_lambda must be a finite number >= 0 (0 = plain fine-tuning), got {lam!r}"
             )
+        if self.old_learning_rate is None:
+            self.old_learning_rate = DEFAULT_OLD_LEARNING_RATE[self.forget_method]
         for name in ("old_num_train_epochs", "old_learning_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -101,11 +116,12 @@ class FLearningConfig(TrainingArguments):
 
     def old_phase_arguments(self) -> TrainingArguments:
         """Plain ``TrainingArguments`` of the old-knowledge phase: these ones, with the ``old_*``
-        values, no evaluation and no pushing, writing under ``<output_dir>/forget``."""
+        values, no evaluation, no pushing and no Hub token, writing under ``<output_dir>/_forget``."""
         fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
         values = {name: getattr(self, name) for name in fields}
         values.update(
-            output_dir=f"{self.output_dir}/forget",
+            output_dir=f"{self.output_dir}/{OLD_PHASE_DIR}",
+            hub_token=None,  # the old phase never pushes; its pickled arguments must not carry the token
             num_train_epochs=self.old_num_train_epochs,
             learning_rate=self.old_learning_rate,
             max_steps=-1,

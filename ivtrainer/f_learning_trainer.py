@@ -3,14 +3,15 @@
 ``train()`` runs three phases:
 
 1. *old*: fine-tune on the old knowledge (full, or a LoRA adapter named ``"forget"``), written to
-   ``<output_dir>/forget`` with its own checkpoints and ``trainer_state.json``; its result, the
-   delta's source, goes to ``<output_dir>/forget/delta`` (skipped when ``old_adapter`` /
-   ``old_model`` is given);
+   ``<output_dir>/_forget`` with its own checkpoints and ``trainer_state.json`` (the leading
+   underscore keeps it out of ``push_to_hub``); its result, the delta's source, goes to
+   ``<output_dir>/_forget/delta`` (skipped when ``old_adapter`` / ``old_model`` is given);
 2. *forget*: ``theta' = theta - lambda * (theta_old - theta)``, in memory;
 3. *learn*: this Trainer's own training loop on ``train_dataset``, from ``theta'``.
 
-The subtraction is recomputed from ``<output_dir>/forget/delta`` on every ``train()`` call, so
-``train(resume_from_checkpoint=True)`` resumes an interrupted run in either training phase.
+The subtraction is recomputed from ``<output_dir>/_forget/delta`` by a new trainer, so
+``train(resume_from_checkpoint=True)`` resumes an interrupted run in either training phase; a
+second ``train()`` on the same trainer does not subtract again (its model already forgot).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 from .distributed import (
     NoEmptyParamGroupsMixin,
@@ -36,17 +38,19 @@ from .distributed import (
     zero3_copy,
 )
 from .errors import InvalidInputError
-from .f_learning_config import FLearningConfig
-from .hub import check_trainer_push
+from .f_learning_config import OLD_PHASE_DIR, FLearningConfig
+from .hub import NoTokenInArgsMixin, check_trainer_push
 from .outputs import atomic_dir
 from .parameter_arithmetic import _unload, save_adapter, subtract_adapter, subtract_model_delta
 
 __all__ = ["FLearningTrainer"]
 
+logger = logging.get_logger(__name__)
+
 _MARKER = "f_learning.json"
 
 
-class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
+class FLearningTrainer(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, Trainer):
     """A ``Trainer`` that forgets the old knowledge before learning the new.
 
     Args:
@@ -113,6 +117,7 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
             k: kwargs[k] for k in ("data_collator", "processing_class", "callbacks") if k in kwargs
         }
         self._forget_logs: dict[str, float] = {}
+        self._forgotten = False  # the subtraction is done once per model
         self._deepspeed_template = _deepspeed_template(args)  # before the Trainer fills it in
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         check_deepspeed_config(self.accelerator)
@@ -125,7 +130,7 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
 
     @property
     def forget_dir(self) -> Path:
-        return Path(self.args.output_dir) / "forget"
+        return Path(self.args.output_dir) / OLD_PHASE_DIR
 
     # -- phases ------------------------------------------------------------------------------------
 
@@ -136,8 +141,14 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
         under ``<output_dir>/forget`` resumes the old phase, any other the learning phase.
         """
         old_resume, new_resume = self._split_resume(resume_from_checkpoint)
-        delta, kind = self._old_delta(old_resume)
-        self._forget(delta, kind)
+        if not self._forgotten:
+            delta, kind = self._old_delta(old_resume)
+            self._forget(delta, kind)
+        elif old_resume and old_resume is not True:  # an old-phase checkpoint, named explicitly
+            raise InvalidInputError(
+                "this trainer already finished the old-knowledge phase and subtracted its delta; resume the "
+                "learning phase (resume_from_checkpoint=True or one of its checkpoints) or build a new trainer"
+            )
         return super().train(resume_from_checkpoint=new_resume, **kwargs)
 
     def _split_resume(self, resume):
@@ -186,29 +197,34 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
             snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
         if resume is True:
             resume = get_last_checkpoint(self.forget_dir) if self.forget_dir.is_dir() else None
-        old = _OldPhaseTrainer(
-            model=model, args=args.old_phase_arguments(), train_dataset=self.old_dataset, **self._old_kwargs
-        )
-        old.train(resume_from_checkpoint=resume)
-        if self.args.should_save:  # one writer in a multi-process run
-            with atomic_dir(self.forget_dir / "delta") as tmp:
-                if args.forget_method == "lora":
-                    folder = save_adapter(model, tmp / "adapter", "forget")
-                    for item in folder.iterdir():
-                        item.rename(tmp / item.name)
-                    shutil.rmtree(tmp / "adapter")
+        try:
+            old = _OldPhaseTrainer(
+                model=model,
+                args=args.old_phase_arguments(),
+                train_dataset=self.old_dataset,
+                **self._old_kwargs,
+            )
+            old.train(resume_from_checkpoint=resume)
+            if self.args.should_save:  # one writer in a multi-process run
+                with atomic_dir(self.forget_dir / "delta") as tmp:
+                    if args.forget_method == "lora":
+                        folder = save_adapter(model, tmp / "adapter", "forget")
+                        for item in folder.iterdir():
+                            item.rename(tmp / item.name)
+                        shutil.rmtree(tmp / "adapter")
+                    else:
+                        model.save_pretrained(tmp)
+        finally:  # back to the model as it was, also when the old phase fails or is interrupted
+            if args.forget_method == "lora":
+                if active is not None:
+                    self.model.set_adapter(active)
+                    self.model.delete_adapter("forget")
                 else:
-                    model.save_pretrained(tmp)
-        if args.forget_method == "lora":  # back to the model as it was, then subtract from files
-            if active is not None:
-                self.model.set_adapter(active)
-                self.model.delete_adapter("forget")
+                    _unload(model, trainable)
             else:
-                _unload(model, trainable)
-        else:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.data.copy_(snapshot[n].to(p.device))
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        p.data.copy_(snapshot[n].to(p.device))
         del old, snapshot
         gc.collect()
         self._write_marker()
@@ -262,11 +278,30 @@ class FLearningTrainer(NoEmptyParamGroupsMixin, Trainer):
     def _forget(self, delta, kind: str) -> None:
         """Phase 2: ``theta' = theta - lambda * delta``, in place on ``self.model``'s base weights."""
         lam = self.args.forget_lambda
+        stats: dict[str, float] = {}
         if kind == "lora":
-            subtract_adapter(self.model, delta, lam, check_base_model=False)
+            subtract_adapter(self.model, delta, lam, check_base_model=False, stats=stats)
         else:
-            subtract_model_delta(self.model, delta, lam)
-        self._forget_logs = {"forget_lambda": lam}  # logged with the learning phase's first log
+            subtract_model_delta(self.model, delta, lam, stats=stats)
+        self._forgotten = True
+        # logged with the learning phase's first log; the relative size shows a no-op
+        self._forget_logs = {
+            "forget_lambda": lam,
+            "forget_delta_norm": stats["delta_norm"],
+            "forget_relative_delta": stats["relative"],
+        }
+        message = (
+            f"F-Learning subtracted lambda {lam:g} x the old-knowledge delta: ||lambda*delta|| = "
+            f"{stats['delta_norm']:.4g}, {stats['relative']:.3g} of the changed weights' norm ({stats['tensors']} tensors)"
+        )
+        if lam > 0 and stats["relative"] < 1e-4:
+            logger.warning(
+                "%s. That is too small to change what the model knows: train the old phase longer or with a "
+                "higher old_learning_rate, or raise forget_lambda",
+                message,
+            )
+        else:
+            logger.info(message)
 
     def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
         check_trainer_push(self.args, token)  # a clear error before anything is uploaded

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import IVTrainerError
 
-__all__ = ["HubError", "check_push_target", "check_trainer_push", "push_folder"]
+__all__ = ["HubError", "NoTokenInArgsMixin", "check_push_target", "check_trainer_push", "push_folder"]
 
 
 class HubError(IVTrainerError, ValueError):
@@ -61,3 +61,22 @@ def push_folder(
             repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
         )
     return commit.commit_url if hasattr(commit, "commit_url") else str(commit)
+
+
+class NoTokenInArgsMixin:
+    """Trainer mixin: the ``training_args.bin`` that ``Trainer`` pickles next to the weights (and
+    ``push_to_hub`` uploads) is written without ``hub_token``."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)  # type: ignore[misc]
+        args = self.args  # type: ignore[attr-defined]
+        if args.hub_token and args.should_save:
+            import copy
+            import os
+
+            import torch
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            redacted = copy.copy(args)
+            redacted.hub_token = None
+            torch.save(redacted, os.path.join(output_dir or args.output_dir, TRAINING_ARGS_NAME))

@@ -13,13 +13,13 @@ from .callbacks import IVCallback
 from .callbacks.iv_intervention import IVLike, load_vectors
 from .distributed import NoEmptyParamGroupsMixin, check_deepspeed_config
 from .errors import InvalidInputError
-from .hub import check_trainer_push
+from .hub import NoTokenInArgsMixin, check_trainer_push
 from .iv_guided_config import IVGuidedConfig
 
 __all__ = ["IVGuidedMixin", "IVGuidedTrainer", "tokenize_prompt_completion"]
 
 
-class IVGuidedMixin(NoEmptyParamGroupsMixin):
+class IVGuidedMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
     """What IVGuidedTrainer and IVGuidedSFTTrainer add to their base trainer: the IV callbacks
     built from the config, their metrics merged into ``Trainer.log``, hooks removed after
     ``train()`` whatever happens."""

@@ -179,7 +179,25 @@ def _load_adapter_files(adapter) -> tuple[object, dict[str, torch.Tensor], str]:
 
 
 @torch.no_grad()
-def _subtract_in_place(peft_model, names: Sequence[str], lams: Sequence[float]) -> None:
+def _record(stats: dict[str, float] | None, before: torch.Tensor, after: torch.Tensor) -> None:
+    """Accumulate the squared norms of a change and of the weight it changed (float32)."""
+    if stats is not None:
+        stats["delta_sq"] = stats.get("delta_sq", 0.0) + float((after - before).square().sum())
+        stats["weight_sq"] = stats.get("weight_sq", 0.0) + float(before.square().sum())
+        stats["tensors"] = stats.get("tensors", 0) + 1
+
+
+def _finish_stats(stats: dict[str, float] | None) -> None:
+    """``delta_norm`` = ||lambda * delta||, ``weight_norm`` = ||W|| of the changed tensors, and
+    ``relative`` = their ratio: what a user checks to see that the subtraction did something."""
+    if stats is not None:
+        delta, weight = math.sqrt(stats.pop("delta_sq", 0.0)), math.sqrt(stats.pop("weight_sq", 0.0))
+        stats.update(delta_norm=delta, weight_norm=weight, relative=delta / weight if weight else 0.0)
+
+
+def _subtract_in_place(
+    peft_model, names: Sequence[str], lams: Sequence[float], stats: dict[str, float] | None = None
+) -> None:
     _, LoraLayer = _peft_types()
     for module in peft_model.modules():
         if not isinstance(module, LoraLayer):
@@ -200,7 +218,10 @@ def _subtract_in_place(peft_model, names: Sequence[str], lams: Sequence[float]) 
             delta = module.get_delta_weight(name).float()
             weight = module.get_base_layer().weight
             with gathered(weight):  # whole under ZeRO-3, else a no-op
-                weight.data.copy_((weight.data.float() - lam * delta.to(weight.device)).to(weight.dtype))
+                before = weight.data.float()
+                after = (before - lam * delta.to(weight.device)).to(weight.dtype)
+                _record(stats, before, after.float())
+                weight.data.copy_(after)
 
 
 def subtract_adapter(
@@ -210,6 +231,7 @@ def subtract_adapter(
     *,
     adapter_name: str | None = None,
     check_base_model: bool = True,
+    stats: dict[str, float] | None = None,
 ) -> nn.Module:
     """``W <- W - lam * delta_W`` for every module a LoRA adapter touches.
 
@@ -221,6 +243,8 @@ def subtract_adapter(
             LoRA variant: forget one adapter, then train another).
         adapter: an adapter folder, a Hub id, a ``PeftModel``, or a list of these.
         lam: one lambda, or one per adapter.
+        stats: a dict to fill with ``delta_norm`` (||lam * delta||), ``weight_norm`` (||W|| of
+            the changed weights), ``relative`` (their ratio) and ``tensors`` (how many changed).
 
     Returns the model without the subtracted LoRA layers, ready for ``save_pretrained`` /
     ``push_to_hub``. Everything is checked before any weight changes: lambdas finite, LoRA (not
@@ -236,7 +260,8 @@ def subtract_adapter(
                     f"the PeftModel has no adapter {name!r}; it has {list(model.peft_config)}"
                 )
             _check_config(name, model.peft_config[name], None, False)
-        _subtract_in_place(model, names, lams)
+        _subtract_in_place(model, names, lams, stats)
+        _finish_stats(stats)
         return _unload(model)
 
     if adapter is None:
@@ -254,7 +279,9 @@ def subtract_adapter(
             _check_config(where, config, model_name if check_base_model else None, check_base_model)
             _check_shapes(base, state, where)
             loaded.append((config, state, where))
-        return _attach_and_subtract(model, loaded, lams)
+        result = _attach_and_subtract(model, loaded, lams, stats)
+    _finish_stats(stats)
+    return result
 
 
 def save_adapter(peft_model, target: Path, adapter_name: str | None = None) -> Path:
@@ -268,7 +295,9 @@ def save_adapter(peft_model, target: Path, adapter_name: str | None = None) -> P
     return target / name if (target / name / "adapter_config.json").is_file() else target
 
 
-def _attach_and_subtract(model: nn.Module, loaded, lams: Sequence[float]) -> nn.Module:
+def _attach_and_subtract(
+    model: nn.Module, loaded, lams: Sequence[float], stats: dict[str, float] | None = None
+) -> nn.Module:
     """Attach the LoRA weights (only those: an adapter that targets embeddings also stores full
     copies of them, which PEFT's loader would write over this model's own) and subtract."""
     from peft import get_peft_model, set_peft_model_state_dict
@@ -292,7 +321,7 @@ def _attach_and_subtract(model: nn.Module, loaded, lams: Sequence[float]) -> nn.
                 f"adapter {where!r} has weights this model cannot take: {result.unexpected_keys[:3]}"
             )
         names.append(name)
-    _subtract_in_place(peft_model, names, lams)
+    _subtract_in_place(peft_model, names, lams, stats)
     if not keep:
         return _unload(peft_model, trainable)
     peft_model.set_adapter(active)
@@ -317,6 +346,7 @@ def subtract_model_delta(
     lam: float,
     *,
     base: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> nn.Module:
     """In memory: every parameter of ``model`` becomes ``theta - lam * (theta_ft - theta)``.
 
@@ -324,6 +354,7 @@ def subtract_model_delta(
     fine-tuned in place) or, by default, ``model``'s current weights. ``finetuned`` is a module, a
     state dict or a model folder (read one tensor at a time). A PeftModel's base weights are
     updated and its LoRA weights left alone. Computed in float32, cast back; returns ``model``.
+    ``stats`` is filled as by :func:`subtract_adapter`.
     """
     (lam,) = check_lambdas([lam], 1)
     params = {_plain_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
@@ -345,7 +376,10 @@ def subtract_model_delta(
         with gathered(p):  # whole under ZeRO-3 (one tensor at a time), else a no-op
             theta32 = (theta[name] if theta is not None else p.data).to(p.device, torch.float32)
             delta = tuned[name].to(p.device, torch.float32) - theta32
-            p.data.copy_((theta32 - lam * delta).to(p.dtype))
+            result = (theta32 - lam * delta).to(p.dtype)
+            _record(stats, theta32, result.float())
+            p.data.copy_(result)
+    _finish_stats(stats)
     return model
 
 

@@ -153,19 +153,38 @@ def intercept_hub_upload(repo_id: str) -> Iterator[dict]:
     """Stop pushes at ``huggingface_hub.HfApi``'s boundary (``create_repo``, ``upload_folder``).
 
     Yields a dict that receives what would be sent: ``repo_id``, ``files`` (paths relative to the
-    uploaded folder), ``card`` (its README.md, or None), ``texts`` (its top-level JSON files) and
+    uploaded folder, after the call's ``allow_patterns``/``ignore_patterns`` as the Hub client
+    applies them), ``card`` (its README.md, or None), ``texts`` (its top-level JSON files) and
     ``commit_message``; ``create_repo`` is the mock, for call assertions.
     """
     from unittest import mock
 
     sent: dict = {}
 
-    def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kwargs):
+    def upload_folder(
+        self,
+        *,
+        repo_id,
+        folder_path,
+        commit_message=None,
+        allow_patterns=None,
+        ignore_patterns=None,
+        **kwargs,
+    ):
+        from huggingface_hub.utils import filter_repo_objects
+        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS  # what upload_folder adds
+
         root = Path(folder_path)
         card = root / "README.md"
+        ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        files = filter_repo_objects(  # what HfApi.upload_folder would send of the folder
+            (str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()),
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore + list(DEFAULT_IGNORE_PATTERNS),
+        )
         sent.update(
             repo_id=repo_id,
-            files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()},
+            files=set(files),
             card=card.read_text() if card.is_file() else None,
             commit_message=commit_message,
             texts={p.name: p.read_text() for p in root.glob("*.json")},

@@ -71,7 +71,7 @@ def test_plain_iv_guided_and_f_learning_examples_run(inputs, tmp_path, default_m
     for name in ("plain", "iv", "f"):
         assert _changed(tmp_path / name, default_model)
     assert (tmp_path / "iv" / "instruction_vectors").is_dir()
-    assert json.loads((tmp_path / "f" / "forget" / "f_learning.json").read_text())["complete"]
+    assert json.loads((tmp_path / "f" / "_forget" / "f_learning.json").read_text())["complete"]
 
 
 @pytest.mark.real

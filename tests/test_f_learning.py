@@ -74,9 +74,10 @@ def test_config_parses_from_the_command_line():
         0.3,
         ["q_proj", "v_proj"],
     )
-    assert (config.old_num_train_epochs, config.old_learning_rate) == (3.0, 5e-5)  # the paper's
+    assert (config.old_num_train_epochs, config.old_learning_rate) == (3.0, 1e-3)  # a LoRA old phase's
+    assert FLearningConfig(output_dir="o").old_learning_rate == 5e-5  # the paper's, for full fine-tuning
     old = config.old_phase_arguments()
-    assert type(old) is TrainingArguments and old.output_dir == "o/forget" and old.num_train_epochs == 3.0
+    assert type(old) is TrainingArguments and old.output_dir == "o/_forget" and old.num_train_epochs == 3.0
     assert config.lora_config().target_modules == {"q_proj", "v_proj"}
 
 
@@ -140,7 +141,7 @@ def test_ft_variant_equals_the_manual_route(tmp_path, data):
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p, dict(manual.named_parameters())[name], rtol=0, atol=1e-6)
 
-    saved = json.loads((tmp_path / "run" / "forget" / "f_learning.json").read_text())
+    saved = json.loads((tmp_path / "run" / "_forget" / "f_learning.json").read_text())
     assert saved == {"delta": "delta", "forget_method": "full", "complete": True}
     logs = trainer.state.log_history
     assert logs[0]["forget_lambda"] == 0.7 and "loss" in logs[0]
@@ -149,7 +150,7 @@ def test_ft_variant_equals_the_manual_route(tmp_path, data):
 @pytest.mark.parametrize("learn", ["lora", "full"])
 def test_lora_forget_subtracts_the_trained_adapter(tmp_path, data, learn):
     """LoRA and LoRA->FT: with a zero learning rate in the learning phase the result is exactly
-    theta - lambda * delta_LoRA, the adapter saved under forget/delta."""
+    theta - lambda * delta_LoRA, the adapter saved under _forget/delta."""
     config = _config(tmp_path, forget_method="lora", learn_method=learn, forget_lambda=2.0, learning_rate=0.0)
     model = tiny_model("llama", seed=6)
     theta = _params(model)
@@ -157,7 +158,7 @@ def test_lora_forget_subtracts_the_trained_adapter(tmp_path, data, learn):
         model, config, train_dataset=data["new"], old_dataset=data["old"], data_collator=data["collator"]
     )
     trainer.train()
-    delta_dir = tmp_path / "run" / "forget" / "delta"
+    delta_dir = tmp_path / "run" / "_forget" / "delta"
     assert (delta_dir / "adapter_config.json").is_file()
 
     expected = peft_subtraction(PeftModel.from_pretrained(tiny_model("llama", seed=6), delta_dir), 2.0)
@@ -190,7 +191,7 @@ def test_given_old_model_and_old_adapter_skip_the_old_phase(tmp_path, data):
     trainer.train()
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-6)
-    assert not (tmp_path / "run" / "forget").exists()
+    assert not (tmp_path / "run" / "_forget").exists()
 
     folder = tmp_path / "adapter"
     peft = get_peft_model(
@@ -220,6 +221,7 @@ class _Stop(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if args.output_dir.endswith(self.phase_dir) and state.global_step == self.step:
+            self.step = -1  # once: a resumed run goes on
             raise KeyboardInterrupt
 
 
@@ -243,7 +245,7 @@ def test_resume_after_a_crash_in_either_phase(tmp_path, data, crash_in):
     crashed = trainer(tmp_path / "run", [_Stop(crash_in, 3)])
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
-    assert (tmp_path / "run" / "forget" / "f_learning.json").is_file() == (crash_in == "run")
+    assert (tmp_path / "run" / "_forget" / "f_learning.json").is_file() == (crash_in == "run")
     resumed = trainer(tmp_path / "run")
     resumed.train(resume_from_checkpoint=True)
     for name, p in resumed.model.named_parameters():
@@ -289,3 +291,84 @@ def test_push_without_a_token_fails_before_any_work(tmp_path, monkeypatch):
             tiny_model("llama"), args, train_dataset=[{"input_ids": [1]}], old_model=tiny_model("llama")
         )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("crash_in", "forget_method"), [("_forget", "lora"), ("run", "lora"), ("_forget", "full")]
+)
+def test_train_again_on_the_same_trainer_resumes_exactly(tmp_path, data, crash_in, forget_method):
+    """A notebook's resume: the same trainer's train() called again after a crash. The delta is
+    subtracted once, and an interrupted old phase leaves the model as it was (no 'forget' adapter
+    left behind, no half-trained weights taken as the base)."""
+    kw = dict(save_strategy="steps", save_steps=1, num_train_epochs=2, old_num_train_epochs=2)
+    kw |= dict(forget_method=forget_method, learn_method="lora", forget_lambda=0.5)
+
+    def trainer(out, callbacks=()):
+        return FLearningTrainer(
+            tiny_model("llama", seed=9),
+            _config(tmp_path, output_dir=str(out), **kw),
+            train_dataset=data["new"],
+            old_dataset=data["old"],
+            data_collator=data["collator"],
+            callbacks=list(callbacks),
+        )
+
+    if forget_method == "full":  # FT->LoRA is refused with old_dataset: learn fully instead
+        kw["learn_method"] = "full"
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    same = trainer(tmp_path / "run", [_Stop(crash_in, 3)])
+    with pytest.raises(KeyboardInterrupt):
+        same.train()
+    same.train(resume_from_checkpoint=True)
+    expected = dict(whole.model.named_parameters())
+    for name, p in same.model.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-5)
+    assert sum("forget_lambda" in log for log in same.state.log_history) == 1
+
+
+def test_subtracted_delta_is_logged_and_the_lora_old_phase_does_something(tmp_path, data):
+    """The default LoRA old phase changes the weights measurably, and the log says by how much."""
+    config = _config(tmp_path, forget_method="lora", old_learning_rate=None, forget_lambda=1.0)
+    assert config.old_learning_rate == 1e-3
+    trainer = FLearningTrainer(
+        tiny_model("llama"),
+        config,
+        train_dataset=data["new"],
+        old_dataset=data["old"],
+        data_collator=data["collator"],
+    )
+    trainer.train()
+    (log,) = [log for log in trainer.state.log_history if "forget_relative_delta" in log]
+    assert log["forget_delta_norm"] > 0 and 1e-4 < log["forget_relative_delta"] < 1
+
+
+def test_push_never_uploads_the_old_phase_or_the_token(tmp_path, data, monkeypatch):
+    token = "hf_secret_token_for_the_test"
+    monkeypatch.setenv("HF_TOKEN", token)
+    config = _config(
+        tmp_path,
+        forget_method="lora",
+        hub_model_id="me/updated",
+        hub_token=token,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    trainer = FLearningTrainer(
+        tiny_model("llama"),
+        config,
+        train_dataset=data["new"],
+        old_dataset=data["old"],
+        data_collator=data["collator"],
+    )
+    trainer.train()
+    run = tmp_path / "run"
+    assert list((run / "_forget").glob("checkpoint-*/training_args.bin")), "the old phase saved checkpoints"
+    with intercept_hub_upload("me/updated") as sent:
+        trainer.push_to_hub()
+    assert "model.safetensors" in sent["files"]
+    assert not [f for f in sent["files"] if f.startswith(("_forget", "forget", "checkpoint-"))], sent["files"]
+    leaked = [f for f in sent["files"] if token.encode() in (run / f).read_bytes()]
+    assert not leaked, f"the Hub token is in {leaked}"
+    old_args = [p for p in run.rglob("training_args.bin") if token.encode() in p.read_bytes()]
+    assert not old_args, f"the Hub token is pickled in {old_args}"
