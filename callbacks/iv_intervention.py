@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..checks import finite_numbers
 from ..errors import InvalidInputError
 from ..instruction_vector import InstructionVector
 from ..intervention import Positions, add_to_residual
@@ -45,7 +46,7 @@ def residual_pairs(
 ) -> list[tuple[int, torch.Tensor]]:
     """``(edit_layer, weight * vector)`` for each IV: several IVs are added together, each at
     its own layer."""
-    weights = [1.0] * len(vectors) if weights is None else list(weights)
+    weights = [1.0] * len(vectors) if weights is None else finite_numbers("iv_weights", list(weights))
     if len(weights) != len(vectors):
         raise InvalidInputError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
     return [(iv.edit_layer, w * iv.vector) for iv, w in zip(vectors, weights, strict=True)]

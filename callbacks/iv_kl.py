@@ -300,6 +300,9 @@ class IVKLCallback(IVCallback):
         num_items = kwargs.get("num_items_in_batch")
         prompt_end = last_prompt_positions(labels)
         mask = kl_positions(self.positions, labels, attention_mask)
+        # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
+        # same modules, and the student's recording hooks would overwrite them with the teacher's
+        student_heads = dict(self._student_heads) if self._student_heads is not None else None
         self._busy = True
         try:
             columns = self._columns(module, mask)
@@ -330,18 +333,18 @@ class IVKLCallback(IVCallback):
             extra = extra + self.kl_weight * kl
             self._sums["kl"] += kl.detach() * scale
         if self.head_mse_weight > 0 and bool(prompt_end.any()):
-            mse = self._head_mse(teacher_heads, prompt_end, num_items)
+            mse = self._head_mse(student_heads, teacher_heads, prompt_end, num_items)
             extra = extra + self.head_mse_weight * mse
             self._sums["head_mse"] += mse.detach() * scale
         output.loss = output.loss + extra
         return output
 
-    def _head_mse(self, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
+    def _head_mse(self, student_heads, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
         rows, cols = prompt_end.nonzero(as_tuple=True)
         total = 0.0
         for iv in self.vectors:
             for layer, head in iv.heads:
-                s = self._student_heads[layer][rows, cols, head].float()
+                s = student_heads[layer][rows, cols, head].float()
                 t = teacher_heads[layer][rows, cols, head].float()
                 total = total + ((s - t) ** 2).mean(-1).sum()
         return total / (num_items if num_items is not None else rows.numel())

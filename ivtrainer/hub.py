@@ -8,7 +8,33 @@ from pathlib import Path
 
 from .errors import IVTrainerError
 
-__all__ = ["HubError", "NoTokenInArgsMixin", "check_push_target", "check_trainer_push", "push_folder"]
+__all__ = [
+    "HubError",
+    "NoTokenInArgsMixin",
+    "check_push_target",
+    "check_trainer_push",
+    "looks_like_path",
+    "push_folder",
+    "split_revision",
+]
+
+
+def looks_like_path(name: str) -> bool:
+    """True for a string that can only be a local path, never a Hub id (``org/name``): a mistyped
+    folder must fail as one instead of becoming a download."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``: wherever ivtrainer takes a Hub id it takes a
+    revision (branch, tag or commit) this way. Repo ids cannot contain ``@``; an existing local
+    path is never split."""
+    from pathlib import Path
+
+    if "@" not in name or Path(name).expanduser().exists() or looks_like_path(name.split("@", 1)[0]):
+        return name, None
+    repo, revision = name.rsplit("@", 1)
+    return repo, revision or None
 
 
 class HubError(IVTrainerError, ValueError):

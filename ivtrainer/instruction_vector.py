@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .architectures import ModelLayout, get_layout
+from .checks import finite_numbers, finite_tensor
 from .errors import InputNotFoundError, InvalidInputError, IVTrainerError
 from .icl import PromptBuilder, first_token_accuracy
 from .intervention import Intervention, Positions, add_to_residual
@@ -32,7 +33,13 @@ from .tasks import load_examples
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["IncompatibleVectorError", "InstructionVector", "extract_instruction_vector", "head_contributions"]
+__all__ = [
+    "IncompatibleVectorError",
+    "InstructionVector",
+    "InvalidVectorError",
+    "extract_instruction_vector",
+    "head_contributions",
+]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "instruction_vector.safetensors"
@@ -41,6 +48,10 @@ CONFIG_NAME = "instruction_vector.json"
 
 class IncompatibleVectorError(IVTrainerError, ValueError):
     """An instruction vector was applied to a model of another shape."""
+
+
+class InvalidVectorError(IVTrainerError, ValueError):
+    """An instruction vector whose fields do not fit together (a corrupt or hand-edited folder)."""
 
 
 @dataclasses.dataclass
@@ -71,6 +82,48 @@ class InstructionVector:
     task: str | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Every field checked, so a corrupt or hand-edited vector fails here, with one line."""
+        for name in ("hidden_size", "n_layers", "n_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidVectorError(f"{name} must be a positive integer, got {value!r}")
+        layer = self.edit_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise InvalidVectorError(f"edit_layer must be an integer in [0, {self.n_layers}), got {layer!r}")
+        for name, tensor, shape in (
+            ("vector", self.vector, (self.hidden_size,)),
+            ("cie", self.cie, (self.n_layers, self.n_heads)),
+            ("mean_activations", self.mean_activations, (self.n_layers, self.n_heads, self.head_dim)),
+        ):
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise InvalidVectorError(f"{name} must have shape {shape}, got {got}")
+            try:
+                finite_tensor(name, tensor)
+            except InvalidInputError as exc:
+                raise InvalidVectorError(str(exc)) from None
+        heads = []
+        for head in self.heads:
+            pair = tuple(head) if isinstance(head, (list, tuple)) else ()
+            if not (
+                len(pair) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                and 0 <= pair[0] < self.n_layers
+                and 0 <= pair[1] < self.n_heads
+            ):
+                raise InvalidVectorError(
+                    f"head {head!r} is not a (layer, head) pair of this model ({self.n_layers} x {self.n_heads})"
+                )
+            heads.append(pair)
+        self.heads = heads
+        if len(self.head_scores) != len(self.heads):
+            raise InvalidVectorError(f"{len(self.head_scores)} head_scores for {len(self.heads)} heads")
+        try:
+            self.head_scores = finite_numbers("head_scores", self.head_scores)
+        except InvalidInputError as exc:
+            raise InvalidVectorError(str(exc)) from None
 
     # -- use -------------------------------------------------------------------------------
     def check_compatible(self, model: nn.Module) -> ModelLayout:
@@ -147,40 +200,88 @@ class InstructionVector:
     def from_pretrained(
         cls, path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None
     ) -> InstructionVector:
-        """Load from a folder written by :meth:`save_pretrained` or a Hub repo id."""
-        from safetensors.torch import load_file
+        """Load from a folder written by :meth:`save_pretrained` or a Hub repo id (both files from
+        one commit of ``revision``, default the main branch's latest). Everything is checked."""
+        from .hub import looks_like_path, split_revision
 
-        path = Path(path_or_repo_id).expanduser()
+        where = os.fspath(path_or_repo_id)
+        repo, pinned = split_revision(where)
+        revision = revision or pinned
+        path = Path(where).expanduser()
         if path.is_dir():
-            config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-            if not config_file.is_file() or not weights_file.is_file():
-                raise InputNotFoundError(
-                    f"{path} holds no {CONFIG_NAME} + {WEIGHTS_NAME}: not an instruction vector folder "
-                    "(write one with InstructionVector.save_pretrained)"
-                )
+            folder = path
+        elif path.exists() or looks_like_path(where):
+            raise InputNotFoundError(
+                f"{where!r} is {'a file' if path.exists() else 'not an existing folder'}; pass an instruction "
+                "vector folder (written by InstructionVector.save_pretrained / ivtrainer extract-iv) or a Hub id"
+            )
         else:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import snapshot_download
 
-            try:
-                config_file = hf_hub_download(
-                    str(path_or_repo_id), CONFIG_NAME, revision=revision, token=token
-                )
-                weights_file = hf_hub_download(
-                    str(path_or_repo_id), WEIGHTS_NAME, revision=revision, token=token
+            try:  # one call: the revision is resolved to one commit for both files
+                folder = Path(
+                    snapshot_download(
+                        repo, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]
+                    )
                 )
             except Exception as exc:
                 raise InputNotFoundError(
-                    f"cannot load an instruction vector from {os.fspath(path_or_repo_id)!r}: not a local folder, "
-                    f"and the Hub download failed ({type(exc).__name__})"
+                    f"cannot load an instruction vector from {where!r}: not a local folder, and the Hub download "
+                    f"failed ({type(exc).__name__})"
                 ) from None
-        config = json.loads(Path(config_file).read_text())
+        config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not config_file.is_file() or not weights_file.is_file():
+            raise InputNotFoundError(
+                f"{where} holds no {CONFIG_NAME} + {WEIGHTS_NAME}: not an instruction vector folder "
+                "(write one with InstructionVector.save_pretrained)"
+            )
+        return cls._from_files(config_file, weights_file, where)
+
+    @classmethod
+    def _from_files(cls, config_file: Path, weights_file: Path, where: str) -> InstructionVector:
+        """Read and check the two files; every problem is one line naming ``where``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidVectorError(f"{where}: {CONFIG_NAME} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise InvalidVectorError(f"{where}: {CONFIG_NAME} must hold a JSON object")
         if config.get("format_version") != FORMAT_VERSION:
-            raise InvalidInputError(f"unsupported instruction vector format {config.get('format_version')!r}")
-        tensors = load_file(weights_file)
+            raise InvalidVectorError(
+                f"{where}: unsupported instruction vector format {config.get('format_version')!r} "
+                f"(this ivtrainer reads {FORMAT_VERSION})"
+            )
+        try:
+            tensors = load_file(weights_file)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidVectorError(f"{where}: {WEIGHTS_NAME} cannot be read ({exc})") from None
         config.pop("format_version")
         config.pop("ivtrainer_version", None)
-        config["heads"] = [tuple(h) for h in config["heads"]]
-        return cls(**tensors, **config)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        names = {"vector", "cie", "mean_activations"}
+        missing = sorted((fields - {"task", "settings", "metrics"}) - (config.keys() | tensors.keys()))
+        unknown = sorted((config.keys() - fields) | (tensors.keys() - names))
+        if missing or unknown:
+            raise InvalidVectorError(
+                f"{where}: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing {missing}" if missing else "",
+                        f"unknown fields {unknown}" if unknown else "",
+                    )
+                    if part
+                )
+            )
+        if not isinstance(config.get("heads"), list) or not isinstance(config.get("head_scores"), list):
+            raise InvalidVectorError(f"{where}: heads and head_scores must be lists")
+        try:
+            return cls(**tensors, **config)
+        except InvalidVectorError as exc:
+            raise InvalidVectorError(f"{where}: {exc}") from None
 
     def push_to_hub(
         self,

@@ -7,6 +7,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from .checks import finite_numbers
 from .errors import InvalidInputError
 from .kl_loss import KL_DIRECTIONS, KL_POSITIONS
 from .schedules import SCHEDULES, Schedule
@@ -83,6 +84,8 @@ class IVGuidedConfig(TrainingArguments):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
                 raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+        if self.iv_weights is not None:
+            self.iv_weights = finite_numbers("iv_weights", self.iv_weights)
         if self.kl_temperature <= 0:
             raise InvalidInputError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if min(self.kl_weight, self.kl_weight_end or 0.0, self.kl_threshold, self.head_mse_weight) < 0:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MissingDependencyError, ModelLoadError
+from .hub import looks_like_path, split_revision
 from .outputs import apply_umask, sweep_stale
 
 __all__ = [
@@ -127,7 +128,8 @@ def load_default_model(**kwargs: Any):
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, **kwargs: Any):
-    """``(model, tokenizer)`` for ``"default"``, a Hub id, a local folder or a ``.gguf`` file.
+    """``(model, tokenizer)`` for ``"default"``, a Hub id (``org/name``, or ``org/name@revision``
+    for a branch, tag or commit), a local folder or a ``.gguf`` file.
 
     Raises:
         ModelLoadError: with a one-line reason (missing folder, folder without a model, id not
@@ -136,6 +138,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, **kwargs: Any):
     name = os.fspath(name_or_path)
     if name == DEFAULT_MODEL:
         return load_default_model(**kwargs)
+    name, revision = split_revision(name)
+    if revision is not None:
+        kwargs = {**kwargs, "revision": kwargs.get("revision") or revision}
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _load_folder(path.parent, name, {"gguf_file": path.name, **kwargs})
@@ -150,13 +155,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, **kwargs: Any):
                 "(write one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
             )
         return _load_folder(path, name, kwargs)
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise ModelLoadError(f"no such folder: {name!r} (pass an existing folder, a Hub id or 'default')")
     return _load_hub(name, kwargs)
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _load_hub(repo_id: str, kwargs: dict[str, Any]):

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import gathered
-from .errors import InvalidInputError, IVTrainerError
+from .errors import InputNotFoundError, InvalidInputError, IVTrainerError
 from .outputs import atomic_dir, scratch_dir
 
 __all__ = [
@@ -94,8 +94,9 @@ def check_adapter_configs(
 
     for adapter in adapters:
         where = os.fspath(adapter)
+        folder = _adapter_folder(where)
         try:
-            config = PeftConfig.from_pretrained(where)
+            config = PeftConfig.from_pretrained(str(folder))
         except Exception as exc:
             raise AdapterMismatchError(
                 f"cannot read the adapter config of {where!r} ({type(exc).__name__}): pass a PEFT adapter folder "
@@ -148,23 +149,44 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return shape[1], shape[0]
 
 
+def _adapter_folder(where: str) -> Path:
+    """A local adapter folder, or a Hub adapter (``id`` or ``id@revision``) downloaded from one
+    commit; a path that does not exist fails as one."""
+    from .hub import looks_like_path, split_revision
+
+    folder = Path(where).expanduser()
+    if folder.is_dir():
+        return folder
+    repo, revision = split_revision(where)
+    if folder.exists() or looks_like_path(repo):
+        raise InputNotFoundError(
+            f"{where!r} is {'a file' if folder.exists() else 'not an existing folder'}; pass a PEFT adapter folder "
+            "(adapter_config.json + adapter_model.safetensors) or a Hub id"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=["adapter_config.json", "adapter_model.*"]
+            )
+        )
+    except Exception as exc:
+        raise InputNotFoundError(
+            f"cannot find adapter {where!r}: not a local folder, and the Hub download failed ({type(exc).__name__})"
+        ) from None
+
+
 def _load_adapter_files(adapter) -> tuple[object, dict[str, torch.Tensor], str]:
     """(PeftConfig, state dict, where) for an adapter folder or Hub id, read without touching a model."""
     from peft import PeftConfig
     from safetensors.torch import load_file
 
     where = os.fspath(adapter)
-    folder = Path(where).expanduser()
+    folder = _adapter_folder(where)
     try:
-        config = PeftConfig.from_pretrained(where)
-        if folder.is_dir():
-            files = sorted(folder.glob("adapter_model.safetensors")) or sorted(
-                folder.glob("adapter_model.bin")
-            )
-        else:
-            from huggingface_hub import hf_hub_download
-
-            files = [Path(hf_hub_download(where, "adapter_model.safetensors"))]
+        config = PeftConfig.from_pretrained(str(folder))
+        files = sorted(folder.glob("adapter_model.safetensors")) or sorted(folder.glob("adapter_model.bin"))
     except Exception as exc:
         raise AdapterMismatchError(
             f"cannot read a PEFT adapter from {where!r} ({type(exc).__name__}): pass a folder written by "
@@ -178,7 +200,6 @@ def _load_adapter_files(adapter) -> tuple[object, dict[str, torch.Tensor], str]:
     return config, state, where
 
 
-@torch.no_grad()
 def _record(stats: dict[str, float] | None, before: torch.Tensor, after: torch.Tensor) -> None:
     """Accumulate the squared norms of a change and of the weight it changed (float32)."""
     if stats is not None:
@@ -195,6 +216,7 @@ def _finish_stats(stats: dict[str, float] | None) -> None:
         stats.update(delta_norm=delta, weight_norm=weight, relative=delta / weight if weight else 0.0)
 
 
+@torch.no_grad()
 def _subtract_in_place(
     peft_model, names: Sequence[str], lams: Sequence[float], stats: dict[str, float] | None = None
 ) -> None:
@@ -472,7 +494,8 @@ def _weight_map(folder: Path) -> dict[str, str]:
     )
 
 
-def _model_folder(name_or_path: str | os.PathLike) -> Path:
+def _model_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    from .hub import looks_like_path, split_revision
     from .models import DEFAULT_MODEL, default_model_path
 
     name = os.fspath(name_or_path)
@@ -481,11 +504,21 @@ def _model_folder(name_or_path: str | os.PathLike) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    name, pinned = split_revision(name)
+    revision = revision or pinned
+    if path.exists() or looks_like_path(name):
+        raise InputNotFoundError(
+            f"{name!r} is {'a file' if path.exists() else 'not an existing folder'}; pass a model folder or a Hub id"
+        )
     from huggingface_hub import snapshot_download
 
-    try:
+    try:  # one commit of `revision` for every file
         return Path(
-            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            snapshot_download(
+                name,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
         )
     except Exception as exc:
         raise InvalidInputError(

@@ -78,7 +78,7 @@ def test_analyze_cli(iv, tokenizer, tmp_path, capsys):
         out / "reextracted_iv" / "instruction_vector.json"
     ).is_file()
     assert "head overlap 100%" in capsys.readouterr().out
-    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main(args) == 2 and "exists and is not empty" in capsys.readouterr().err
 
 
 def test_an_iv_without_a_task_needs_examples(iv, tokenizer):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -232,3 +233,97 @@ def test_cli_extract_iv(tmp_path, tokenizer):
         [*cmd, "--task", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "neither a file nor a built-in task" in bad.stderr
+
+
+def _tamper(folder, config=None, tensors=None):
+    """Rewrite a saved IV folder's JSON fields and/or tensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "instruction_vector.json"
+    data = json.loads(path.read_text())
+    data.update(config or {})
+    path.write_text(json.dumps(data))
+    if tensors:
+        saved = load_file(folder / "instruction_vector.safetensors")
+        save_file({**saved, **tensors}, folder / "instruction_vector.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"edit_layer": -1}, r"edit_layer must be an integer in \[0, 3\), got -1"),
+        ({"edit_layer": 999}, "got 999"),
+        ({"edit_layer": "1"}, "got '1'"),
+        ({"edit_layer": 1.5}, "got 1.5"),
+        ({"heads": [[0, 99], [1, 1], [2, 2]]}, r"head \[0, 99\] is not a \(layer, head\) pair"),
+        ({"heads": [[5, 0], [1, 1], [2, 2]]}, "is not a"),
+        ({"heads": "L0H1"}, "heads and head_scores must be lists"),
+        ({"head_scores": [0.1]}, "1 head_scores for 3 heads"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+        ({"format_version": 7}, "unsupported instruction vector format 7"),
+        ({"n_layers": None}, "n_layers must be a positive integer"),
+        ({"surprise": 1}, r"unknown fields \['surprise'\]"),
+        ({"vector": torch.zeros(63)}, r"vector must have shape \(64,\), got \(63,\)"),
+        ({"cie": torch.zeros(4, 3)}, r"cie must have shape \(3, 4\)"),
+        ({"cie": torch.full((3, 4), math.nan)}, "cie has 12 non-finite values"),
+        ({"mean_activations": torch.full((3, 4, 16), math.inf)}, "mean_activations has 192 non-finite"),
+    ],
+)
+def test_tampered_folder_fails_with_one_line(iv, tmp_path, change, match):
+    from ivtrainer.errors import IVTrainerError
+
+    iv.save_pretrained(tmp_path / "iv")
+    tensors = {k: v for k, v in change.items() if isinstance(v, torch.Tensor)}
+    _tamper(tmp_path / "iv", {k: v for k, v in change.items() if k not in tensors}, tensors)
+    with pytest.raises(IVTrainerError, match=match) as info:
+        InstructionVector.from_pretrained(tmp_path / "iv")
+    assert "\n" not in str(info.value) and str(tmp_path / "iv") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("broken", "match"),
+    [
+        ({"instruction_vector.json": b"{not json"}, "is not valid JSON"),
+        ({"instruction_vector.json": b"[1, 2]"}, "must hold a JSON object"),
+        ({"instruction_vector.safetensors": b"\x00\x01garbage"}, "cannot be read"),
+    ],
+)
+def test_corrupt_files_fail_with_one_line(iv, tmp_path, broken, match):
+    from ivtrainer.errors import IVTrainerError
+
+    iv.save_pretrained(tmp_path / "iv")
+    for name, content in broken.items():
+        (tmp_path / "iv" / name).write_bytes(content)
+    with pytest.raises(IVTrainerError, match=match):
+        InstructionVector.from_pretrained(tmp_path / "iv")
+
+
+def test_mistyped_local_path_is_not_a_hub_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local path went to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    for where in (tmp_path / "ivs" / "antonym", "./antonym-iv", "~/no-such/iv/folder"):
+        with pytest.raises(FileNotFoundError, match="not an existing folder"):
+            InstructionVector.from_pretrained(where)
+
+
+def test_hub_vector_comes_from_one_commit(iv, tmp_path, monkeypatch):
+    """Both files from one snapshot of the asked revision (``id@rev`` or revision=)."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot(repo_id, revision=None, token=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, sorted(allow_patterns)))
+        iv.save_pretrained(tmp_path / "snap")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    InstructionVector.from_pretrained("me/antonym-iv@v1.0")
+    InstructionVector.from_pretrained("me/antonym-iv", revision="abc123")
+    files = ["instruction_vector.json", "instruction_vector.safetensors"]
+    assert calls == [("me/antonym-iv", "v1.0", files), ("me/antonym-iv", "abc123", files)]

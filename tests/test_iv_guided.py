@@ -574,3 +574,45 @@ def test_push_without_a_token_fails_before_any_work(tmp_path, iv, data, monkeypa
     ):
         trainer.push_to_hub()
     assert not upload.called and not (tmp_path / "run" / "README.md").exists()  # no card written either
+
+
+def test_head_mse_works_on_peft_models(tmp_path, iv, data):
+    """The LoRA teacher runs through the student's modules: the head term must still compare the
+    student's heads with the teacher's (it used to compare the teacher with itself: always 0)."""
+
+    def lora():
+        m = tiny_model("llama", seed=1)
+        return get_peft_model(m, LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM"))
+
+    kw = dict(kl_weight=0.0, iv_strength_start=0.0, teacher_iv_strength=2.0)
+    without = _grads_after_one_step(tmp_path / "a", iv, data, lora(), head_mse_weight=0.0, **kw)
+    with_mse = _grads_after_one_step(tmp_path / "b", iv, data, lora(), head_mse_weight=100.0, **kw)
+    assert max((with_mse[n] - without[n]).abs().max() for n in without) > 1e-4
+    trainer = IVGuidedTrainer(
+        lora(),
+        _config(tmp_path / "c", max_steps=1, head_mse_weight=1.0, **kw),
+        instruction_vectors=iv,
+        train_dataset=data.select(range(4)),
+        data_collator=_collator(),
+    )
+    trainer.train()
+    assert next(log["head_mse"] for log in trainer.state.log_history if "head_mse" in log) > 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_vectors_and_weights_are_refused_before_training(tmp_path, iv, data, bad):
+    import dataclasses
+
+    from ivtrainer.instruction_vector import InvalidVectorError
+
+    vector = iv.vector.clone()
+    vector[0] = bad
+    with pytest.raises(InvalidVectorError, match="non-finite"):
+        dataclasses.replace(iv, vector=vector)
+    with pytest.raises(ValueError, match=r"iv_weights\[0\] must be a finite number"):
+        _config(tmp_path, iv_weights=[bad])
+    with pytest.raises(ValueError, match=r"iv_weights\[0\] must be a finite number"):
+        IVInterventionCallback(iv, weights=[bad])
+    with pytest.raises(ValueError, match=r"iv_weights\[0\] must be a finite number"):
+        IVKLCallback(iv, iv_weights=[bad])
+    assert not (tmp_path / "run").exists()

@@ -138,8 +138,13 @@ def test_adapter_for_another_base_model(tmp_path):
 
 
 def test_missing_adapter_and_lambda_count(tmp_path):
-    with pytest.raises(AdapterMismatchError, match="cannot read a PEFT adapter"):
+    from ivtrainer.errors import InputNotFoundError
+
+    with pytest.raises(InputNotFoundError, match="not an existing folder"):  # never a Hub download
         subtract_adapter(tiny_model("llama"), tmp_path / "nothing", 0.5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterMismatchError, match="cannot read a PEFT adapter"):
+        subtract_adapter(tiny_model("llama"), tmp_path / "empty", 0.5)
     _trained_adapter("llama").save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="got 2 lambdas for 1 adapters"):
         subtract_adapter(tiny_model("llama"), tmp_path / "adapter", [0.1, 0.2])
