@@ -19,7 +19,14 @@ from ..instruction_vector import InstructionVector
 from ..intervention import Positions, add_to_residual
 from ..schedules import Schedule
 
-__all__ = ["IVCallback", "IVInterventionCallback", "load_vectors", "residual_pairs", "save_vectors"]
+__all__ = [
+    "IVCallback",
+    "IVInterventionCallback",
+    "check_labels_reach_the_model",
+    "load_vectors",
+    "residual_pairs",
+    "save_vectors",
+]
 
 IVLike = InstructionVector | str | os.PathLike
 
@@ -162,6 +169,18 @@ class IVInterventionCallback(IVCallback):
             },
             "attributes": {"strength": self.strength},
         }
+
+
+def check_labels_reach_the_model(args, compute_loss_func=None) -> None:
+    """Refuse settings under which the Trainer takes ``labels`` out of the batch before the
+    forward: the last prompt token (where the IV goes) and the KL's mask are found from them."""
+    if getattr(args, "label_smoothing_factor", 0) > 0 or compute_loss_func is not None:
+        what = "label_smoothing_factor > 0" if compute_loss_func is None else "compute_loss_func"
+        raise InvalidInputError(
+            f"{what} makes the Trainer remove the labels before the forward, so IV-guided training cannot find "
+            "the last prompt token (for the IV) or the answer tokens (for the KL): use the model's own loss "
+            "(label_smoothing_factor=0, no compute_loss_func)"
+        )
 
 
 def save_vectors(vectors: Sequence[InstructionVector], folder: Path) -> None:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import weakref
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -26,11 +27,15 @@ from ..hooks import record_head_outputs
 from ..intervention import add_to_residual, last_prompt_positions, suspend_interventions
 from ..kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
 from ..schedules import Schedule
-from .iv_intervention import IVCallback, IVLike, _into_history
+from .iv_intervention import IVCallback, IVLike, _into_history, check_labels_reach_the_model
 
 __all__ = ["IVKLCallback"]
 
 logger = logging.get_logger(__name__)
+
+# model -> {output_dir: the frozen teacher made when its Trainer was built}: what a callback
+# restored from a checkpoint (restore_callback_states_from_checkpoint) takes over
+_TEACHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 class IVKLCallback(IVCallback):
@@ -114,16 +119,26 @@ class IVKLCallback(IVCallback):
     role = "kl"
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        _check_supported(args, model, self.teacher)
         # the teacher is the model *before* fine-tuning: copied now, before a resumed run loads
         # its checkpoint into the model
         if model is not None and not self._reference_ready:
             self._reference, self._reference_ready = self._make_reference(model), True
+            if self._reference is not None and not isinstance(self.teacher, nn.Module):
+                _TEACHERS.setdefault(model, {})[str(args.output_dir)] = self._reference
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_labels_reach_the_model(args)
+        _check_supported(args, model, self.teacher)
         super().on_train_begin(args, state, control, model=model, **kwargs)
         self.close()
         self._model, self._accumulation = model, args.gradient_accumulation_steps
         self._tokens_across = getattr(args, "average_tokens_across_devices", False)
+        if not self._reference_ready and state.global_step > 0 and model in _TEACHERS:
+            # restore_callback_states_from_checkpoint: the Trainer replaced the callback built with
+            # it by one made from the checkpoint's state; take the teacher the first one made
+            self._reference = _TEACHERS[model].get(str(args.output_dir))
+            self._reference_ready = self._reference is not None
         if not self._reference_ready:
             if state.global_step > 0 and not _is_peft(model) and not isinstance(self.teacher, nn.Module):
                 raise InvalidInputError(
@@ -286,7 +301,8 @@ class IVKLCallback(IVCallback):
             raise InvalidInputError(
                 "IV-guided KL needs labels in every training batch (to place the IV and the KL): tokenise with "
                 "labels, or use a collator that adds them (DataCollatorForLanguageModeling(mlm=False), "
-                "DataCollatorForSeq2Seq)"
+                "DataCollatorForSeq2Seq); label_smoothing_factor > 0 and a compute_loss_func make the Trainer "
+                "remove them before the forward, so neither can be used with it"
             )
         if getattr(output, "logits", None) is None:
             raise InvalidInputError(
@@ -366,6 +382,33 @@ class IVKLCallback(IVCallback):
             },
             "attributes": {"kl_weight": self.kl_weight},
         }
+
+
+def _fsdp_enabled(args) -> bool:
+    import os
+
+    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in (
+        "1",
+        "true",
+    )
+
+
+def _check_supported(args, model: nn.Module | None, teacher) -> None:
+    """What the KL term cannot work with, refused when the Trainer is built."""
+    if _fsdp_enabled(args):
+        raise InvalidInputError(
+            "IVKLCallback does not support FSDP (its teacher for full fine-tuning would be an unsharded copy of the "
+            "model, and its hooks are untested on FSDP modules): use DeepSpeed ZeRO-3 (ds_configs/zero3.json, "
+            "a sharded teacher), train LoRA adapters, or drop the KL term"
+        )
+    if isinstance(teacher, nn.Module) and model is not None:
+        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}
+        if teacher is model or shared:
+            raise InvalidInputError(
+                "teacher= is the model being trained (or shares its weights), so the KL would pull the model "
+                "towards itself as it changes: leave teacher='auto' (a frozen copy; for PEFT models the base with "
+                "adapters off) or pass a separate frozen copy of the original model"
+            )
 
 
 def _finite(name: str, value) -> float:

@@ -14,10 +14,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .architectures import get_layout, unwrap_model
 from .errors import InvalidInputError
 from .hooks import hooks
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["Intervention", "Positions", "add_to_residual", "last_prompt_positions", "suspend_interventions"]
 
@@ -53,6 +56,7 @@ class Intervention:
         self.positions = positions
         self.suspended = False
         self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._warned_fallback = False
 
     def _locate(
         self,
@@ -61,6 +65,7 @@ class Intervention:
         past: int,
         device,
         labels: torch.Tensor | None = None,
+        training: bool = False,
     ) -> None:
         """Set the (rows, cols) to edit in this forward from the model's own inputs."""
         batch, seq = input_shape
@@ -69,6 +74,13 @@ class Intervention:
             if labels is not None and labels.shape == (batch, seq):
                 positions = last_prompt_positions(labels)
             else:
+                if training and not self._warned_fallback and torch.is_grad_enabled():
+                    self._warned_fallback = True  # once per intervention
+                    logger.warning(
+                        "IV positions 'last_prompt' need the batch's labels, but this training forward has none "
+                        "(label_smoothing_factor > 0 or a compute_loss_func make the Trainer remove them): the IV "
+                        "is added at the last token instead, which is the end of the answer"
+                    )
                 positions = "last"
         if isinstance(positions, torch.Tensor):
             if positions.shape != (batch, seq):
@@ -151,6 +163,7 @@ def add_to_residual(
             past_len,
             source.device,
             bound.get("labels", extra.get("labels")),
+            module.training,
         )
 
     def make_hook(vector: torch.Tensor):

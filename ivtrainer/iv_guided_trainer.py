@@ -10,7 +10,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
 from .callbacks import IVCallback
-from .callbacks.iv_intervention import IVLike, load_vectors
+from .callbacks.iv_intervention import IVLike, check_labels_reach_the_model, load_vectors
 from .distributed import NoEmptyParamGroupsMixin, check_deepspeed_config
 from .errors import InvalidInputError
 from .hub import NoTokenInArgsMixin, check_trainer_push
@@ -25,6 +25,7 @@ class IVGuidedMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
     ``train()`` whatever happens."""
 
     def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
+        check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
         vectors = load_vectors(
             instruction_vectors if instruction_vectors is not None else args.instruction_vectors
         )

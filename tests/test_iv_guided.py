@@ -309,7 +309,8 @@ def test_peft_teacher_is_the_base_without_a_copy(tmp_path, iv, data):
     assert "reference" in seen and seen["reference"] is None
 
 
-def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data):
+@pytest.mark.parametrize("restore", [False, True])  # restore_callback_states_from_checkpoint
+def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data, restore):
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
@@ -324,6 +325,7 @@ def test_checkpoints_hold_the_vectors_and_resume_is_exact(tmp_path, iv, data):
             save_steps=1,
             iv_schedule="cosine",
             iv_schedule_fraction=1.0,
+            restore_callback_states_from_checkpoint=restore,
         )
         return IVGuidedTrainer(
             tiny_model("llama", seed=5),
@@ -616,3 +618,69 @@ def test_non_finite_vectors_and_weights_are_refused_before_training(tmp_path, iv
     with pytest.raises(ValueError, match=r"iv_weights\[0\] must be a finite number"):
         IVKLCallback(iv, iv_weights=[bad])
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_that_hide_the_labels_are_refused(tmp_path, iv, data):
+    """Label smoothing and compute_loss_func make the Trainer pop the labels before the forward:
+    refused when the trainer is built (or, on a plain Trainer, when training begins)."""
+    with pytest.raises(ValueError, match="label_smoothing_factor > 0 makes the Trainer remove the labels"):
+        IVGuidedTrainer(
+            tiny_model("llama"),
+            _config(tmp_path, label_smoothing_factor=0.1),
+            instruction_vectors=iv,
+            train_dataset=data,
+            data_collator=_collator(),
+        )
+    with pytest.raises(ValueError, match="compute_loss_func makes the Trainer remove the labels"):
+        IVGuidedTrainer(
+            tiny_model("llama"),
+            _config(tmp_path),
+            instruction_vectors=iv,
+            train_dataset=data,
+            data_collator=_collator(),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+        )
+    args = TrainingArguments(
+        str(tmp_path / "t"), label_smoothing_factor=0.1, max_steps=1, report_to="none", use_cpu=True
+    )
+    trainer = Trainer(
+        tiny_model("llama"), args, train_dataset=data, data_collator=_collator(), callbacks=[IVKLCallback(iv)]
+    )
+    with pytest.raises(ValueError, match="label_smoothing_factor > 0"):
+        trainer.train()
+
+
+def test_last_prompt_fallback_in_training_is_reported(tmp_path, iv, data, caplog):
+    """A training forward without labels cannot find the last prompt token: said once, not silent."""
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_model("llama")
+    batch = _collator()([data[i] for i in range(2)])
+    hf_logging.enable_propagation()
+    try:
+        with iv.apply(model, positions="last_prompt"), caplog.at_level("WARNING"):
+            model.train()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hf_logging.disable_propagation()
+    warnings = [r for r in caplog.records if "need the batch's labels" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_model_as_its_own_teacher_and_fsdp_are_refused(tmp_path, iv, data):
+    model = tiny_model("llama")
+    args = TrainingArguments(str(tmp_path / "t"), max_steps=1, report_to="none", use_cpu=True)
+    for teacher in (model, get_peft_model(model, LoraConfig(r=2, task_type="CAUSAL_LM")).get_base_model()):
+        with pytest.raises(ValueError, match="teacher= is the model being trained"):
+            Trainer(
+                model,
+                args,
+                train_dataset=data,
+                data_collator=_collator(),
+                callbacks=[IVKLCallback(iv, teacher=teacher)],
+            )
+    fsdp = TrainingArguments(str(tmp_path / "f"), max_steps=1, report_to="none", use_cpu=True)
+    fsdp.fsdp = ["full_shard"]  # what --fsdp full_shard sets; its own checks need several GPUs
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        IVKLCallback(iv).on_init_end(fsdp, None, None, model=tiny_model("llama"))
