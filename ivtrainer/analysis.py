@@ -154,11 +154,14 @@ def analyze_iv(
     )
 
 
-def save_analysis(result: IVDynamics, out: str | os.PathLike, *, plot: bool = True) -> Path:
-    """``analysis.json``, the re-extracted IV (``reextracted_iv/``) and ``cie_change.png``."""
-    from .outputs import atomic_dir
+def save_analysis(
+    result: IVDynamics, out: str | os.PathLike, *, plot: bool = True, overwrite: bool = False
+) -> Path:
+    """``analysis.json``, the re-extracted IV (``reextracted_iv/``) and ``cie_change.png``, in a
+    folder that follows :func:`ivtrainer.outputs.check_output_dir`."""
+    from .outputs import atomic_dir, check_output_dir
 
-    out = Path(out)
+    out = check_output_dir(out, overwrite=overwrite, flag="out", overwrite_flag="overwrite=True")
     with atomic_dir(out, marker={"command": "analyze"}) as tmp:
         (tmp / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         result.reextracted.save_pretrained(tmp / "reextracted_iv")

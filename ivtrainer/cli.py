@@ -110,10 +110,11 @@ def _forget(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
 
+    stats: dict[str, float] = {}  # the size of what was subtracted, printed: a no-op shows
     if args.finetuned:
         plan = _task_vector_plan(args.base, args.finetuned)  # names and shapes checked before writing
         with atomic_dir(out, marker={"command": "forget"}) as tmp:
-            write_task_vector(plan, lams[0], tmp)
+            write_task_vector(plan, lams[0], tmp, stats)
             _write_forget_card(tmp, args, lams)
     else:
         from .models import DEFAULT_MODEL, load_model
@@ -126,6 +127,7 @@ def _forget(args: argparse.Namespace) -> int:
             args.adapter if n > 1 else args.adapter[0],
             lams if n > 1 else lams[0],
             check_base_model=not args.no_check_base_model,
+            stats=stats,
         )
         with atomic_dir(out, marker={"command": "forget"}) as tmp:
             model.save_pretrained(tmp)
@@ -133,6 +135,10 @@ def _forget(args: argparse.Namespace) -> int:
             _write_forget_card(tmp, args, lams)
     delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
     print(f"wrote {args.out}: {args.base} - lambda {lams} x {delta}")
+    print(
+        f"||lambda x delta|| = {stats['delta_norm']:.4g}, {stats['relative']:.3g} of the norm of the "
+        f"{stats['tensors']} weight tensors it changed"
+    )
     if args.push_to_hub:
         import shutil
 
@@ -187,7 +193,12 @@ def _evaluate_edits(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise IVTrainerError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise IVTrainerError(
+            f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N or mps"
+        ) from None
     base = tokenizer = None
     if args.base:
         base, tokenizer = load_model(args.base)
@@ -230,7 +241,7 @@ def _analyze(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     base = load_model(args.base)[0] if args.base else None
     result = analyze_iv(model, tokenizer, iv, examples=examples, base_model=base, n_prompts=args.n_prompts)
-    save_analysis(result, out, plot=not args.no_plot)
+    save_analysis(result, out, plot=not args.no_plot, overwrite=args.overwrite)
     print(
         f"task {result.task or args.task}: IV cosine (before vs after) {result.cosine:.3f}, "
         f"head overlap {result.head_overlap:.0%} ({len(result.shared_heads)}/{len(iv.heads)})"

@@ -29,6 +29,7 @@ from .errors import IVTrainerError
 
 __all__ = [
     "MARKER",
+    "OutputExistsError",
     "OutputFolderError",
     "apply_umask",
     "atomic_dir",
@@ -45,6 +46,10 @@ MARKER = ".ivtrainer-output.json"
 
 class OutputFolderError(IVTrainerError, ValueError):
     """An output path that must not be written: it would destroy an input or someone's files."""
+
+
+class OutputExistsError(OutputFolderError, FileExistsError):
+    """The output exists, and replacing it was not asked for (or is not allowed)."""
 
 
 def _protected() -> list[tuple[Path, str]]:
@@ -85,10 +90,12 @@ def check_output_dir(
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
     flag: str = "--out",
+    overwrite_flag: str = "--overwrite",
 ) -> Path:
     """The resolved folder to write, after every check; raises :class:`OutputFolderError`.
 
-    Call it before any work: it looks only at paths.
+    Call it before any work: it looks only at paths. ``flag`` and ``overwrite_flag`` name the
+    arguments in messages (``"out_dir"`` and ``"overwrite=True"`` from Python).
     """
     shown = os.fspath(out)
     if not shown:
@@ -99,13 +106,13 @@ def check_output_dir(
     _check_clear_of(resolved, shown, inputs, flag)
     if resolved.is_dir() and any(resolved.iterdir()):
         if not overwrite:
-            raise OutputFolderError(
-                f"{flag} {shown} exists and is not empty; choose another or pass --overwrite"
+            raise OutputExistsError(
+                f"{flag} {shown} exists and is not empty; choose another or pass {overwrite_flag}"
             )
         if not (resolved / MARKER).is_file():
-            raise OutputFolderError(
-                f"{flag} {shown} was not written by ivtrainer (no {MARKER}), so --overwrite will not replace it; "
-                "choose another folder or remove it yourself"
+            raise OutputExistsError(
+                f"{flag} {shown} was not written by ivtrainer (no {MARKER}), so {overwrite_flag} will not replace "
+                "it; choose another folder or remove it yourself"
             )
     return resolved
 
@@ -126,7 +133,7 @@ def check_output_file(
         if resolved == path or resolved.is_relative_to(path):
             raise OutputFolderError(f"{flag} {shown} would overwrite {what}; write the result somewhere else")
     if resolved.exists() and not overwrite:
-        raise OutputFolderError(f"{flag} {shown} already exists; choose another file or pass --overwrite")
+        raise OutputExistsError(f"{flag} {shown} already exists; choose another file or pass --overwrite")
     return resolved
 
 

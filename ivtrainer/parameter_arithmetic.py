@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .distributed import gathered
 from .errors import InputNotFoundError, InvalidInputError, IVTrainerError
-from .outputs import atomic_dir, scratch_dir
+from .outputs import atomic_dir, check_output_dir, scratch_dir
 
 __all__ = [
     "AdapterMismatchError",
@@ -540,11 +540,17 @@ def subtract_task_vector(
     weights of identical names and shapes. The output keeps the base's shard layout, config,
     generation config and tokenizer, plus ``ivtrainer_task_vector.json`` recording the operation.
     It is written to a temporary folder and renamed into place; nothing is left on failure.
+    ``out_dir`` follows :func:`ivtrainer.outputs.check_output_dir` (never an input; an existing
+    non-empty folder only with ``overwrite``, and only if ivtrainer wrote it).
     """
     (lam,) = check_lambdas([lam], 1)
-    out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
+    out = check_output_dir(
+        out_dir,
+        inputs=[base, finetuned],
+        overwrite=overwrite,
+        flag="out_dir",
+        overwrite_flag="overwrite=True",
+    )
     plan = _task_vector_plan(base, finetuned)
     with atomic_dir(out, marker={"command": "subtract_task_vector"}) as tmp:
         write_task_vector(plan, lam, tmp)
@@ -571,7 +577,7 @@ def _task_vector_plan(base: str | os.PathLike, finetuned: str | os.PathLike, **d
             "ft_map": ft_map, "ft_headers": ft_headers, "base_headers": base_headers}  # fmt: skip
 
 
-def write_task_vector(plan: dict, lam: float, folder: Path) -> None:
+def write_task_vector(plan: dict, lam: float, folder: Path, stats: dict[str, float] | None = None) -> None:
     """Stream ``theta - lam * (theta_ft - theta)`` into ``folder`` (shards, config, tokenizer,
     ``ivtrainer_task_vector.json``); ``plan`` from :func:`_task_vector_plan`."""
     base_dir, ft_dir, ft_map, ft_headers = (
@@ -586,7 +592,7 @@ def write_task_vector(plan: dict, lam: float, folder: Path) -> None:
             sorted(plan["base_headers"].items()), desc="task vector", unit="shard"
         ):
             with open(base_dir / shard, "rb") as fb:
-                _write_shard(folder / shard, header, start, fb, ft_map, ft_headers, handles, lam)
+                _write_shard(folder / shard, header, start, fb, ft_map, ft_headers, handles, lam, stats)
     finally:
         for handle in handles.values():
             handle.close()
@@ -596,9 +602,12 @@ def write_task_vector(plan: dict, lam: float, folder: Path) -> None:
     record = {"operation": "theta - lam * (theta_finetuned - theta)", "lam": lam,
               "base": plan["base"], "finetuned": plan["finetuned"]}  # fmt: skip
     (folder / "ivtrainer_task_vector.json").write_text(json.dumps(record, indent=2) + "\n")
+    _finish_stats(stats)
 
 
-def _write_shard(path: Path, header: dict, start: int, fb, ft_map, ft_headers, handles, lam: float) -> None:
+def _write_shard(
+    path: Path, header: dict, start: int, fb, ft_map, ft_headers, handles, lam: float, stats=None
+) -> None:
     """Stream one output shard: the header first (shapes and dtypes are known), then each tensor."""
     names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
     out_header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -622,6 +631,7 @@ def _write_shard(path: Path, header: dict, start: int, fb, ft_map, ft_headers, h
             if theta.is_floating_point():
                 theta32 = theta.float()
                 result = (theta32 - lam * (tuned.float() - theta32)).to(theta.dtype)
+                _record(stats, theta32, result.float())
             else:  # integer buffers are not parameters: keep the base's
                 result = theta
             f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -340,7 +340,7 @@ def test_subtracted_delta_is_logged_and_the_lora_old_phase_does_something(tmp_pa
     )
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "forget_relative_delta" in log]
-    assert log["forget_delta_norm"] > 0 and 1e-4 < log["forget_relative_delta"] < 1
+    assert log["forget_delta_norm"] > 0 and 1e-3 < log["forget_relative_delta"] < 1  # above the warning
 
 
 def test_push_never_uploads_the_old_phase_or_the_token(tmp_path, data, monkeypatch):

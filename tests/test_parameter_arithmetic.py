@@ -226,8 +226,15 @@ def test_task_vector_bad_input_writes_nothing(tmp_path, tokenizer):
         subtract_task_vector(tmp_path / "base", tmp_path / "tuned", 0.5, tmp_path / "o4")
     leftovers = {p.name for p in tmp_path.iterdir()}
     assert not leftovers & {"o1", "o2", "o3", "o4"} and not [n for n in leftovers if ".tmp-" in n]
-    subtract_task_vector(tmp_path / "base", tmp_path / "base", 0.5, tmp_path / "exists", overwrite=True)
-    assert not (tmp_path / "exists" / "keep.txt").exists()
+    with pytest.raises(FileExistsError, match="was not written by ivtrainer"):  # overwrite replaces ours only
+        subtract_task_vector(tmp_path / "base", tmp_path / "base", 0.5, tmp_path / "exists", overwrite=True)
+    with pytest.raises(ValueError, match=r"out_dir .* is the input"):
+        subtract_task_vector(tmp_path / "base", tmp_path / "base", 0.5, tmp_path / "base", overwrite=True)
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
+    subtract_task_vector(tmp_path / "base", tmp_path / "base", 0.5, tmp_path / "o5")
+    (tmp_path / "o5" / "stale.txt").write_text("from the first run")
+    subtract_task_vector(tmp_path / "base", tmp_path / "base", 0.5, tmp_path / "o5", overwrite=True)
+    assert not (tmp_path / "o5" / "stale.txt").exists()
 
 
 # -- ivtrainer forget ------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def test_overwrite_replaces_only_what_ivtrainer_wrote(project, tmp_path, capsys)
     _refused(capsys, _forget(project, foreign), "not empty", tmp_path)
 
     out = tmp_path / "edited"
-    assert _run(capsys, *_forget(project, out))[0] == 0
+    code, printed, _ = _run(capsys, *_forget(project, out))
+    assert code == 0 and "of the norm of the 6 weight tensors it changed" in printed  # q, v in 3 layers
     assert (
         (out / MARKER).is_file() and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     )
