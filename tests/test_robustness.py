@@ -328,3 +328,42 @@ def test_bugs_show_a_traceback_and_input_errors_one_line(tmp_path, capsys, monke
     assert main(argv) == 2
     with pytest.raises(IVTrainerError, match="--lam must be >= 0"):
         main(["--debug", *argv])
+
+
+# -- Hub ids ----------------------------------------------------------------------------------------
+
+
+def test_hub_ids_take_a_revision_and_paths_never_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import ivtrainer.models
+    from ivtrainer.hub import split_revision
+    from ivtrainer.parameter_arithmetic import _adapter_folder, _model_folder
+
+    assert split_revision("org/name@v1.0") == ("org/name", "v1.0")
+    assert split_revision("org/name") == ("org/name", None)
+    (tmp_path / "run@2").mkdir()
+    assert split_revision(str(tmp_path / "run@2")) == (str(tmp_path / "run@2"), None)  # a folder stays whole
+    assert split_revision("./models/x@y") == ("./models/x@y", None)
+
+    seen = {}
+    monkeypatch.setattr(ivtrainer.models, "_load_hub", lambda name, kwargs: seen.update(name=name, **kwargs))
+    ivtrainer.models.load_model("org/name@abc123")
+    assert seen == {"name": "org/name", "revision": "abc123"}
+
+    calls = []
+
+    def snapshot(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    _adapter_folder("me/forget-adapter@v2")
+    _model_folder("me/finetuned@main")
+    assert calls == [("me/forget-adapter", "v2"), ("me/finetuned", "main")]
+    for missing in ("./adapter", str(tmp_path / "nope"), "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="not an existing folder"):
+            _adapter_folder(missing)
+        with pytest.raises(FileNotFoundError, match="not an existing folder"):
+            _model_folder(missing)
+    assert len(calls) == 2
