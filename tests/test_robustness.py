@@ -367,3 +367,18 @@ def test_hub_ids_take_a_revision_and_paths_never_download(tmp_path, monkeypatch)
         with pytest.raises(FileNotFoundError, match="not an existing folder"):
             _model_folder(missing)
     assert len(calls) == 2
+
+
+def test_scratch_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
+    import tempfile
+
+    from ivtrainer.outputs import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f"ivtrainer-scratch-{2**22 + 12345}-abc"
+    dead.mkdir()
+    mine = tmp_path / f"ivtrainer-scratch-{os.getpid()}-running"
+    mine.mkdir()
+    with scratch_dir() as scratch:
+        assert scratch.parent == tmp_path and scratch.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
