@@ -19,11 +19,11 @@ import time
 import torch
 from _readme import replace_block
 
-from ivtrainer.architectures import get_layout
-from ivtrainer.icl import PromptBuilder
-from ivtrainer.mediation import cie_atp, cie_exact, cie_reference, mean_head_activations
-from ivtrainer.models import load_model
-from ivtrainer.tasks import list_tasks, load_task
+from ivtrainer.datasets.tasks import list_tasks, load_task
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.modeling.loading import load_model
+from ivtrainer.steering.icl import PromptBuilder
+from ivtrainer.steering.mediation import cie_atp, cie_exact, cie_reference, mean_head_activations
 
 
 def _timed(fn, *args):

@@ -23,7 +23,7 @@ import tempfile
 _PROBE = """
 import json, time
 t0 = time.perf_counter()
-import ivtrainer.models as m
+import ivtrainer.modeling.loading as m
 import transformers.modeling_utils, transformers.models.llama.modeling_llama, transformers.tokenization_utils_tokenizers
 t1 = time.perf_counter(); m.load_default_model(); t2 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "load": t2 - t1}))

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from ivtrainer.edit_metrics import evaluate_edits
-from ivtrainer.edits import build_counterfacts
-from ivtrainer.models import load_default_model
+from ivtrainer.datasets.edits import build_counterfacts
+from ivtrainer.evaluation.edit_metrics import evaluate_edits
+from ivtrainer.modeling.loading import load_default_model
 
 _WORDS = [
     "according",
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    import ivtrainer.edit_metrics as metrics
+    import ivtrainer.evaluation.edit_metrics as metrics
 
     model, tokenizer = load_default_model()
     model.eval()

@@ -20,8 +20,8 @@ import tempfile
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from ivtrainer import FLearningConfig, FLearningTrainer
-from ivtrainer.edits import build_counterfacts, edit_dataset, target_predictions
-from ivtrainer.models import load_default_model
+from ivtrainer.datasets.edits import build_counterfacts, edit_dataset, target_predictions
+from ivtrainer.modeling.loading import load_default_model
 
 
 def _old_accuracy(model, tokenizer, records) -> float:

@@ -8,7 +8,7 @@ New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot ac
 of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
 every answer token the teacher-forced argmax.
 
-What the model could do before (``ivtrainer.forgetting.evaluate_abilities``, which ``ivtrainer demo``
+What the model could do before (``ivtrainer.evaluation.forgetting.evaluate_abilities``, which ``ivtrainer demo``
 also uses), measured before and after fine-tuning:
 - in-context learning: 5-shot first-token accuracy on the held-out pairs of the six built-in tasks
   (40 prompts each), in the same ``Q:/A:`` format the new task uses;
@@ -49,9 +49,14 @@ from ivtrainer import (
     extract_instruction_vector,
     load_default_model,
 )
-from ivtrainer.edits import build_counterfacts, split_edits
-from ivtrainer.forgetting import evaluate_abilities, held_out_mean, new_task_dataset, new_task_words
-from ivtrainer.plotting import plot_scores
+from ivtrainer.datasets.edits import build_counterfacts, split_edits
+from ivtrainer.evaluation.forgetting import (
+    evaluate_abilities,
+    held_out_mean,
+    new_task_dataset,
+    new_task_words,
+)
+from ivtrainer.evaluation.plotting import plot_scores
 
 CACHE = Path(__file__).parent / ".cache"
 IV_TASKS = ("antonym", "country_capital")

@@ -22,12 +22,16 @@ from pathlib import Path
 import torch
 from _readme import replace_block
 
-from ivtrainer.architectures import get_layout
-from ivtrainer.icl import PromptBuilder, first_token_accuracy
-from ivtrainer.instruction_vector import InstructionVector, extract_instruction_vector, head_contributions
-from ivtrainer.intervention import add_to_residual
-from ivtrainer.models import load_model
-from ivtrainer.tasks import list_tasks, load_task
+from ivtrainer.datasets.tasks import list_tasks, load_task
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.modeling.loading import load_model
+from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
+from ivtrainer.steering.instruction_vector import (
+    InstructionVector,
+    extract_instruction_vector,
+    head_contributions,
+)
+from ivtrainer.steering.intervention import add_to_residual
 
 STRENGTHS = (1.0, 2.0, 4.0)
 N_HEADS = (5, 10, 20)

@@ -28,8 +28,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 from transformers.utils import logging as hf_logging
 
 from ivtrainer import FLearningConfig, FLearningTrainer, load_default_model
-from ivtrainer.edit_metrics import evaluate_edits, locality_reference
-from ivtrainer.edits import build_counterfacts, edit_dataset, split_edits
+from ivtrainer.datasets.edits import build_counterfacts, edit_dataset, split_edits
+from ivtrainer.evaluation.edit_metrics import evaluate_edits, locality_reference
 
 LR = {"full": 5e-5, "lora": 1e-3}
 # name -> (forget_method or None for plain, learn_method, plain baseline it is compared with)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-_BASELINE = "import torch, transformers, ivtrainer.parameter_arithmetic; from transformers import AutoModelForCausalLM"
+_BASELINE = "import torch, transformers, ivtrainer.arithmetic.parameter_arithmetic; from transformers import AutoModelForCausalLM"
 _STREAMED = (
-    _BASELINE + "; ivtrainer.parameter_arithmetic.subtract_task_vector({base!r}, {tuned!r}, 0.5, {out!r})"
+    _BASELINE
+    + "; ivtrainer.arithmetic.parameter_arithmetic.subtract_task_vector({base!r}, {tuned!r}, 0.5, {out!r})"
 )
 _NAIVE = (
     _BASELINE
@@ -52,8 +53,8 @@ def _peak_rss_mb(code: str) -> float:
 def lora_timing(runs: int) -> list[float]:
     from peft import LoraConfig, get_peft_model
 
-    from ivtrainer.models import load_default_model
-    from ivtrainer.parameter_arithmetic import subtract_adapter
+    from ivtrainer.arithmetic.parameter_arithmetic import subtract_adapter
+    from ivtrainer.modeling.loading import load_default_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"subtract_adapter, rank-8 LoRA on 7 projections x 30 layers: median {statistics.median(times):.2f} s "
           f"(runs: {', '.join(f'{t:.2f}' for t in times)})")  # fmt: skip
 
-    from ivtrainer.models import default_model_path, load_default_model
+    from ivtrainer.modeling.loading import default_model_path, load_default_model
 
     base = default_model_path()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 - :class:`IVKLCallback` adds the KL term towards the IV-intervened original model.
 """
 
-from .iv_intervention import IVCallback, IVInterventionCallback
-from .iv_kl import IVKLCallback
+from ivtrainer.callbacks.iv_intervention import IVCallback, IVInterventionCallback
+from ivtrainer.callbacks.iv_kl import IVKLCallback
 
 __all__ = ["IVCallback", "IVInterventionCallback", "IVKLCallback"]

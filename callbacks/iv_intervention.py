@@ -13,11 +13,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..checks import finite_numbers
-from ..errors import InvalidInputError
-from ..instruction_vector import InstructionVector
-from ..intervention import Positions, add_to_residual
-from ..schedules import Schedule
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.iv_guided.schedules import Schedule
+from ivtrainer.steering.instruction_vector import InstructionVector
+from ivtrainer.steering.intervention import Positions, add_to_residual
+from ivtrainer.utils.checks import finite_numbers
 
 __all__ = [
     "IVCallback",

@@ -18,16 +18,22 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
+from ivtrainer.callbacks.iv_intervention import (
+    IVCallback,
+    IVLike,
+    _into_history,
+    check_labels_reach_the_model,
+)
 from torch import nn
 from transformers.utils import logging
 
-from ..distributed import deepspeed_enabled, is_zero3_partitioned, zero3_copy
-from ..errors import InvalidInputError
-from ..hooks import record_head_outputs
-from ..intervention import add_to_residual, last_prompt_positions, suspend_interventions
-from ..kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
-from ..schedules import Schedule
-from .iv_intervention import IVCallback, IVLike, _into_history, check_labels_reach_the_model
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
+from ivtrainer.iv_guided.schedules import Schedule
+from ivtrainer.modeling.hooks import eval_mode, hooks, is_peft_model, record_head_outputs
+from ivtrainer.steering.intervention import add_to_residual, last_prompt_positions, suspend_interventions
+from ivtrainer.utils.checks import finite_number
+from ivtrainer.utils.distributed import deepspeed_enabled, is_zero3_partitioned, zero3_copy
 
 __all__ = ["IVKLCallback"]
 
@@ -43,7 +49,7 @@ class IVKLCallback(IVCallback):
 
     Args:
         instruction_vectors: the IV(s) added to the teacher (objects, folders or Hub ids).
-        weight: the KL weight, a number or a :class:`~ivtrainer.schedules.Schedule`.
+        weight: the KL weight, a number or a :class:`~ivtrainer.iv_guided.schedules.Schedule`.
         teacher_strength: the strength of the teacher's IVs (default 1).
         direction: ``"reverse"`` KL(student || teacher) (FvForgetting's), ``"forward"``
             KL(teacher || student), or ``"jsd"``.
@@ -82,14 +88,14 @@ class IVKLCallback(IVCallback):
         if isinstance(weight, dict):
             weight = Schedule(**weight)
         self.weight = (
-            weight if isinstance(weight, Schedule) else Schedule("constant", _finite("weight", weight))
+            weight if isinstance(weight, Schedule) else Schedule("constant", finite_number("weight", weight))
         )
         for name, value in (
             ("teacher_strength", teacher_strength),
             ("head_mse_weight", head_mse_weight),
             ("threshold", threshold),
         ):
-            _finite(name, value)
+            finite_number(name, value)
         if self.weight.start < 0 or self.weight.end < 0 or head_mse_weight < 0 or threshold < 0:
             raise InvalidInputError("KL weights, head_mse_weight and threshold must be >= 0")
         if not math.isfinite(temperature) or temperature <= 0:
@@ -140,7 +146,7 @@ class IVKLCallback(IVCallback):
             self._reference = _TEACHERS[model].get(str(args.output_dir))
             self._reference_ready = self._reference is not None
         if not self._reference_ready:
-            if state.global_step > 0 and not _is_peft(model) and not isinstance(self.teacher, nn.Module):
+            if state.global_step > 0 and not is_peft_model(model) and not isinstance(self.teacher, nn.Module):
                 raise InvalidInputError(
                     "IVKLCallback was added after the Trainer was built, and training resumes from a checkpoint: "
                     "the teacher would be the resumed model, not the model before fine-tuning. Pass the callback "
@@ -159,7 +165,7 @@ class IVKLCallback(IVCallback):
         self._stack = contextlib.ExitStack()
         if self.head_mse_weight > 0:
             self._student_heads = self._stack.enter_context(record_head_outputs(model, self._head_layers()))
-        self._stack.enter_context(_removing(model.register_forward_hook(self._hook, with_kwargs=True)))
+        self._stack.enter_context(hooks(model.register_forward_hook(self._hook, with_kwargs=True)))
         self._update(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -233,7 +239,7 @@ class IVKLCallback(IVCallback):
             return self.teacher
         if self.teacher != "auto":
             raise InvalidInputError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
-        if _is_peft(model):
+        if is_peft_model(model):
             return None
         if is_zero3_partitioned(model):
             reference = zero3_copy(model, "the KL teacher; or pass teacher=, or train LoRA adapters").eval()
@@ -260,9 +266,7 @@ class IVKLCallback(IVCallback):
             if self._reference is None:  # the same modules: adapters and student IVs off
                 stack.enter_context(module.disable_adapter())
                 stack.enter_context(suspend_interventions(module))
-            was_training = teacher.training
-            teacher.eval()
-            stack.callback(teacher.train, was_training)
+            stack.enter_context(eval_mode(teacher))
             stack.enter_context(
                 add_to_residual(teacher, self.pairs, strength=self.teacher_strength, positions=positions)
             )
@@ -284,7 +288,7 @@ class IVKLCallback(IVCallback):
             return None
         if self._keeps_logits is None:
             teacher = self._reference if self._reference is not None else module
-            base = teacher.get_base_model() if _is_peft(teacher) else teacher
+            base = teacher.get_base_model() if is_peft_model(teacher) else teacher
             self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         if not self._keeps_logits:
             return None
@@ -409,25 +413,3 @@ def _check_supported(args, model: nn.Module | None, teacher) -> None:
                 "towards itself as it changes: leave teacher='auto' (a frozen copy; for PEFT models the base with "
                 "adapters off) or pass a separate frozen copy of the original model"
             )
-
-
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-@contextlib.contextmanager
-def _removing(handle):
-    try:
-        yield handle
-    finally:
-        handle.remove()

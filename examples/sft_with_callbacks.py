@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 from trl import SFTTrainer
 
 from ivtrainer import IVGuidedSFTConfig, IVGuidedSFTTrainer, load_model
-from ivtrainer.edits import load_edits
+from ivtrainer.datasets.edits import load_edits
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser
 
 from ivtrainer import FLearningConfig, FLearningTrainer, load_model
-from ivtrainer.edits import edit_dataset, load_edits
+from ivtrainer.datasets.edits import edit_dataset, load_edits
 
 
 @dataclass

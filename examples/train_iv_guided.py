@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser
 
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer, load_model
-from ivtrainer.edits import edit_dataset, load_edits
+from ivtrainer.datasets.edits import edit_dataset, load_edits
 
 
 @dataclass

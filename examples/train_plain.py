@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments
 
 from ivtrainer import load_model
-from ivtrainer.edits import edit_dataset, load_edits
+from ivtrainer.datasets.edits import edit_dataset, load_edits
 
 
 @dataclass

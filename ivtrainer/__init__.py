@@ -8,34 +8,53 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .architectures import ArchitectureSpec, ModelLayout, get_layout, register_architecture, unwrap_model
-from .edit_metrics import evaluate_edits
-from .edits import build_counterfacts, edit_dataset, load_edits, split_edits
-from .errors import IVTrainerError, MissingDependencyError, ModelLoadError, UnsupportedArchitectureError
-from .hooks import record_head_outputs
-from .instruction_vector import IncompatibleVectorError, InstructionVector, extract_instruction_vector
-from .models import load_default_model, load_model
-from .parameter_arithmetic import subtract_adapter, subtract_model_delta, subtract_task_vector
-from .tasks import list_tasks, load_task
+from ivtrainer.arithmetic.parameter_arithmetic import (
+    subtract_adapter,
+    subtract_model_delta,
+    subtract_task_vector,
+)
+from ivtrainer.datasets.edits import build_counterfacts, edit_dataset, load_edits, split_edits
+from ivtrainer.datasets.tasks import list_tasks, load_task
+from ivtrainer.errors import (
+    IVTrainerError,
+    MissingDependencyError,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+)
+from ivtrainer.evaluation.edit_metrics import evaluate_edits
+from ivtrainer.modeling.architectures import (
+    ArchitectureSpec,
+    ModelLayout,
+    get_layout,
+    register_architecture,
+    unwrap_model,
+)
+from ivtrainer.modeling.hooks import record_head_outputs
+from ivtrainer.modeling.loading import load_default_model, load_model
+from ivtrainer.steering.instruction_vector import (
+    IncompatibleVectorError,
+    InstructionVector,
+    extract_instruction_vector,
+)
 
 if TYPE_CHECKING:
-    from .f_learning_config import FLearningConfig
-    from .f_learning_trainer import FLearningTrainer
-    from .iv_guided_config import IVGuidedConfig
-    from .iv_guided_sft_trainer import IVGuidedSFTConfig, IVGuidedSFTTrainer
-    from .iv_guided_trainer import IVGuidedTrainer
+    from ivtrainer.f_learning.f_learning_config import FLearningConfig
+    from ivtrainer.f_learning.f_learning_trainer import FLearningTrainer
+    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+    from ivtrainer.iv_guided.iv_guided_sft_trainer import IVGuidedSFTConfig, IVGuidedSFTTrainer
+    from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
 
-__version__ = "0.1.0.dev0"
+from ivtrainer.version import __version__
 
 # Trainer classes import transformers' training stack (seconds): loaded on first use, so that
 # `import ivtrainer` and the CLI stay fast.
 _LAZY = {
-    "FLearningConfig": ".f_learning_config",
-    "FLearningTrainer": ".f_learning_trainer",
-    "IVGuidedConfig": ".iv_guided_config",
-    "IVGuidedTrainer": ".iv_guided_trainer",
-    "IVGuidedSFTConfig": ".iv_guided_sft_trainer",
-    "IVGuidedSFTTrainer": ".iv_guided_sft_trainer",
+    "FLearningConfig": "ivtrainer.f_learning.f_learning_config",
+    "FLearningTrainer": "ivtrainer.f_learning.f_learning_trainer",
+    "IVGuidedConfig": "ivtrainer.iv_guided.iv_guided_config",
+    "IVGuidedTrainer": "ivtrainer.iv_guided.iv_guided_trainer",
+    "IVGuidedSFTConfig": "ivtrainer.iv_guided.iv_guided_sft_trainer",
+    "IVGuidedSFTTrainer": "ivtrainer.iv_guided.iv_guided_sft_trainer",
 }
 
 
@@ -43,7 +62,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ivtrainer' has no attribute {name!r}")

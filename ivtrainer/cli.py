@@ -8,15 +8,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import IVTrainerError
+from ivtrainer.errors import IVTrainerError
+from ivtrainer.version import __version__
 
 __all__ = ["main"]
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .architectures import get_layout
-    from .models import load_model
+    from ivtrainer.modeling.architectures import get_layout
+    from ivtrainer.modeling.loading import load_model
 
     start = time.perf_counter()
     model, _ = load_model(args.model)
@@ -40,11 +40,11 @@ def _edit_layer(value: str) -> int | str:
 
 
 def _extract_iv(args: argparse.Namespace) -> int:
-    from .hub import check_push_target
-    from .instruction_vector import check_extraction_sizes, extract_instruction_vector
-    from .models import load_model
-    from .outputs import atomic_dir, check_output_dir
-    from .tasks import load_examples
+    from ivtrainer.datasets.tasks import load_examples
+    from ivtrainer.hub.push import check_push_target
+    from ivtrainer.modeling.loading import load_model
+    from ivtrainer.steering.instruction_vector import check_extraction_sizes, extract_instruction_vector
+    from ivtrainer.utils.outputs import atomic_dir, check_output_dir
 
     # Everything that can be checked without the model is checked before loading it.
     examples = load_examples(args.task)
@@ -71,7 +71,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
     with atomic_dir(out, marker={"command": "extract-iv"}) as tmp:
         iv.save_pretrained(tmp)
         if args.plot:
-            from .plotting import plot_cie
+            from ivtrainer.evaluation.plotting import plot_cie
 
             title = f"CIE, {iv.task or 'task'} ({args.method})"
             plot_cie(iv.cie, tmp / "cie_heatmap.png", heads=iv.heads, title=title)
@@ -86,15 +86,15 @@ def _extract_iv(args: argparse.Namespace) -> int:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from .hub import check_push_target, push_folder
-    from .outputs import MARKER, atomic_dir, check_output_dir
-    from .parameter_arithmetic import (
-        _task_vector_plan,
+    from ivtrainer.arithmetic.parameter_arithmetic import (
         check_adapter_configs,
         check_lambdas,
         subtract_adapter,
+        task_vector_plan,
         write_task_vector,
     )
+    from ivtrainer.hub.push import check_push_target, push_folder
+    from ivtrainer.utils.outputs import MARKER, atomic_dir, check_output_dir
 
     # Checked before any model is loaded or anything is written.
     if bool(args.adapter) == bool(args.finetuned):
@@ -112,12 +112,12 @@ def _forget(args: argparse.Namespace) -> int:
 
     stats: dict[str, float] = {}  # the size of what was subtracted, printed: a no-op shows
     if args.finetuned:
-        plan = _task_vector_plan(args.base, args.finetuned)  # names and shapes checked before writing
+        plan = task_vector_plan(args.base, args.finetuned)  # names and shapes checked before writing
         with atomic_dir(out, marker={"command": "forget"}) as tmp:
             write_task_vector(plan, lams[0], tmp, stats)
             _write_forget_card(tmp, args, lams)
     else:
-        from .models import DEFAULT_MODEL, load_model
+        from ivtrainer.modeling.loading import DEFAULT_MODEL, load_model
 
         base_name = None if args.base == DEFAULT_MODEL else args.base  # checked after loading then
         check_adapter_configs(args.adapter, base_name, check_base_model=not args.no_check_base_model)
@@ -151,7 +151,7 @@ def _forget(args: argparse.Namespace) -> int:
 
 def _write_forget_card(out: Path, args: argparse.Namespace, lams: list[float]) -> None:
     """README.md (a ModelCard) next to the weights: what was subtracted from what, with which lambda."""
-    from .model_cards import edited_model_card
+    from ivtrainer.hub.model_cards import edited_model_card
 
     if args.adapter:
         parameters = {
@@ -174,10 +174,10 @@ def _evaluate_edits(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .edit_metrics import evaluate_edits
-    from .edits import BUILTIN, load_edits
-    from .models import load_model
-    from .outputs import atomic_file, check_output_file
+    from ivtrainer.datasets.edits import BUILTIN, load_edits
+    from ivtrainer.evaluation.edit_metrics import evaluate_edits
+    from ivtrainer.modeling.loading import load_model
+    from ivtrainer.utils.outputs import atomic_file, check_output_file
 
     def warn(message: str) -> None:
         print(f"ivtrainer evaluate-edits: warning: {message}", file=sys.stderr)
@@ -227,11 +227,11 @@ def _evaluate_edits(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze_iv, save_analysis
-    from .instruction_vector import InstructionVector
-    from .models import load_model
-    from .outputs import check_output_dir
-    from .tasks import load_examples
+    from ivtrainer.datasets.tasks import load_examples
+    from ivtrainer.modeling.loading import load_model
+    from ivtrainer.steering.dynamics import analyze_iv, save_analysis
+    from ivtrainer.steering.instruction_vector import InstructionVector
+    from ivtrainer.utils.outputs import check_output_dir
 
     out = check_output_dir(
         args.out, inputs=[args.model, args.iv, args.base, args.task], overwrite=args.overwrite
@@ -253,7 +253,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoPlan, run_demo
+    from ivtrainer.demo import DemoPlan, run_demo
 
     plan = (DemoPlan.quick if args.quick else DemoPlan)(seed=args.seed, iv_task=args.task)
     run_demo(args.model, args.out, plan=plan, quick=args.quick, overwrite=args.overwrite)
@@ -261,7 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _builtin_tasks() -> list[str]:
-    from .tasks import list_tasks
+    from ivtrainer.datasets.tasks import list_tasks
 
     return list_tasks()
 

@@ -2,7 +2,7 @@
 
 1. Extract the instruction vector (IV) of a built-in task; its top heads and CIE heatmap.
 2. Fine-tune with LoRA on a new task the model cannot do, plainly and IV-guided; the new task and
-   the held-out abilities (:mod:`ivtrainer.forgetting`) before and after.
+   the held-out abilities (:mod:`ivtrainer.evaluation.forgetting`) before and after.
 3. Update a handful of facts the model knows to counterfactual ones, plain full fine-tuning
    against F-Learning (LoRA->FT); Reliability, Generality, Locality.
 
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import IVTrainerError
+from ivtrainer.errors import IVTrainerError
+from ivtrainer.modeling.hooks import eval_mode
 
 __all__ = [
     "DemoPlan",
@@ -99,8 +100,8 @@ class DemoPlan:
 def check_output_folder(
     out: str | os.PathLike, overwrite: bool, model: str | os.PathLike = "default"
 ) -> Path:
-    """The folder the demo will write (:func:`ivtrainer.outputs.check_output_dir`'s rules)."""
-    from .outputs import check_output_dir
+    """The folder the demo will write (:func:`ivtrainer.utils.outputs.check_output_dir`'s rules)."""
+    from ivtrainer.utils.outputs import check_output_dir
 
     return check_output_dir(out, inputs=[model], overwrite=overwrite)
 
@@ -112,10 +113,8 @@ def check_output_folder(
 def _probe(model: nn.Module) -> tuple[float, float]:
     """(seconds per forward call, seconds per token) on this machine: two timed forwards."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     times = {}
-    try:
+    with eval_mode(model):
         for n_tokens in (8, 512):
             ids = torch.randint(0, 100, (n_tokens // 64 or 1, min(n_tokens, 64)), device=device)
             model(input_ids=ids)  # warm-up
@@ -124,8 +123,6 @@ def _probe(model: nn.Module) -> tuple[float, float]:
             model(input_ids=ids)
             _synchronize(device)
             times[n_tokens] = time.perf_counter() - start
-    finally:
-        model.train(was_training)
     per_token = max(times[512] - times[8], 1e-9) / (512 - 8)
     return max(times[8] - 8 * per_token, 1e-6), per_token
 
@@ -254,10 +251,10 @@ def _lora_config():
 
 def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dict[str, Any]:
     """Extract the IV, save it and its heatmap, and measure whether it steers zero-shot prompts."""
-    from .icl import PromptBuilder, first_token_accuracy
-    from .instruction_vector import extract_instruction_vector
-    from .plotting import plot_cie
-    from .tasks import load_task
+    from ivtrainer.datasets.tasks import load_task
+    from ivtrainer.evaluation.plotting import plot_cie
+    from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
+    from ivtrainer.steering.instruction_vector import extract_instruction_vector
 
     iv = extract_instruction_vector(
         model,
@@ -293,9 +290,9 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from .forgetting import evaluate_abilities, new_task_dataset, new_task_words
-    from .iv_guided_config import IVGuidedConfig
-    from .iv_guided_trainer import IVGuidedTrainer
+    from ivtrainer.evaluation.forgetting import evaluate_abilities, new_task_dataset, new_task_words
+    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+    from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
 
     train_words, test_words, _ = new_task_words()
     train_words, test_words = train_words[: plan.n_train_words], test_words[: plan.n_test_words]
@@ -334,10 +331,10 @@ def stage_knowledge_update(model, tokenizer, edits, plan: DemoPlan, out: Path, w
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from .edit_metrics import evaluate_edits, locality_reference
-    from .edits import edit_dataset
-    from .f_learning_config import FLearningConfig
-    from .f_learning_trainer import FLearningTrainer
+    from ivtrainer.datasets.edits import edit_dataset
+    from ivtrainer.evaluation.edit_metrics import evaluate_edits, locality_reference
+    from ivtrainer.f_learning.f_learning_config import FLearningConfig
+    from ivtrainer.f_learning.f_learning_trainer import FLearningTrainer
 
     collator = _collator(tokenizer)
     old, new = edit_dataset(edits, tokenizer, "old"), edit_dataset(edits, tokenizer, "new")
@@ -399,7 +396,7 @@ def _pct(x: float | None) -> str:
 
 
 def new_task_table(result: dict[str, Any]) -> str:
-    from .forgetting import held_out_mean
+    from ivtrainer.evaluation.forgetting import held_out_mean
 
     scores = result["scores"]
     before = held_out_mean(scores["before"])
@@ -447,7 +444,7 @@ def knowledge_table(result: dict[str, Any]) -> str:
 
 
 def plot_new_task(result: dict[str, Any], path: Path, title: str) -> Path:
-    from .plotting import plot_scores
+    from ivtrainer.evaluation.plotting import plot_scores
 
     labels = {"before": "before", "plain": "LoRA, plain", "iv_guided": "LoRA, IV-guided"}
     return plot_scores({labels[k]: v for k, v in result["scores"].items()}, path, title=title)
@@ -493,11 +490,11 @@ def run_demo(
 
     ``echo`` receives the lines the command prints (the plan, the estimate, the tables).
     """
-    from .architectures import get_layout
-    from .edits import build_counterfacts
-    from .models import DEFAULT_MODEL, load_model, model_source
-    from .outputs import atomic_dir, scratch_dir
-    from .tasks import list_tasks
+    from ivtrainer.datasets.edits import build_counterfacts
+    from ivtrainer.datasets.tasks import list_tasks
+    from ivtrainer.modeling.architectures import get_layout
+    from ivtrainer.modeling.loading import DEFAULT_MODEL, load_model, model_source
+    from ivtrainer.utils.outputs import atomic_dir, scratch_dir
 
     plan = plan or (DemoPlan.quick() if quick else DemoPlan())
     target = check_output_folder(out, overwrite, model_name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidInputError
+from ivtrainer.errors import InvalidInputError
 
 __all__ = [
     "TINY_ARCHITECTURES",

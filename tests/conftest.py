@@ -66,7 +66,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def default_model():
     """The real SmolLM2-135M-Instruct (converted once into the user's ivtrainer cache)."""
-    from ivtrainer.models import load_default_model
+    from ivtrainer.modeling.loading import load_default_model
 
     model, tokenizer = load_default_model()
     return model.eval(), tokenizer

@@ -45,7 +45,7 @@ def main() -> None:
         IVGuidedConfig,
         IVGuidedTrainer,
     )
-    from ivtrainer.edits import edit_dataset
+    from ivtrainer.datasets.edits import edit_dataset
     from ivtrainer.testing import tiny_edits, tiny_tokenizer
 
     tok = tiny_tokenizer()

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ivtrainer import extract_instruction_vector
-from ivtrainer.analysis import analyze_iv, hidden_state_similarity
 from ivtrainer.cli import main
-from ivtrainer.icl import PromptBuilder
-from ivtrainer.tasks import load_task
+from ivtrainer.datasets.tasks import load_task
+from ivtrainer.steering.dynamics import analyze_iv, hidden_state_similarity
+from ivtrainer.steering.icl import PromptBuilder
 from ivtrainer.testing import tiny_model
 
 SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}

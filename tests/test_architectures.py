@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 import ivtrainer
-from ivtrainer.architectures import ARCHITECTURES, get_layout, register_architecture, unwrap_model
 from ivtrainer.errors import UnsupportedArchitectureError
-from ivtrainer.hooks import record_head_outputs
+from ivtrainer.modeling.architectures import ARCHITECTURES, get_layout, register_architecture, unwrap_model
+from ivtrainer.modeling.hooks import record_head_outputs
 from ivtrainer.testing import TINY_ARCHITECTURES, tiny_model
 
 EXPECTED = {  # model_type -> (attention output path in layer 0, head_dim)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from ivtrainer.architectures import get_layout
+from ivtrainer.modeling.architectures import get_layout
 
 pytestmark = pytest.mark.real
 
@@ -30,7 +30,7 @@ def test_layout(default_model):
     assert layout.attn_output_names[29] == "model.layers.29.self_attn.o_proj"
 
 
-_CONVERT = "from ivtrainer.models import default_model_path; print(default_model_path())"
+_CONVERT = "from ivtrainer.modeling.loading import default_model_path; print(default_model_path())"
 
 
 def test_conversion_killed_halfway_is_never_accepted(tmp_path):

@@ -13,8 +13,8 @@ import torch
 from ivtrainer.cli import main
 from ivtrainer.demo import DemoPlan, estimate_seconds, knowledge_table, new_task_table, run_demo
 from ivtrainer.errors import IVTrainerError
-from ivtrainer.outputs import MARKER
 from ivtrainer.testing import tiny_model
+from ivtrainer.utils.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,8 +72,8 @@ def test_quick_demo_end_to_end(tmp_path, default_model):
     from peft import PeftModel
 
     from ivtrainer import InstructionVector, evaluate_edits
-    from ivtrainer.edit_metrics import locality_reference
-    from ivtrainer.forgetting import evaluate_abilities, new_task_words
+    from ivtrainer.evaluation.edit_metrics import locality_reference
+    from ivtrainer.evaluation.forgetting import evaluate_abilities, new_task_words
 
     out = tmp_path / "demo"
     out.mkdir()

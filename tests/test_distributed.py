@@ -138,7 +138,7 @@ def test_a_deepspeed_config_contradicting_the_arguments_fails_when_the_trainer_i
 def test_a_model_that_cannot_be_copied_under_zero3_gets_a_clear_error():
     from torch import nn
 
-    from ivtrainer.distributed import zero3_copy
+    from ivtrainer.utils.distributed import zero3_copy
 
     with pytest.raises(ValueError, match="can only copy a transformers model"):
         zero3_copy(nn.Sequential(nn.Linear(2, 2)), "the KL teacher; or pass teacher=")

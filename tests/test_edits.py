@@ -9,8 +9,7 @@ import torch
 
 import ivtrainer.metrics
 from ivtrainer.cli import main
-from ivtrainer.edit_metrics import evaluate_edits, locality_reference, score_tokens
-from ivtrainer.edits import (
+from ivtrainer.datasets.edits import (
     EDIT_FIELDS,
     _candidate_relations,
     build_counterfacts,
@@ -19,6 +18,7 @@ from ivtrainer.edits import (
     split_edits,
     target_predictions,
 )
+from ivtrainer.evaluation.edit_metrics import evaluate_edits, locality_reference, score_tokens
 from ivtrainer.testing import tiny_edits, tiny_model
 
 COUNTERFACT = {  # EasyEdit's CounterFact split

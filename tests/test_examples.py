@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ivtrainer import extract_instruction_vector
-from ivtrainer.edits import build_counterfacts
+from ivtrainer.datasets.edits import build_counterfacts
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ivtrainer import FLearningConfig, FLearningTrainer
-from ivtrainer.edits import edit_dataset
-from ivtrainer.parameter_arithmetic import subtract_model_delta
+from ivtrainer.arithmetic.parameter_arithmetic import subtract_model_delta
+from ivtrainer.datasets.edits import edit_dataset
 from ivtrainer.testing import intercept_hub_upload, peft_subtraction, tiny_edits, tiny_model
 
 
@@ -279,7 +279,7 @@ def test_push_to_hub_sends_the_model_and_a_card_with_variant_and_lambda(tmp_path
 
 
 def test_push_without_a_token_fails_before_any_work(tmp_path, monkeypatch):
-    from ivtrainer.hub import HubError
+    from ivtrainer.hub.push import HubError
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

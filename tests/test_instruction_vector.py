@@ -10,10 +10,10 @@ import torch
 
 import ivtrainer
 from ivtrainer import InstructionVector, extract_instruction_vector
-from ivtrainer.architectures import get_layout
 from ivtrainer.errors import UnsupportedArchitectureError
-from ivtrainer.hub import HubError
-from ivtrainer.instruction_vector import IncompatibleVectorError, head_contributions
+from ivtrainer.hub.push import HubError
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.steering.instruction_vector import IncompatibleVectorError, head_contributions
 from ivtrainer.testing import tiny_model, tiny_tokenizer
 
 SMALL = {"n_heads": 3, "n_shots": 3, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ivtrainer.architectures import get_layout
-from ivtrainer.intervention import add_to_residual
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.steering.intervention import add_to_residual
 from ivtrainer.testing import tiny_model
 
 LAYER = 1

@@ -15,10 +15,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer, extract_instruction_vector
-from ivtrainer.edits import edit_dataset
-from ivtrainer.instruction_vector import IncompatibleVectorError
-from ivtrainer.kl_loss import kl_positions, kl_term, token_kl
-from ivtrainer.schedules import Schedule
+from ivtrainer.datasets.edits import edit_dataset
+from ivtrainer.iv_guided.iv_guided_trainer import iv_guided_callbacks
+from ivtrainer.iv_guided.kl_loss import kl_positions, kl_term, token_kl
+from ivtrainer.iv_guided.schedules import Schedule
+from ivtrainer.steering.instruction_vector import IncompatibleVectorError
 from ivtrainer.testing import intercept_hub_upload, tiny_edits, tiny_model
 
 SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
@@ -115,7 +116,7 @@ def test_kl_positions_and_normalisation():
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_fused_kl_gradient_equals_autograd(direction, dtype, selection, overwrite, monkeypatch):
     """kl_term's closed-form, chunked gradient = autograd through token_kl (chunks of 3 positions)."""
-    monkeypatch.setattr("ivtrainer.kl_loss._CHUNK_ELEMENTS", {"cpu": 3 * 50})
+    monkeypatch.setattr("ivtrainer.iv_guided.kl_loss._CHUNK_ELEMENTS", {"cpu": 3 * 50})
     torch.manual_seed(0)
     s = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_()
     t = (torch.randn(3, 7, 50) * 3).to(dtype)
@@ -273,7 +274,7 @@ def test_callbacks_on_a_plain_trainer_equal_ivguidedtrainer(tmp_path, iv, data):
         plain_args,
         train_dataset=data,
         data_collator=_collator(),
-        callbacks=config.callbacks([iv]),
+        callbacks=iv_guided_callbacks(config, [iv]),
     )
     plain.train()
     for (name, p), q in zip(guided.model.named_parameters(), plain.model.parameters(), strict=True):
@@ -555,7 +556,7 @@ def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data
 def test_push_without_a_token_fails_before_any_work(tmp_path, iv, data, monkeypatch):
     from unittest import mock
 
-    from ivtrainer.hub import HubError
+    from ivtrainer.hub.push import HubError
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -605,7 +606,7 @@ def test_head_mse_works_on_peft_models(tmp_path, iv, data):
 def test_non_finite_vectors_and_weights_are_refused_before_training(tmp_path, iv, data, bad):
     import dataclasses
 
-    from ivtrainer.instruction_vector import InvalidVectorError
+    from ivtrainer.steering.instruction_vector import InvalidVectorError
 
     vector = iv.vector.clone()
     vector[0] = bad

@@ -3,10 +3,10 @@ import random
 import pytest
 import torch
 
-from ivtrainer.architectures import get_layout
-from ivtrainer.icl import PromptBuilder
-from ivtrainer.mediation import cie_atp, cie_exact, cie_reference, mean_head_activations
-from ivtrainer.tasks import load_task
+from ivtrainer.datasets.tasks import load_task
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.steering.icl import PromptBuilder
+from ivtrainer.steering.mediation import cie_atp, cie_exact, cie_reference, mean_head_activations
 from ivtrainer.testing import tiny_model
 
 

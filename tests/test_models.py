@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from ivtrainer import models
 from ivtrainer.errors import MissingDependencyError, ModelLoadError
-from ivtrainer.models import load_model
+from ivtrainer.modeling import loading as models
+from ivtrainer.modeling.loading import load_model
 from ivtrainer.testing import tiny_model
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ivtrainer.parameter_arithmetic import AdapterMismatchError, subtract_adapter
+from ivtrainer.arithmetic.parameter_arithmetic import AdapterMismatchError, subtract_adapter
 from ivtrainer.testing import peft_subtraction, tiny_model
 
 TARGETS = {"llama": ["q_proj", "o_proj", "embed_tokens"], "gpt2": ["c_attn", "c_proj"]}
@@ -170,7 +170,7 @@ def _finetuned_pair(tmp_path, tokenizer, dtype=torch.float32, **save_kwargs):
 def test_task_vector_formula_and_files(tmp_path, tokenizer, save_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ivtrainer.parameter_arithmetic import subtract_task_vector
+    from ivtrainer.arithmetic.parameter_arithmetic import subtract_task_vector
 
     base, tuned = _finetuned_pair(tmp_path, tokenizer, **save_kwargs)
     out = subtract_task_vector(tmp_path / "base", tmp_path / "tuned", 0.4, tmp_path / "out")
@@ -192,7 +192,7 @@ def test_task_vector_formula_and_files(tmp_path, tokenizer, save_kwargs):
 def test_task_vector_bfloat16_rounds_once(tmp_path, tokenizer):
     from safetensors.torch import load_file
 
-    from ivtrainer.parameter_arithmetic import subtract_task_vector
+    from ivtrainer.arithmetic.parameter_arithmetic import subtract_task_vector
 
     base, tuned = _finetuned_pair(tmp_path, tokenizer, dtype=torch.bfloat16)
     out = subtract_task_vector(tmp_path / "base", tmp_path / "tuned", 1.5, tmp_path / "out")
@@ -203,7 +203,7 @@ def test_task_vector_bfloat16_rounds_once(tmp_path, tokenizer):
 
 
 def test_task_vector_bad_input_writes_nothing(tmp_path, tokenizer):
-    from ivtrainer.parameter_arithmetic import subtract_task_vector
+    from ivtrainer.arithmetic.parameter_arithmetic import subtract_task_vector
 
     _finetuned_pair(tmp_path, tokenizer)
     (tmp_path / "exists").mkdir()
@@ -298,7 +298,7 @@ def test_cli_forget_push_checks_token_first(tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with mock.patch("ivtrainer.models.load_model") as load:
+    with mock.patch("ivtrainer.modeling.loading.load_model") as load:
         code = main(["forget", "--base", "x", "--adapter", "a", "--lam", "0.3", "--out", str(tmp_path / "o"),
                      "--push-to-hub", "me/forgot"])  # fmt: skip
     assert code == 2 and not load.called and not (tmp_path / "o").exists()

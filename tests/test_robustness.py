@@ -1,5 +1,5 @@
 """The CLI against hostile input: one-line errors with exit code 2, before any work, and nothing
-outside ``--out`` touched or half-written (the rules of ``ivtrainer.outputs``)."""
+outside ``--out`` touched or half-written (the rules of ``ivtrainer.utils.outputs``)."""
 
 from __future__ import annotations
 
@@ -314,12 +314,12 @@ def test_evaluate_edits_json_may_not_overwrite_the_data(project, tmp_path, capsy
 
 
 def test_bugs_show_a_traceback_and_input_errors_one_line(tmp_path, capsys, monkeypatch):
-    import ivtrainer.models
+    import ivtrainer.modeling.loading
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(ivtrainer.models, "load_model", broken)
+    monkeypatch.setattr(ivtrainer.modeling.loading, "load_model", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["info", "--model", "anything"])
     from ivtrainer.errors import IVTrainerError
@@ -336,9 +336,9 @@ def test_bugs_show_a_traceback_and_input_errors_one_line(tmp_path, capsys, monke
 def test_hub_ids_take_a_revision_and_paths_never_download(tmp_path, monkeypatch):
     import huggingface_hub
 
-    import ivtrainer.models
-    from ivtrainer.hub import split_revision
-    from ivtrainer.parameter_arithmetic import _adapter_folder, _model_folder
+    import ivtrainer.modeling.loading
+    from ivtrainer.arithmetic.parameter_arithmetic import _adapter_folder, _model_folder
+    from ivtrainer.hub.push import split_revision
 
     assert split_revision("org/name@v1.0") == ("org/name", "v1.0")
     assert split_revision("org/name") == ("org/name", None)
@@ -347,8 +347,10 @@ def test_hub_ids_take_a_revision_and_paths_never_download(tmp_path, monkeypatch)
     assert split_revision("./models/x@y") == ("./models/x@y", None)
 
     seen = {}
-    monkeypatch.setattr(ivtrainer.models, "_load_hub", lambda name, kwargs: seen.update(name=name, **kwargs))
-    ivtrainer.models.load_model("org/name@abc123")
+    monkeypatch.setattr(
+        ivtrainer.modeling.loading, "_load_hub", lambda name, kwargs: seen.update(name=name, **kwargs)
+    )
+    ivtrainer.modeling.loading.load_model("org/name@abc123")
     assert seen == {"name": "org/name", "revision": "abc123"}
 
     calls = []
@@ -372,7 +374,7 @@ def test_hub_ids_take_a_revision_and_paths_never_download(tmp_path, monkeypatch)
 def test_scratch_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     import tempfile
 
-    from ivtrainer.outputs import scratch_dir
+    from ivtrainer.utils.outputs import scratch_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = tmp_path / f"ivtrainer-scratch-{2**22 + 12345}-abc"

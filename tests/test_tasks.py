@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ivtrainer.tasks import list_tasks, load_examples, load_task
+from ivtrainer.datasets.tasks import list_tasks, load_examples, load_task
 
 
 def test_builtin_tasks():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..errors import InvalidInputError
+from ivtrainer.errors import InvalidInputError
 
 __all__ = ["load", "path"]
 

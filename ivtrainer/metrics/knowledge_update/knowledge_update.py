@@ -8,13 +8,13 @@ tokens where the teacher-forced argmax equals the reference, averaged over recor
 - Locality: predictions of the edited model after ``locality_prompt + " " + locality_ground_truth``,
   references = the *unedited* model's predictions there (agreement, not gold accuracy).
 
-``ivtrainer.edit_metrics.evaluate_edits`` runs the forwards and computes all three.
+``ivtrainer.evaluation.edit_metrics.evaluate_edits`` runs the forwards and computes all three.
 """
 
 import datasets
 import evaluate
 
-from ivtrainer.edit_metrics import score_tokens
+from ivtrainer.evaluation.edit_metrics import score_tokens
 
 _CITATION = """\
 @inproceedings{wang2024easyedit,

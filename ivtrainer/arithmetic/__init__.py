@@ -1,0 +1,1 @@
+"""Parameter arithmetic: subtracting LoRA adapters and full fine-tuning deltas (streamed over safetensors)."""

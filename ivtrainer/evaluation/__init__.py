@@ -1,0 +1,1 @@
+"""Evaluation: knowledge-edit metrics (EasyEdit semantics), held-out abilities for forgetting, plots."""

@@ -1,0 +1,177 @@
+"""Measuring forgetting: a new task the model cannot do, and the abilities fine-tuning on it may erase.
+
+New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot accuracy 0 for the
+default model), on words of the built-in tasks. Scored as EasyEdit-style exact match: every answer
+token the teacher-forced argmax.
+
+Held-out abilities, measured before and after fine-tuning (Jiang et al.'s split of what
+fine-tuning can erase):
+
+- in-context learning: 5-shot first-token accuracy on held-out pairs of the six built-in tasks,
+  in the same ``Q:/A:`` format the new task uses;
+- knowledge: facts the model knows (a built-in counterfactual set's old targets) asked as plain
+  completions (``The capital city of France is``: teacher-forced first token);
+- instruction following: the same facts asked as chat instructions (``What is the capital city of
+  France? Answer with one word.``: does the 16-token greedy reply contain the answer).
+
+Forgetting is the drop of :func:`held_out_mean`, the mean of those three.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ivtrainer.datasets.edits import target_predictions
+from ivtrainer.datasets.prompt_completion import encode_prompt_completion
+from ivtrainer.datasets.tasks import list_tasks, load_task
+from ivtrainer.modeling.hooks import eval_mode
+from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
+
+__all__ = [
+    "QUESTIONS",
+    "evaluate_abilities",
+    "held_out_mean",
+    "instruction_hits",
+    "new_task_dataset",
+    "new_task_prompt",
+    "new_task_words",
+]
+
+# The built-in counterfactual relations asked as chat instructions.
+QUESTIONS = {
+    "capital": "What is the capital city of {}? Answer with one word.",
+    "language": "What is the official language of {}? Answer with one word.",
+    "landmark_city": "In which city is the {}? Answer with one word.",
+    "currency": "What is the currency of {}? Answer with one word.",
+}
+
+
+def new_task_words() -> tuple[list[str], list[str], list[str]]:
+    """(train, test, validation) words: 256, 100 and 100 inputs of the built-in word tasks."""
+    words = sorted(
+        {p["input"] for t in ("antonym", "present_past", "singular_plural") for p in load_task(t, "all")}
+        - {p["output"] for p in load_task("uppercase", "all")}  # no ALL-CAPS inputs
+    )
+    random.Random(0).shuffle(words)
+    return words[:256], words[256:356], words[356:456]
+
+
+def new_task_prompt(word: str) -> str:
+    return f"Q: {word}\nA:"
+
+
+def new_task_dataset(words: Sequence[str], tokenizer):
+    """A tokenised ``datasets.Dataset`` teaching ``Q: w\\nA: [w]``, the loss on the answer only."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [encode_prompt_completion(tokenizer, new_task_prompt(w), f" [{w}]") for w in words]
+    )
+
+
+def evaluate_abilities(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[dict[str, str]],
+    new_task_words: Sequence[str],
+    *,
+    split: str = "test",
+    n_icl: int = 40,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Accuracies (0-1): ``icl/<task>`` for each built-in task, ``facts/completion``,
+    ``facts/instruction`` (only if the tokenizer has a chat template) and ``new_task``.
+
+    ``split="test"`` takes the ICL queries from each task's held-out pairs; ``"validation"`` from
+    its demonstration pool (choose settings there). ``facts`` are edit records (``prompt``,
+    ``subject``, ``target_old``, ``relation``), e.g. from :func:`~ivtrainer.build_counterfacts`.
+    """
+    builder = PromptBuilder(tokenizer)
+    tasks = list_tasks()
+    scores: dict[str, float] = {}
+    with tqdm(total=len(tasks) + 3, desc="evaluating", unit="part", disable=not progress, leave=False) as bar:
+        for task in tasks:
+            rng = random.Random(task)
+            pool, held = load_task(task), load_task(task, "held_out")
+            queries = held[:n_icl] if split == "test" else None
+            prompts = builder.sample(pool, n_icl, 5, rng, queries=queries)
+            scores[f"icl/{task}"] = first_token_accuracy(model, prompts)
+            bar.update()
+        completion = target_predictions(
+            model, tokenizer, [f["prompt"] for f in facts], [f["target_old"] for f in facts]
+        )
+        scores["facts/completion"] = statistics.mean(float(p[0] == t[0]) for p, t in completion)
+        bar.update()
+        if getattr(tokenizer, "chat_template", None):  # a base model has no chat format to ask in
+            chats = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": QUESTIONS[f["relation"]].format(f["subject"])}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                for f in facts
+            ]
+            scores["facts/instruction"] = statistics.mean(
+                instruction_hits(model, tokenizer, chats, [f["target_old"] for f in facts])
+            )
+        bar.update()
+        words = list(new_task_words)
+        new = target_predictions(
+            model, tokenizer, [new_task_prompt(w) for w in words], [f"[{w}]" for w in words]
+        )
+        scores["new_task"] = statistics.mean(float(p == t) for p, t in new)
+        bar.update()
+    return scores
+
+
+@torch.no_grad()
+def instruction_hits(
+    model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 16
+) -> list[float]:
+    """Whether a short greedy reply contains the answer (1.0 or 0.0 per prompt): an
+    instruction-tuned model answers in a sentence, so its first token is rarely the fact itself."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_token = tokenizer.pad_token
+    if pad_token is None:  # batching needs one; any token does under the attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    hits = []
+    try:
+        with eval_mode(model):
+            for start in range(0, len(prompts), 16):
+                batch = tokenizer(
+                    list(prompts[start : start + 16]),
+                    add_special_tokens=False,
+                    return_tensors="pt",
+                    padding=True,
+                ).to(next(model.parameters()).device)
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                replies = tokenizer.batch_decode(
+                    out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                hits += [
+                    float(a.lower() in r.lower())
+                    for r, a in zip(replies, answers[start : start + 16], strict=True)
+                ]
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
+    return hits
+
+
+def held_out_mean(scores: dict[str, float]) -> float:
+    """The mean of in-context learning (averaged over tasks), facts as completions and facts as
+    instructions (when measured): what forgetting is measured on."""
+    icl = statistics.mean(v for k, v in scores.items() if k.startswith("icl/"))
+    return statistics.mean(
+        [icl, *(scores[k] for k in ("facts/completion", "facts/instruction") if k in scores)]
+    )

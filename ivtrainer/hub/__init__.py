@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: push checks and uploads, model cards."""

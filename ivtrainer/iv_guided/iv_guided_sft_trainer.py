@@ -1,0 +1,64 @@
+"""IV-guided training on trl's ``SFTTrainer``: its data handling (chat, prompt/completion,
+packing, completion-only loss), with the IV intervention and KL term of IVGuidedTrainer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import Trainer
+from trl import SFTConfig, SFTTrainer
+
+from ivtrainer.callbacks.iv_intervention import IVLike
+from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedMixin, _check_args
+from ivtrainer.utils.distributed import check_deepspeed_config
+
+__all__ = ["IVGuidedSFTConfig", "IVGuidedSFTTrainer"]
+
+# what SFTTrainer's collators add besides the model's own inputs
+_SFT_ONLY = ("completion_mask", "assistant_masks")
+
+
+@dataclasses.dataclass
+class IVGuidedSFTConfig(SFTConfig, IVGuidedConfig):
+    """``SFTConfig`` with the IV and KL settings of :class:`~ivtrainer.IVGuidedConfig`."""
+
+
+class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):
+    """``SFTTrainer`` with IV-guided training. Takes the same arguments as ``SFTTrainer`` plus
+    ``instruction_vectors``; ``args`` is an :class:`IVGuidedSFTConfig`.
+
+    The KL needs the student's logits, which SFTTrainer's fused LM head never builds: the training
+    loss is the model's own (``Trainer.compute_loss``), so SFTTrainer's extra training metrics
+    (entropy, token accuracy) are not logged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: IVGuidedSFTConfig | None = None,
+        *,
+        instruction_vectors: IVLike | Sequence[IVLike] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = _check_args(
+            IVGuidedSFTConfig(output_dir="trainer_output") if args is None else args,
+            IVGuidedSFTConfig,
+            "IVGuidedSFTTrainer",
+        )
+        if isinstance(model, str):
+            raise TypeError(
+                "pass the model object (IV compatibility is checked before any work), not its name"
+            )
+        self._setup_iv(model, args, instruction_vectors, kwargs)
+        super().__init__(model=model, args=args, **kwargs)
+        check_deepspeed_config(self.accelerator)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k not in _SFT_ONLY}
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)

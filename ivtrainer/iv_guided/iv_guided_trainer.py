@@ -1,0 +1,208 @@
+"""IV-guided training (Jiang et al. 2024) as a drop-in ``Trainer``: the Trainer plus the two
+callbacks of :mod:`ivtrainer.callbacks`, whose metrics it logs through ``Trainer.log``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
+
+from ivtrainer.callbacks import IVCallback, IVInterventionCallback, IVKLCallback
+from ivtrainer.callbacks.iv_intervention import IVLike, check_labels_reach_the_model, load_vectors
+from ivtrainer.datasets.prompt_completion import encode_prompt_completion
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.hub.push import NoTokenInArgsMixin, check_trainer_push
+from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+from ivtrainer.utils.distributed import NoEmptyParamGroupsMixin, check_deepspeed_config
+
+__all__ = ["IVGuidedMixin", "IVGuidedTrainer", "iv_guided_callbacks", "tokenize_prompt_completion"]
+
+
+def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors) -> list:
+    """The two callbacks an :class:`IVGuidedConfig` describes (what IVGuidedTrainer adds); add them
+    to a plain ``Trainer`` or ``SFTTrainer`` for the same training."""
+    return [
+        IVInterventionCallback(
+            instruction_vectors,
+            args.iv_schedule_obj(),
+            positions=args.iv_positions,
+            weights=args.iv_weights,
+        ),
+        IVKLCallback(
+            instruction_vectors,
+            args.kl_schedule_obj(),
+            teacher_strength=args.teacher_iv_strength,
+            direction=args.kl_direction,
+            temperature=args.kl_temperature,
+            positions=args.kl_positions,
+            threshold=args.kl_threshold,
+            head_mse_weight=args.head_mse_weight,
+            iv_weights=args.iv_weights,
+        ),
+    ]
+
+
+class IVGuidedMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
+    """What IVGuidedTrainer and IVGuidedSFTTrainer add to their base trainer: the IV callbacks
+    built from the config, their metrics merged into ``Trainer.log``, hooks removed after
+    ``train()`` whatever happens."""
+
+    def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
+        check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
+        vectors = load_vectors(
+            instruction_vectors if instruction_vectors is not None else args.instruction_vectors
+        )
+        for iv in vectors:
+            iv.check_compatible(model)  # before any work
+        self.iv_callbacks = iv_guided_callbacks(args, vectors)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.iv_callbacks]
+
+    @property
+    def instruction_vectors(self):
+        return self.iv_callbacks[0].vectors
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: ce, kl, iv_strength, kl_weight, through report_to
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, IVCallback):
+                    logs = {**logs, **callback.metrics()}
+        super().log(logs, *args, **kwargs)
+
+    def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
+        check_trainer_push(self.args, token)  # a clear error before anything is uploaded
+        return super().push_to_hub(*args, token=token, **kwargs)
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
+    ):
+        """Write ``README.md`` in ``output_dir``: method, IVs, schedule, weights, base model and the
+        last training log (what ``push_to_hub`` uploads)."""
+        from ivtrainer.hub.model_cards import adapter_description, write_trainer_card
+
+        args = self.args
+        iv_schedule = args.iv_schedule_obj()
+        kl_schedule = args.kl_schedule_obj()
+        parameters = {
+            "student IV strength": f"{iv_schedule.kind} {iv_schedule.start:g} -> {iv_schedule.end:g} over "
+            f"{iv_schedule.fraction:.0%} of the steps",
+            "IV positions": args.iv_positions,
+            "teacher IV strength": args.teacher_iv_strength,
+            "KL weight": f"{kl_schedule.kind} {kl_schedule.start:g}"
+            + (f" -> {kl_schedule.end:g}" if kl_schedule.kind != "constant" else ""),
+            "KL": f"{args.kl_direction}, temperature {args.kl_temperature:g}, positions {args.kl_positions}, "
+            f"threshold {args.kl_threshold:g}",
+            "head MSE weight": args.head_mse_weight,
+            "trained": adapter_description(self.model),
+            "learning rate": args.learning_rate,
+            "optimizer steps": self.state.global_step,
+            "batch size": f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
+            f"accumulation x {args.world_size} processes",
+        }
+        rows = [
+            f"| {i} | {iv.task or '-'} | `{iv.model_name}` | {iv.edit_layer} | "
+            + ", ".join(f"L{layer}H{head}" for layer, head in iv.heads)
+            + f" | {w:g} |"
+            for i, (iv, w) in enumerate(
+                zip(self.instruction_vectors, args.iv_weights or [1.0] * 99, strict=False)
+            )
+        ]
+        ivs = "| # | task | extracted on | edit layer | heads | weight |\n| --- | --- | --- | --- | --- | --- |\n"
+        ivs += "\n".join(rows) + "\n\nThe vectors are in `instruction_vectors/` next to the weights."
+        write_trainer_card(self, "iv-guided", parameters, dataset_name, {"Instruction vectors": ivs})
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # hooks never outlive training, even when it fails
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, IVCallback):
+                    callback.close()
+
+
+def _check_args(args, cls: type, trainer: str):
+    if not isinstance(args, cls):
+        raise TypeError(
+            f"args is a {type(args).__name__}; {trainer} needs an {cls.__name__} "
+            "(a TrainingArguments subclass with the IV and KL settings)"
+        )
+    if args.push_to_hub:
+        check_trainer_push(args)
+    return args
+
+
+class IVGuidedTrainer(IVGuidedMixin, Trainer):
+    """A ``Trainer`` whose loss keeps the model close to its IV-intervened original self.
+
+    Args:
+        model: the model to fine-tune (a PEFT model trains adapters and uses its own base, adapters
+            disabled, as the teacher; a plain model gets a frozen copy as the teacher).
+        args: an :class:`~ivtrainer.IVGuidedConfig`.
+        instruction_vectors: InstructionVectors, folders or Hub ids (default:
+            ``args.instruction_vectors``); several are added together, each at its own layer.
+
+    ``train_dataset`` may be tokenised with ``labels`` or have ``prompt``/``completion`` text
+    columns (tokenised here with the ``processing_class``; the loss covers the completion).
+    Everything else is ``transformers.Trainer``'s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: IVGuidedConfig | None = None,
+        *,
+        instruction_vectors: IVLike | Sequence[IVLike] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = _check_args(
+            IVGuidedConfig(output_dir="trainer_output") if args is None else args,
+            IVGuidedConfig,
+            "IVGuidedTrainer",
+        )
+        self._setup_iv(model, args, instruction_vectors, kwargs)
+        tokenizer = kwargs.get("processing_class")
+        train = kwargs.get("train_dataset")
+        if train is not None and _is_prompt_completion(train):
+            if tokenizer is None:
+                raise InvalidInputError(
+                    "prompt/completion data needs processing_class= (the tokenizer) to tokenise it"
+                )
+            kwargs["train_dataset"] = tokenize_prompt_completion(train, tokenizer)
+        if kwargs.get("data_collator") is None and tokenizer is not None:
+            kwargs["data_collator"] = DataCollatorForSeq2Seq(tokenizer, padding=True)  # pads labels with -100
+        if kwargs.get("train_dataset") is not None:
+            _check_labels(kwargs["train_dataset"], kwargs.get("data_collator") or default_data_collator)
+        super().__init__(model=model, args=args, **kwargs)
+        check_deepspeed_config(self.accelerator)
+
+
+def _is_prompt_completion(dataset) -> bool:
+    columns = getattr(dataset, "column_names", None) or []
+    return "prompt" in columns and "completion" in columns and "input_ids" not in columns
+
+
+def tokenize_prompt_completion(dataset, tokenizer, *, add_eos: bool = True):
+    """``prompt``/``completion`` text rows -> input_ids, attention_mask and labels (-100 on the
+    prompt): the completion is what the model learns."""
+
+    def encode(row):
+        return encode_prompt_completion(tokenizer, row["prompt"], row["completion"], add_eos=add_eos)
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
+
+
+def _check_labels(dataset, collator) -> None:
+    """One collated example must carry labels: the IV goes before the first label and the KL is
+    masked by them."""
+    try:
+        example = dataset[0]
+    except Exception:  # an IterableDataset: checked on the first batch instead
+        return
+    batch = collator([example])
+    if batch.get("labels") is None:
+        raise InvalidInputError(
+            "the training batches have no labels: IV-guided training places the IV before the first label and "
+            "masks the KL with them. Tokenise with labels (-100 on the prompt), pass prompt/completion columns, "
+            "or use DataCollatorForLanguageModeling(tokenizer, mlm=False)"
+        )

@@ -1,0 +1,77 @@
+"""Context managers that change a model for a while and always undo it: forward hooks (installed
+on entry, removed on exit) and eval mode; and the PEFT check.
+
+Hooks must be pure functions of their inputs: under gradient checkpointing a checkpointed layer
+runs twice (forward and recompute) and its hooks fire both times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ivtrainer.modeling.architectures import ModelLayout, get_layout
+
+__all__ = ["eval_mode", "hooks", "is_peft_model", "record_head_outputs"]
+
+
+@contextlib.contextmanager
+def hooks(*handles_or_registrations: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
+    """Remove the given hook handles on exit, whatever happens in the body."""
+    try:
+        yield
+    finally:
+        for handle in handles_or_registrations:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for the duration; the previous mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (the one check ivtrainer uses)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def record_head_outputs(
+    model: nn.Module, layers: Iterable[int] | None = None, *, layout: ModelLayout | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record each layer's per-head attention outputs, shaped ``(batch, seq, n_heads, head_dim)``.
+
+    They are read with a forward *pre*-hook on the attention output projection, whose input is
+    the concatenation of the heads. The yielded dict maps layer index -> tensor of the latest
+    forward (recompute under gradient checkpointing overwrites with identical values)::
+
+        with record_head_outputs(model, layers=[3, 4]) as heads:
+            model(**batch)
+        heads[3].shape  # (batch, seq, n_heads, head_dim)
+    """
+    layout = layout or get_layout(model)
+    indices = range(layout.n_layers) if layers is None else list(layers)
+    out: dict[int, torch.Tensor] = {}
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            out[i] = layout.split_heads(args[0])
+
+        return hook
+
+    handles = [layout.attn_outputs[i].register_forward_pre_hook(make_hook(i)) for i in indices]
+    with hooks(*handles):
+        yield out

@@ -1,0 +1,153 @@
+"""In-context-learning prompts and first-answer-token scoring (Todd et al.'s format and metric).
+
+A k-shot prompt is ``Q: x1\\nA: y1\\n\\nQ: x2\\nA: y2 ... Q: xq\\nA:`` and the model should continue
+with `` yq``. Scoring follows Todd et al.: the first token of the answer, teacher-forced, from the
+logits at the prompt's last token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ivtrainer.datasets.tasks import Example
+from ivtrainer.errors import InvalidInputError
+
+__all__ = ["EncodedPrompt", "PromptBuilder", "first_token_accuracy", "last_token_forward"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of one prompt and the id of its answer's first token."""
+
+    input_ids: list[int]
+    answer_id: int
+
+
+@dataclasses.dataclass
+class PromptBuilder:
+    """Builds and tokenises k-shot prompts for one tokenizer.
+
+    Args:
+        chat_template: wrap the k-shot text in the tokenizer's chat template as one user turn; the
+            answer then starts the assistant turn (no leading space).
+    """
+
+    tokenizer: object
+    input_prefix: str = "Q: "
+    output_prefix: str = "\nA:"
+    separator: str = "\n\n"
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidInputError(
+                "chat_template=True, but the tokenizer has no chat template; pass chat_template=False"
+            )
+
+    def text(self, demos: Sequence[Example], query: str) -> str:
+        shots = [f"{self.input_prefix}{d['input']}{self.output_prefix} {d['output']}" for d in demos]
+        body = self.separator.join([*shots, f"{self.input_prefix}{query}{self.output_prefix}"])
+        if not self.chat_template:
+            return body
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+        )
+
+    def encode(self, demos: Sequence[Example], query: Example) -> EncodedPrompt:
+        prompt = self.text(demos, query["input"])
+        answer = query["output"] if self.chat_template else " " + query["output"]
+        # Special tokens come from the chat template's text when there is one; else the tokenizer's default.
+        kwargs = {"add_special_tokens": not self.chat_template}
+        prompt_ids = self.tokenizer(prompt, **kwargs)["input_ids"]
+        full_ids = self.tokenizer(prompt + answer, **kwargs)["input_ids"]
+        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+            answer_id = full_ids[len(prompt_ids)]
+        else:  # the answer merged with the prompt's last token: score its own first token
+            answer_id = self.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+        return EncodedPrompt(prompt_ids, answer_id)
+
+    def sample(
+        self,
+        pool: Sequence[Example],
+        n_prompts: int,
+        n_shots: int,
+        rng: random.Random,
+        *,
+        queries: Sequence[Example] | None = None,
+        shuffle_labels: bool = False,
+    ) -> list[EncodedPrompt]:
+        """``n_prompts`` prompts with ``n_shots`` demos from ``pool``; the query from ``queries``
+        (default: ``pool``, never one of its own demos). ``shuffle_labels`` permutes the demos'
+        outputs, so the task cannot be read off the demonstrations (Todd et al.'s corrupted prompts).
+        """
+        out = []
+        for i in range(n_prompts):
+            if queries is None:
+                chosen = rng.sample(range(len(pool)), n_shots + 1)
+                query, demos = pool[chosen[0]], [pool[j] for j in chosen[1:]]
+            else:
+                query = queries[i % len(queries)]
+                candidates = [d for d in pool if d["input"] != query["input"]]
+                demos = rng.sample(candidates, n_shots)
+            if shuffle_labels and n_shots > 1:
+                outputs = [d["output"] for d in demos]
+                while outputs == [d["output"] for d in demos] and len(set(outputs)) > 1:
+                    rng.shuffle(outputs)
+                demos = [{"input": d["input"], "output": o} for d, o in zip(demos, outputs, strict=True)]
+            out.append(self.encode(demos, query))
+        return out
+
+
+def _batches(prompts: Sequence[EncodedPrompt], batch_size: int) -> Iterator[Sequence[EncodedPrompt]]:
+    for start in range(0, len(prompts), batch_size):
+        yield prompts[start : start + batch_size]
+
+
+def _right_padded(batch: Sequence[EncodedPrompt], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding keeps every real token's position ids unchanged; pads are never attended."""
+    width = max(len(p.input_ids) for p in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, p in enumerate(batch):
+        ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
+        mask[row, : len(p.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def last_token_forward(
+    model: nn.Module,
+    prompts: Sequence[EncodedPrompt],
+    *,
+    batch_size: int = 16,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Logits at each prompt's last token, ``(n_prompts, vocab)`` in float32, in right-padded batches.
+
+    ``on_batch(last_index)`` is called before each batch's forward with the ``(batch,)`` positions
+    of the last real tokens, so hooks can read activations there.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for batch in _batches(prompts, batch_size):
+        ids, mask = _right_padded(batch, device)
+        last = mask.sum(-1) - 1
+        if on_batch is not None:
+            on_batch(last)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out.append(logits[torch.arange(len(batch), device=device), last].float().cpu())
+    return torch.cat(out)
+
+
+def first_token_accuracy(
+    model: nn.Module, prompts: Sequence[EncodedPrompt], *, batch_size: int = 16
+) -> float:
+    """Fraction of prompts whose argmax next token is the answer's first token."""
+    logits = last_token_forward(model, prompts, batch_size=batch_size)
+    answers = torch.tensor([p.answer_id for p in prompts])
+    return (logits.argmax(-1) == answers).float().mean().item()

@@ -1,0 +1,1 @@
+"""Infrastructure shared by the rest: input checks, safe output folders, DeepSpeed helpers."""
