@@ -62,7 +62,23 @@ def residual_pairs(
 class IVCallback(TrainerCallback, ExportableState):
     """What both IV callbacks share: their vectors, saved under ``<output_dir>/instruction_vectors/
     <role>/<i>`` when training begins (the copy a callback restored from a checkpoint reloads) and
-    into every checkpoint."""
+    into every checkpoint.
+
+    The protocol between the callbacks and the trainers:
+
+    - a callback changes the model only through hooks it installs in ``on_train_begin`` and
+      removes in ``on_train_end`` or :meth:`close` (the trainers call ``close()`` after
+      ``train()`` whatever happens); it changes ``control`` and nothing else of the trainer's;
+    - :meth:`metrics` returns what the callback measured since its last call and starts over, so
+      it is called once per training log: by ivtrainer's trainers in ``Trainer.log`` (so that
+      ``report_to`` sees the values), and otherwise by the callback's own ``on_log``, which then
+      finds nothing left when a trainer already took the values;
+    - what must survive a resume is in :meth:`state` (transformers' ``ExportableState``).
+    """
+
+    def metrics(self) -> dict[str, float]:
+        """Values since the last call (see the protocol above)."""
+        return {}
 
     role = "iv"
 

@@ -36,9 +36,9 @@ from ivtrainer.arithmetic.parameter_arithmetic import (
     subtract_model_delta,
     unload_adapters,
 )
+from ivtrainer.base_trainer import BaseTrainerMixin
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.f_learning.f_learning_config import OLD_PHASE_DIR, FLearningConfig, variant_name
-from ivtrainer.hub.push import NoTokenInArgsMixin, check_trainer_push
 from ivtrainer.modeling.hooks import is_peft_model
 from ivtrainer.utils.distributed import (
     NoEmptyParamGroupsMixin,
@@ -61,7 +61,7 @@ SMALL_DELTA = 1e-3
 _MARKER = "f_learning.json"
 
 
-class FLearningTrainer(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, Trainer):
+class FLearningTrainer(BaseTrainerMixin, Trainer):
     """A ``Trainer`` that forgets the old knowledge before learning the new.
 
     Args:
@@ -90,14 +90,7 @@ class FLearningTrainer(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, Trainer):
     ) -> None:
         from peft import get_peft_model
 
-        args = FLearningConfig(output_dir="trainer_output") if args is None else args
-        if not isinstance(args, FLearningConfig):
-            raise TypeError(
-                f"args is a {type(args).__name__}; FLearningTrainer needs an FLearningConfig "
-                "(a TrainingArguments subclass with the forget_* settings)"
-            )
-        if args.push_to_hub:
-            check_trainer_push(args)
+        args = self._checked_args(args, FLearningConfig, "FLearningTrainer", "forget_*")
         given = [
             n
             for n, v in (("old_dataset", old_dataset), ("old_adapter", old_adapter), ("old_model", old_model))
@@ -313,10 +306,6 @@ class FLearningTrainer(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, Trainer):
             )
         else:
             logger.info(message)
-
-    def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
-        check_trainer_push(self.args, token)  # a clear error before anything is uploaded
-        return super().push_to_hub(*args, token=token, **kwargs)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any

@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ivtrainer.callbacks.iv_intervention import IVLike
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
-from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedMixin, _check_args
+from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedMixin
 from ivtrainer.utils.distributed import check_deepspeed_config
 
 __all__ = ["IVGuidedSFTConfig", "IVGuidedSFTTrainer"]
@@ -44,11 +44,7 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):
         instruction_vectors: IVLike | Sequence[IVLike] | None = None,
         **kwargs: Any,
     ) -> None:
-        args = _check_args(
-            IVGuidedSFTConfig(output_dir="trainer_output") if args is None else args,
-            IVGuidedSFTConfig,
-            "IVGuidedSFTTrainer",
-        )
+        args = self._checked_args(args, IVGuidedSFTConfig, "IVGuidedSFTTrainer", "IV and KL")
         if isinstance(model, str):
             raise TypeError(
                 "pass the model object (IV compatibility is checked before any work), not its name"

@@ -9,13 +9,13 @@ from typing import Any
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
+from ivtrainer.base_trainer import BaseTrainerMixin
 from ivtrainer.callbacks import IVCallback, IVInterventionCallback, IVKLCallback
 from ivtrainer.callbacks.iv_intervention import IVLike, check_labels_reach_the_model, load_vectors
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.hub.push import NoTokenInArgsMixin, check_trainer_push
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
-from ivtrainer.utils.distributed import NoEmptyParamGroupsMixin, check_deepspeed_config
+from ivtrainer.utils.distributed import check_deepspeed_config
 
 __all__ = ["IVGuidedMixin", "IVGuidedTrainer", "iv_guided_callbacks", "tokenize_prompt_completion"]
 
@@ -44,7 +44,7 @@ def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors) -> list:
     ]
 
 
-class IVGuidedMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
+class IVGuidedMixin(BaseTrainerMixin):
     """What IVGuidedTrainer and IVGuidedSFTTrainer add to their base trainer: the IV callbacks
     built from the config, their metrics merged into ``Trainer.log``, hooks removed after
     ``train()`` whatever happens."""
@@ -69,10 +69,6 @@ class IVGuidedMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
                 if isinstance(callback, IVCallback):
                     logs = {**logs, **callback.metrics()}
         super().log(logs, *args, **kwargs)
-
-    def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
-        check_trainer_push(self.args, token)  # a clear error before anything is uploaded
-        return super().push_to_hub(*args, token=token, **kwargs)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
@@ -121,17 +117,6 @@ class IVGuidedMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
                     callback.close()
 
 
-def _check_args(args, cls: type, trainer: str):
-    if not isinstance(args, cls):
-        raise TypeError(
-            f"args is a {type(args).__name__}; {trainer} needs an {cls.__name__} "
-            "(a TrainingArguments subclass with the IV and KL settings)"
-        )
-    if args.push_to_hub:
-        check_trainer_push(args)
-    return args
-
-
 class IVGuidedTrainer(IVGuidedMixin, Trainer):
     """A ``Trainer`` whose loss keeps the model close to its IV-intervened original self.
 
@@ -155,11 +140,7 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         instruction_vectors: IVLike | Sequence[IVLike] | None = None,
         **kwargs: Any,
     ) -> None:
-        args = _check_args(
-            IVGuidedConfig(output_dir="trainer_output") if args is None else args,
-            IVGuidedConfig,
-            "IVGuidedTrainer",
-        )
+        args = self._checked_args(args, IVGuidedConfig, "IVGuidedTrainer", "IV and KL")
         self._setup_iv(model, args, instruction_vectors, kwargs)
         tokenizer = kwargs.get("processing_class")
         train = kwargs.get("train_dataset")

@@ -1,0 +1,35 @@
+"""What every ivtrainer trainer adds to its transformers or trl base class (trl keeps the same in
+its ``BaseTrainer``): its config checked first, Hub pushes checked before anything is uploaded,
+``training_args.bin`` without the Hub token, and no empty optimizer groups under DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ivtrainer.hub.push import NoTokenInArgsMixin, check_trainer_push
+from ivtrainer.utils.distributed import NoEmptyParamGroupsMixin
+
+__all__ = ["BaseTrainerMixin"]
+
+
+class BaseTrainerMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
+    """Mixed in before ``transformers.Trainer`` (or ``trl.SFTTrainer``) by IVGuidedTrainer,
+    IVGuidedSFTTrainer and FLearningTrainer."""
+
+    @staticmethod
+    def _checked_args(args, config_class: type, trainer: str, settings: str):
+        """``args``, or a default ``config_class``; refused if it is another TrainingArguments, and
+        checked for pushing (repo id, token) before any work when ``push_to_hub`` is set."""
+        args = config_class(output_dir="trainer_output") if args is None else args
+        if not isinstance(args, config_class):
+            raise TypeError(
+                f"args is a {type(args).__name__}; {trainer} needs an {config_class.__name__} "
+                f"(a TrainingArguments subclass with the {settings} settings)"
+            )
+        if args.push_to_hub:
+            check_trainer_push(args)
+        return args
+
+    def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
+        check_trainer_push(self.args, token)  # type: ignore[attr-defined]  # a clear error before uploading
+        return super().push_to_hub(*args, token=token, **kwargs)  # type: ignore[misc]
