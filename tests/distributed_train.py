@@ -104,6 +104,14 @@ def main() -> None:
         (args.out / "losses.json").write_text(
             json.dumps({"loss": losses, **extra, "teacher": _teacher(trainer)})
         )
+    # end the process group before the interpreter does: left to exit-time teardown, gloo's
+    # threads sometimes abort a process after its work is done ("terminate called without an
+    # active exception")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _teacher(trainer) -> str | None:
