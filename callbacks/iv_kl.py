@@ -16,6 +16,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from ivtrainer.callbacks.iv_intervention import (
@@ -116,7 +117,7 @@ class IVKLCallback(IVCallback):
         self._stack: contextlib.ExitStack | None = None
         self._student_heads: dict[int, torch.Tensor] | None = None
         self._busy = False
-        self._sums = {"ce": 0.0, "kl": 0.0, "head_mse": 0.0}
+        self._sums: dict[str, float | torch.Tensor] = {"ce": 0.0, "kl": 0.0, "head_mse": 0.0}
         self._steps, self._skipped, self._accumulation = 0, 0, 1
         self._device, self._global_items, self._tokens_across = torch.device("cpu"), False, False
 
@@ -199,11 +200,11 @@ class IVKLCallback(IVCallback):
             torch.distributed.all_reduce(values)
             if not self._global_items:
                 values[:-1] /= torch.distributed.get_world_size()
-        values = values.tolist()
-        out = {k: v / self._steps for k, v in zip(keys, values, strict=False)}
+        summed = values.tolist()
+        out = {k: v / self._steps for k, v in zip(keys, summed, strict=False)}
         out["kl_weight"] = self.kl_weight
-        if values[-1]:
-            out["kl_skipped"] = int(values[-1])
+        if summed[-1]:
+            out["kl_skipped"] = int(summed[-1])
         self._sums = dict.fromkeys(self._sums, 0.0)
         self._steps = self._skipped = 0
         return out
@@ -264,7 +265,7 @@ class IVKLCallback(IVCallback):
         teacher = self._reference if self._reference is not None else module
         with contextlib.ExitStack() as stack:
             if self._reference is None:  # the same modules: adapters and student IVs off
-                stack.enter_context(module.disable_adapter())
+                stack.enter_context(module.disable_adapter())  # type: ignore[operator]  # a PeftModel
                 stack.enter_context(suspend_interventions(module))
             stack.enter_context(eval_mode(teacher))
             stack.enter_context(
@@ -288,7 +289,7 @@ class IVKLCallback(IVCallback):
             return None
         if self._keeps_logits is None:
             teacher = self._reference if self._reference is not None else module
-            base = teacher.get_base_model() if is_peft_model(teacher) else teacher
+            base = teacher.get_base_model() if is_peft_model(teacher) else teacher  # type: ignore[operator]
             self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         if not self._keeps_logits:
             return None
@@ -319,7 +320,7 @@ class IVKLCallback(IVCallback):
             input_ids = args[0]
         num_items = kwargs.get("num_items_in_batch")
         prompt_end = last_prompt_positions(labels)
-        mask = kl_positions(self.positions, labels, attention_mask)
+        mask = kl_positions(self.positions, labels, attention_mask)  # type: ignore[arg-type]  # checked in __init__
         # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
         # same modules, and the student's recording hooks would overwrite them with the teacher's
         student_heads = dict(self._student_heads) if self._student_heads is not None else None
@@ -335,7 +336,7 @@ class IVKLCallback(IVCallback):
             output.logits,
             teacher_logits,
             mask,
-            direction=self.direction,
+            direction=self.direction,  # type: ignore[arg-type]  # checked in __init__
             temperature=self.temperature,
             num_items_in_batch=num_items,
             threshold=self.threshold,
@@ -361,7 +362,7 @@ class IVKLCallback(IVCallback):
 
     def _head_mse(self, student_heads, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
         rows, cols = prompt_end.nonzero(as_tuple=True)
-        total = 0.0
+        total: Any = 0.0
         for iv in self.vectors:
             for layer, head in iv.heads:
                 s = student_heads[layer][rows, cols, head].float()

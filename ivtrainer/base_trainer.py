@@ -4,20 +4,25 @@ its ``BaseTrainer``): its config checked first, Hub pushes checked before anythi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ivtrainer.hub.push import NoTokenInArgsMixin, check_trainer_push
 from ivtrainer.utils.distributed import NoEmptyParamGroupsMixin
 
 __all__ = ["BaseTrainerMixin"]
 
+if TYPE_CHECKING:  # the mixins are always combined with a Trainer: checked as one
+    from transformers import Trainer as _TrainerBase
+else:
+    _TrainerBase = object
 
-class BaseTrainerMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
+
+class BaseTrainerMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, _TrainerBase):
     """Mixed in before ``transformers.Trainer`` (or ``trl.SFTTrainer``) by IVGuidedTrainer,
     IVGuidedSFTTrainer and FLearningTrainer."""
 
     @staticmethod
-    def _checked_args(args, config_class: type, trainer: str, settings: str):
+    def _checked_args(args: Any, config_class: Any, trainer: str, settings: str) -> Any:
         """``args``, or a default ``config_class``; refused if it is another TrainingArguments, and
         checked for pushing (repo id, token) before any work when ``push_to_hub`` is set."""
         args = config_class(output_dir="trainer_output") if args is None else args
@@ -31,5 +36,5 @@ class BaseTrainerMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin):
         return args
 
     def push_to_hub(self, *args: Any, token: str | None = None, **kwargs: Any):
-        check_trainer_push(self.args, token)  # type: ignore[attr-defined]  # a clear error before uploading
+        check_trainer_push(self.args, token)  # a clear error before anything is uploaded
         return super().push_to_hub(*args, token=token, **kwargs)  # type: ignore[misc]

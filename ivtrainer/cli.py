@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ivtrainer.errors import IVTrainerError
 from ivtrainer.version import __version__
@@ -122,7 +123,7 @@ def _forget(args: argparse.Namespace) -> int:
         base_name = None if args.base == DEFAULT_MODEL else args.base  # checked after loading then
         check_adapter_configs(args.adapter, base_name, check_base_model=not args.no_check_base_model)
         model, tokenizer = load_model(args.base)
-        model = subtract_adapter(
+        edited: Any = subtract_adapter(
             model,
             args.adapter if n > 1 else args.adapter[0],
             lams if n > 1 else lams[0],
@@ -130,7 +131,7 @@ def _forget(args: argparse.Namespace) -> int:
             stats=stats,
         )
         with atomic_dir(out, marker={"command": "forget"}) as tmp:
-            model.save_pretrained(tmp)
+            edited.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             _write_forget_card(tmp, args, lams)
     delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
@@ -153,6 +154,7 @@ def _write_forget_card(out: Path, args: argparse.Namespace, lams: list[float]) -
     """README.md (a ModelCard) next to the weights: what was subtracted from what, with which lambda."""
     from ivtrainer.hub.model_cards import edited_model_card
 
+    parameters: dict[str, Any]
     if args.adapter:
         parameters = {
             "delta": "LoRA adapter update (scaling * B @ A)",

@@ -46,6 +46,13 @@ def _guarded_connect_ex(self, address):
     return _real_connect_ex(self, address)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Real-model tests are slow too: `pytest -m "not slow"` is the quick local run."""
+    for item in items:
+        if item.get_closest_marker("real"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
     socket.socket.connect = _guarded_connect
     socket.socket.connect_ex = _guarded_connect_ex

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM
 from ivtrainer import extract_instruction_vector
 from ivtrainer.testing import tiny_model
 
+pytestmark = pytest.mark.slow  # multi-process launches / real-model scripts
+
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from ivtrainer import extract_instruction_vector
 from ivtrainer.datasets.edits import build_counterfacts
 
+pytestmark = pytest.mark.slow  # multi-process launches / real-model scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,10 +140,10 @@ def _features(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear / GPT-2 Conv1D / Embedding."""
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3 keeps the real shape aside
+    shape: Any = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3 keeps the real shape aside
     if type(module).__name__ == "Conv1D":  # weight stored as (in, out)
-        return shape[0], shape[1]
-    return shape[1], shape[0]
+        return int(shape[0]), int(shape[1])
+    return int(shape[1]), int(shape[0])
 
 
 def _adapter_folder(where: str) -> Path:
@@ -322,9 +323,9 @@ def _attach_and_subtract(
 
     PeftModel, _ = _peft_types()
     keep = isinstance(model, PeftModel)  # subtract from its base, keep its own adapters
-    peft_model = model if keep else None
+    peft_model: Any = model if keep else None
     trainable = None if keep else {n: p.requires_grad for n, p in model.named_parameters()}
-    active = model.active_adapter if keep else None
+    active = peft_model.active_adapter if keep else None
     names = []
     for i, (config, state, where) in enumerate(loaded):
         name = f"subtract_{i}"
@@ -333,7 +334,7 @@ def _attach_and_subtract(
         else:
             peft_model.add_adapter(name, config)
         lora_state = {k: v for k, v in state.items() if "lora_" in k}
-        result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
+        result: Any = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
         if getattr(result, "unexpected_keys", None):
             raise AdapterMismatchError(
                 f"adapter {where!r} has weights this model cannot take: {result.unexpected_keys[:3]}"
@@ -606,7 +607,8 @@ def _write_shard(
 ) -> None:
     """Stream one output shard: the header first (shapes and dtypes are known), then each tensor."""
     names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
-    out_header, offset = {"__metadata__": {"format": "pt"}}, 0
+    out_header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for name in names:
         size = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
         out_header[name] = {
@@ -630,4 +632,4 @@ def _write_shard(
                 _record(stats, theta32, result.float())
             else:  # integer buffers are not parameters: keep the base's
                 result = theta
-            f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(result.contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -150,7 +150,7 @@ def instruction_hits(
                     return_tensors="pt",
                     padding=True,
                 ).to(next(model.parameters()).device)
-                out = model.generate(
+                out = model.generate(  # type: ignore[operator]  # a transformers model
                     **batch,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,

@@ -127,7 +127,9 @@ class FLearningConfig(TrainingArguments):
 
         if PartialState._shared_state:  # reuse the running processes: new arguments would reset them
             config = (
-                dataclasses.asdict(self.accelerator_config) if self.accelerator_config is not None else {}
+                dataclasses.asdict(self.accelerator_config)  # type: ignore[call-overload]  # an AcceleratorConfig by now
+                if self.accelerator_config is not None
+                else {}
             )
             values["accelerator_config"] = {**config, "use_configured_state": True}
         return TrainingArguments(**values)

@@ -132,13 +132,16 @@ class FLearningTrainer(BaseTrainerMixin, Trainer):
                 "training fits)"
             )
 
+    args: FLearningConfig
+    model: Any  # a transformers model, or a PeftModel (learn_method="lora"): their methods differ
+
     @property
     def forget_dir(self) -> Path:
-        return Path(self.args.output_dir) / OLD_PHASE_DIR
+        return Path(str(self.args.output_dir)) / OLD_PHASE_DIR
 
     # -- phases ------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):  # type: ignore[override]
         """Old-knowledge fine-tuning (unless a delta was given), subtraction, new-knowledge training.
 
         ``resume_from_checkpoint=True`` picks up wherever the last run stopped; a checkpoint path
@@ -186,7 +189,8 @@ class FLearningTrainer(BaseTrainerMixin, Trainer):
             return self._train_old_deepspeed(resume)
         args = self.args
         model = self.model
-        snapshot = active = trainable = None
+        snapshot: dict[str, torch.Tensor] = {}
+        active = trainable = None
         if args.forget_method == "lora":
             if isinstance(model, PeftModel):
                 active = model.active_adapter
@@ -307,7 +311,7 @@ class FLearningTrainer(BaseTrainerMixin, Trainer):
         else:
             logger.info(message)
 
-    def create_model_card(
+    def create_model_card(  # type: ignore[override]  # dataset_name instead of transformers' list of tags
         self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
     ):
         """Write ``README.md`` in ``output_dir``: variant, lambda, both phases' settings, base model

@@ -27,7 +27,7 @@ class IVGuidedSFTConfig(SFTConfig, IVGuidedConfig):
     """``SFTConfig`` with the IV and KL settings of :class:`~ivtrainer.IVGuidedConfig`."""
 
 
-class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):
+class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # create_model_card differs
     """``SFTTrainer`` with IV-guided training. Takes the same arguments as ``SFTTrainer`` plus
     ``instruction_vectors``; ``args`` is an :class:`IVGuidedSFTConfig`.
 
@@ -50,7 +50,7 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):
                 "pass the model object (IV compatibility is checked before any work), not its name"
             )
         self._setup_iv(model, args, instruction_vectors, kwargs)
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=model, args=args, **kwargs)  # type: ignore[arg-type]  # any causal LM module
         check_deepspeed_config(self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -49,6 +49,8 @@ class IVGuidedMixin(BaseTrainerMixin):
     built from the config, their metrics merged into ``Trainer.log``, hooks removed after
     ``train()`` whatever happens."""
 
+    args: IVGuidedConfig
+
     def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
         check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
         vectors = load_vectors(
@@ -70,7 +72,7 @@ class IVGuidedMixin(BaseTrainerMixin):
                     logs = {**logs, **callback.metrics()}
         super().log(logs, *args, **kwargs)
 
-    def create_model_card(
+    def create_model_card(  # type: ignore[override]  # dataset_name instead of transformers' list of tags
         self, model_name: str | None = None, dataset_name: str | None = None, **kwargs: Any
     ):
         """Write ``README.md`` in ``output_dir``: method, IVs, schedule, weights, base model and the

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,18 +141,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare transformers model inside PEFT / DDP / DeepSpeed / ``torch.compile`` wrappers."""
     # Not accelerate's extract_model_from_parallel: it imports deepspeed whenever it is installed
     # (seconds, plus a log line), while an engine can only exist if deepspeed is already imported.
+    current: Any = model
     for _ in range(16):  # wrappers nest: a DeepSpeed engine around a PeftModel around the model
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            "deepspeed" in sys.modules and isinstance(model, sys.modules["deepspeed"].DeepSpeedEngine)
+        if isinstance(getattr(current, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            current = current._orig_mod
+        elif isinstance(current, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            "deepspeed" in sys.modules and isinstance(current, sys.modules["deepspeed"].DeepSpeedEngine)
         ):
-            model = model.module
-        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # peft.PeftModel
-            model = model.get_base_model()
+            current = current.module
+        elif hasattr(current, "get_base_model") and hasattr(current, "peft_config"):  # peft.PeftModel
+            current = current.get_base_model()
         else:
-            return model
-    return model
+            return current
+    return current
 
 
 def _text_config(model: nn.Module):
@@ -173,11 +175,11 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 def _in_features(module: nn.Module) -> int | None:
     """Input width of a Linear / GPT-2 Conv1D / PEFT-wrapped projection."""
-    base = getattr(module, "base_layer", module)  # PEFT LoRA wrapper
+    base: Any = getattr(module, "base_layer", module)  # PEFT LoRA wrapper
     if isinstance(base, nn.Linear):
         return base.in_features
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # GPT-2: weight is (in, out)
-        return base.weight.shape[0]
+        return int(base.weight.shape[0])
     return None
 
 
@@ -237,8 +239,9 @@ def get_layout(model: nn.Module) -> ModelLayout:
             f"{model_type!r} is registered with layers={spec.layers!r}, but {type(bare).__name__} has no "
             f"ModuleList there. {_unsupported_message(bare, model_type)}"
         )
-    attn_outputs = [_get(layer, spec.attn_output) for layer in layers]
-    if any(m is None for m in attn_outputs):
+    found = [_get(layer, spec.attn_output) for layer in layers]
+    attn_outputs = [m for m in found if m is not None]
+    if len(attn_outputs) != len(found):
         raise UnsupportedArchitectureError(
             f"{model_type!r}: some decoder layers have no {spec.attn_output!r}. "
             f"{_unsupported_message(bare, model_type)}"

@@ -105,7 +105,7 @@ def _convert_gguf(gguf_dir: Path, out: Path, version: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
     # transformers dequantises GGUF tensors on load into plain nn.Linear weights; only the marker
     # remains. Drop it so the model saves, and the folder loads without gguf.
     model.hf_quantizer = None

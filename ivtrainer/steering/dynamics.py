@@ -103,7 +103,8 @@ def analyze_iv(
         )
     settings = iv.settings
     if examples is None:
-        extraction, held_out = load_task(iv.task), load_task(iv.task, "held_out")
+        task = str(iv.task)  # a built-in task: checked above
+        extraction, held_out = load_task(task), load_task(task, "held_out")
     else:
         data = load_examples(examples)
         cut = (2 * len(data)) // 3
@@ -124,7 +125,7 @@ def analyze_iv(
         progress=progress,
     )
     new.task = iv.task
-    shared = sorted(set(map(tuple, iv.heads)) & set(map(tuple, new.heads)))
+    shared = sorted(set(iv.heads) & set(new.heads))
     builder = PromptBuilder(tokenizer, chat_template=settings.get("chat_template", False))
     rng = random.Random(0)
     queries = rng.sample(held_out, min(n_prompts, len(held_out)))

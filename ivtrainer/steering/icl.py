@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class PromptBuilder:
             answer then starts the assistant turn (no leading space).
     """
 
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     input_prefix: str = "Q: "
     output_prefix: str = "\nA:"
     separator: str = "\n\n"

@@ -280,7 +280,7 @@ class InstructionVector:
         if not isinstance(config.get("heads"), list) or not isinstance(config.get("head_scores"), list):
             raise InvalidVectorError(f"{where}: heads and head_scores must be lists")
         try:
-            return cls(**tensors, **config)
+            return cls(**tensors, **config)  # type: ignore[arg-type]  # each field checked in __post_init__
         except InvalidVectorError as exc:
             raise InvalidVectorError(f"{where}: {exc}") from None
 
@@ -510,7 +510,7 @@ def extract_instruction_vector(
         head_scores=[float(v) for v in top.values],
         cie=cie,
         mean_activations=mean,
-        model_name=source["name"],
+        model_name=source["name"] or layout.model_type,
         model_revision=source["revision"],
         model_type=layout.model_type,
         hidden_size=layout.hidden_size,

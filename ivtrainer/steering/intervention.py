@@ -55,7 +55,7 @@ class Intervention:
         self.strength = strength
         self.positions = positions
         self.suspended = False
-        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._where: tuple[torch.Tensor, ...] | None = None
         self._warned_fallback = False
 
     def _locate(
@@ -156,7 +156,7 @@ def add_to_residual(
         if source is None:
             raise InvalidInputError("cannot intervene: the forward got neither input_ids nor inputs_embeds")
         past = bound.get("past_key_values", extra.get("past_key_values"))
-        past_len = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         handle._locate(
             tuple(source.shape[:2]),
             bound.get("attention_mask", extra.get("attention_mask")),

@@ -248,6 +248,10 @@ def cie_atp(model: nn.Module, layout: ModelLayout, prompt: EncodedPrompt, mean: 
     with torch.enable_grad(), hooks(*handles):
         prob = _answer_prob(model(ids, use_cache=False).logits[0, -1], prompt.answer_id)
         grads = torch.autograd.grad(prob, deltas)
-    act = torch.stack(acts).float().unflatten(-1, (layout.n_heads, layout.head_dim))
+    act = (
+        torch.stack([a for a in acts if a is not None])
+        .float()
+        .unflatten(-1, (layout.n_heads, layout.head_dim))
+    )
     grad = torch.stack(grads).float().unflatten(-1, (layout.n_heads, layout.head_dim))
     return ((mean.to(device) - act) * grad).sum(-1).cpu()

@@ -89,7 +89,7 @@ def zero3_copy(model: nn.Module, what: str = "copied") -> nn.Module:
     # No initialisation: everything is copied below (and transformers 5.0 fails initialising
     # partitioned embeddings).
     with no_init_weights():
-        copy = type(model)._from_config(model.config, dtype=dtype)
+        copy = type(model)._from_config(model.config, dtype=dtype)  # type: ignore[attr-defined]
     sources = dict(model.named_parameters())
     for name, param in copy.named_parameters():
         with gathered(sources[name], param):
