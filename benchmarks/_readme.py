@@ -1,17 +1,20 @@
-"""Benchmarks write their tables into README.md between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``."""
+"""Benchmarks write their tables between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in the
+one page that holds that block: README.md or a page under docs/."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def replace_block(name: str, text: str) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    readme = README.read_text()
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {begin} ... {end} block")
-    README.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", readme))
+    pages = [p for p in [README, *sorted((ROOT / "docs").glob("*.md"))] if pattern.search(p.read_text())]
+    if len(pages) != 1:
+        raise SystemExit(f"{len(pages)} pages hold a {begin} ... {end} block; expected one")
+    page = pages[0]
+    page.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", page.read_text()))

@@ -8,7 +8,7 @@ choose the number of heads, the edit layer and the strength jointly ({5, 10, 20}
 same CIE table x every layer x {1, 2, 4}) by zero-shot accuracy on 64 extraction pairs. Only then score the *held-out* pairs (first-token accuracy, Todd et al.'s
 metric): zero-shot, zero-shot + IV at the default layer (L // 3, strength 1), zero-shot + IV at
 the chosen layer and strength, and 5-shot (demonstrations from the extraction pairs). Nothing is
-tuned on held-out pairs. ``--write-readme`` replaces the table in README.md.
+tuned on held-out pairs. ``--write-readme`` replaces the table in its docs page.
 """
 
 from __future__ import annotations

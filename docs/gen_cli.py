@@ -1,0 +1,36 @@
+"""Write docs/cli.md from the ``ivtrainer`` parser itself (``python docs/gen_cli.py``); a test
+checks that the page is current."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PAGE = Path(__file__).resolve().parent / "cli.md"
+
+
+def render() -> str:
+    import os
+
+    from ivtrainer.cli import _parser
+
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the page must not depend on it
+    parser = _parser()
+    parser.prog = "ivtrainer"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parts = [
+        "# The `ivtrainer` command\n",
+        "One entry point, one subcommand per job. Every command checks its input before any work and "
+        "fails with one line and exit code 2 ([bad input and safety](safety.md)); `--debug` shows the "
+        "traceback. This page is generated from the parser (`python docs/gen_cli.py`).\n",
+        "```text\n" + parser.format_help().rstrip() + "\n```\n",
+    ]
+    for name, command in sub.choices.items():
+        parts.append(f"## `ivtrainer {name}`\n")
+        parts.append("```text\n" + command.format_help().rstrip() + "\n```\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    PAGE.write_text(render())
+    print(f"wrote {PAGE}")
