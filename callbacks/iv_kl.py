@@ -40,9 +40,12 @@ __all__ = ["IVKLCallback"]
 
 logger = logging.get_logger(__name__)
 
-# model -> {output_dir: the frozen teacher made when its Trainer was built}: what a callback
-# restored from a checkpoint (restore_callback_states_from_checkpoint) takes over
-_TEACHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+# model -> {output_dir: the frozen teacher made when its Trainer was built}, all weak (the copy
+# lives as long as the callback that made it): what a callback restored from a checkpoint
+# (restore_callback_states_from_checkpoint) takes over
+_TEACHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, weakref.ref[nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class IVKLCallback(IVCallback):
@@ -132,7 +135,7 @@ class IVKLCallback(IVCallback):
         if model is not None and not self._reference_ready:
             self._reference, self._reference_ready = self._make_reference(model), True
             if self._reference is not None and not isinstance(self.teacher, nn.Module):
-                _TEACHERS.setdefault(model, {})[str(args.output_dir)] = self._reference
+                _TEACHERS.setdefault(model, {})[str(args.output_dir)] = weakref.ref(self._reference)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_labels_reach_the_model(args)
@@ -144,7 +147,8 @@ class IVKLCallback(IVCallback):
         if not self._reference_ready and state.global_step > 0 and model in _TEACHERS:
             # restore_callback_states_from_checkpoint: the Trainer replaced the callback built with
             # it by one made from the checkpoint's state; take the teacher the first one made
-            self._reference = _TEACHERS[model].get(str(args.output_dir))
+            made = _TEACHERS[model].get(str(args.output_dir))
+            self._reference = made() if made is not None else None
             self._reference_ready = self._reference is not None
         if not self._reference_ready:
             if state.global_step > 0 and not is_peft_model(model) and not isinstance(self.teacher, nn.Module):

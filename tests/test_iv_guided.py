@@ -685,3 +685,18 @@ def test_model_as_its_own_teacher_and_fsdp_are_refused(tmp_path, iv, data):
     fsdp.fsdp = ["full_shard"]  # what --fsdp full_shard sets; its own checks need several GPUs
     with pytest.raises(ValueError, match="does not support FSDP"):
         IVKLCallback(iv).on_init_end(fsdp, None, None, model=tiny_model("llama"))
+
+
+def test_release_frees_the_teacher_copy(tmp_path, iv, data):
+    """Nothing else keeps the frozen copy alive (it is the model's size): release() frees it."""
+    import gc
+    import weakref
+
+    callback = IVKLCallback(iv)
+    args = TrainingArguments(str(tmp_path / "t"), max_steps=1, report_to="none", use_cpu=True)
+    Trainer(tiny_model("llama"), args, train_dataset=data, data_collator=_collator(), callbacks=[callback])
+    copy = weakref.ref(callback.reference)
+    assert copy() is not None
+    callback.release()
+    gc.collect()
+    assert copy() is None
