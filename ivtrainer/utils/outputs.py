@@ -18,6 +18,7 @@ cache or output folder works for a group.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -182,7 +183,7 @@ def _pid_alive(pid: int) -> bool:
 def sweep_stale(folder: Path, prefix: str) -> None:
     """Delete ``folder/<prefix><pid>-*`` entries whose process is gone (left by a killed run)."""
     with contextlib.suppress(OSError):
-        for item in folder.glob(f"{glob_escape(prefix)}*"):
+        for item in folder.glob(f"{glob.escape(prefix)}*"):
             pid = item.name[len(prefix) :].split("-", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 if item.is_dir() and not item.is_symlink():
@@ -190,10 +191,6 @@ def sweep_stale(folder: Path, prefix: str) -> None:
                 else:
                     with contextlib.suppress(OSError):
                         item.unlink()
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def _names(target: Path) -> tuple[str, str]:
