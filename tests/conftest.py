@@ -77,3 +77,22 @@ def default_model():
 
     model, tokenizer = load_default_model()
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def iv(tokenizer):
+    """A small antonym IV of a tiny Llama, shared by the training tests (a module may override it)."""
+    from ivtrainer import extract_instruction_vector
+    from ivtrainer.testing import tiny_model
+    from tests.utils import SMALL
+
+    return extract_instruction_vector(tiny_model("llama"), tokenizer, "antonym", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    """Eight tokenised edits (the new targets), shared by the training tests."""
+    from ivtrainer.datasets.edits import edit_dataset
+    from ivtrainer.testing import tiny_edits
+
+    return edit_dataset(tiny_edits(8), tokenizer, "new")

@@ -1,0 +1,94 @@
+"""trl's SFTTrainer with the callbacks, and IVGuidedSFTTrainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from datasets import Dataset
+from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
+from transformers import HfArgumentParser
+
+from ivtrainer import IVGuidedConfig
+from ivtrainer.testing import tiny_model
+
+
+def test_sft_trainer_takes_the_intervention_and_refuses_kl_clearly(tmp_path, iv, tokenizer):
+    """The intervention callback works in trl's SFTTrainer; the KL callback too where SFTTrainer
+    returns logits, and where it computes the loss from a fused LM head without them, it says why
+    it cannot."""
+    from trl import SFTConfig, SFTTrainer
+
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+
+    def trainer(callbacks):
+        args = SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            per_device_train_batch_size=2,
+            max_steps=2,
+            report_to="none",
+            logging_steps=1,
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="no",
+        )
+        return SFTTrainer(
+            model=tiny_model("llama"),
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+    sft = trainer([IVInterventionCallback(iv)])
+    sft.train()
+    assert [e["iv_strength"] for e in sft.state.log_history if "loss" in e] == [1.0, 0.0]
+    kl = trainer([IVKLCallback(iv)])
+    try:
+        kl.train()
+    except ValueError as exc:  # trl whose SFTTrainer computes the loss from a fused LM head (1.16)
+        assert "fused LM head" in str(exc)
+    else:  # trl whose SFTTrainer still returns logits (1.0): the KL is added
+        kls = [e["kl"] for e in kl.state.log_history if "loss" in e]
+        assert len(kls) == 2 and all(math.isfinite(v) and v >= 0 for v in kls)
+
+
+def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer):
+    from ivtrainer import IVGuidedSFTConfig, IVGuidedSFTTrainer
+
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+    (args,) = HfArgumentParser(IVGuidedSFTConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path / "sft"),
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "1",
+            "--use_cpu",
+            "--save_strategy",
+            "no",
+            "--kl_positions",
+            "answer",
+            "--kl_weight",
+            "2.0",
+            "--completion_only_loss",
+            "true",
+        ]
+    )
+    trainer = IVGuidedSFTTrainer(
+        tiny_model("llama"), args, instruction_vectors=iv, train_dataset=rows, processing_class=tokenizer
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["iv_strength"] for e in logs] == [1.0, 0.0] and all(e["kl_weight"] == 2.0 for e in logs)
+    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[1]["kl"] > 0
+    assert logs[1]["loss"] == pytest.approx(logs[1]["ce"] + 2.0 * logs[1]["kl"], rel=1e-3)
+    with pytest.raises(TypeError, match="needs an IVGuidedSFTConfig"):
+        IVGuidedSFTTrainer(
+            tiny_model("llama"), IVGuidedConfig("o"), instruction_vectors=iv, train_dataset=rows
+        )

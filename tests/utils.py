@@ -1,0 +1,71 @@
+"""Helpers and sample records shared by several test modules."""
+
+from __future__ import annotations
+
+from transformers import DataCollatorForSeq2Seq
+
+from ivtrainer import IVGuidedConfig, IVGuidedTrainer
+
+SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+
+
+def guided_config(tmp_path, **kw) -> IVGuidedConfig:
+    values = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    return IVGuidedConfig(**(values | kw))
+
+
+def grads_after_one_step(tmp_path, iv, data, model, **kw):
+    """Parameters after one SGD step of lr 1: minus the gradient."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = guided_config(
+        tmp_path, optim="sgd", learning_rate=1.0, max_steps=1, lr_scheduler_type="constant", **kw
+    )
+    trainer = IVGuidedTrainer(
+        model,
+        config,
+        instruction_vectors=iv,
+        train_dataset=data.select(range(4)),
+        data_collator=collator(),
+    )
+    trainer.train()
+    return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
+
+
+def collator():
+    from ivtrainer.testing import tiny_tokenizer
+
+    return DataCollatorForSeq2Seq(tiny_tokenizer(), padding=True)
+
+
+# One record of each public edit format, as published.
+COUNTERFACT = {  # EasyEdit's CounterFact split
+    "case_id": 0,
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "subject": "Danielle Darrieux",
+    "ground_truth": "French",
+    "target_new": "English",
+    "rephrase_prompt": "Danielle Darrieux, a native speaker of",
+    "locality_prompt": "The mother tongue of Léon Blum is",
+    "locality_ground_truth": "French",
+}
+
+ZSRE = {  # MEND's ZsRE split
+    "subject": "Watts Humphrey",
+    "src": "What university did Watts Humphrey attend?",
+    "answers": ["University of Michigan"],
+    "alt": "Illinois Institute of Technology",
+    "rephrase": "What university did Watts Humphrey take part in?",
+    "loc": "nq question: who played desmond doss father in hacksaw ridge",
+    "loc_ans": "Hugo Weaving",
+}
