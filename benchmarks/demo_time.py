@@ -94,7 +94,8 @@ def format_table(runs: dict[str, list[dict]], args) -> str:
 
 def format_output(results: dict) -> str:
     """What the first full round printed: the IV line and the two tables."""
-    from ivtrainer.demo import _iv_lines, knowledge_table, new_task_table
+    from ivtrainer.demo import knowledge_table, new_task_table
+    from ivtrainer.demo.report import iv_lines
 
     return "\n".join(
         [
@@ -102,7 +103,7 @@ def format_output(results: dict) -> str:
             "$ ivtrainer demo",
             "...",
             "[1/3] Instruction vector of 'antonym' (causal mediation over all heads)",
-            _iv_lines(results["instruction_vector"]),
+            iv_lines(results["instruction_vector"]),
             "```",
             "",
             new_task_table(results["new_task"]),

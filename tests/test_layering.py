@@ -130,3 +130,13 @@ def test_no_private_name_crosses_a_package():
         if name.startswith("_") and not name.startswith("__") and _package(target) != _package(module)
     ]
     assert not crossings, "\n".join(crossings)
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject.toml lists the packages explicitly: a new subpackage missing there installs
+    from a checkout (editable) but not from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert found == listed, f"missing: {sorted(found - listed)}; stale: {sorted(listed - found)}"

@@ -1,0 +1,121 @@
+"""The demo's tables, plots and files: what it prints and what it writes next to the artifacts."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def new_task_table(result: dict[str, Any]) -> str:
+    from ivtrainer.evaluation.forgetting import held_out_mean
+
+    scores = result["scores"]
+    before = held_out_mean(scores["before"])
+    has_instruction = "facts/instruction" in scores["before"]
+    plain_drop = before - held_out_mean(scores["plain"])
+    lines = [
+        "| LoRA fine-tuning | new task | 5-shot ICL (6 tasks) | facts as completions | facts as instructions "
+        "| held-out mean | forgetting (points) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("before", "before"), ("plain", "plain"), ("iv_guided", "IV-guided")):
+        s = scores[name]
+        icl = statistics.mean(v for k, v in s.items() if k.startswith("icl/"))
+        drop = before - held_out_mean(s)
+        forgetting = "-"
+        if name != "before":
+            forgetting = f"{100 * drop:.1f}"
+            if name == "iv_guided" and plain_drop > 0:
+                forgetting += f" ({drop / plain_drop:.2f} x plain)"
+        lines.append(
+            f"| {label} | {_pct(s['new_task'])} | {_pct(icl)} | {_pct(s['facts/completion'])} | "
+            f"{_pct(s.get('facts/instruction')) if has_instruction else 'n/a'} | {_pct(held_out_mean(s))} | "
+            f"{forgetting} |"
+        )
+    return "\n".join(lines)
+
+
+def knowledge_table(result: dict[str, Any]) -> str:
+    scores = result["scores"]
+    lines = [
+        "| knowledge update | Reliability | Generality | Locality |",
+        "|---|---:|---:|---:|",
+    ]
+    labels = {
+        "before": "before (unedited)",
+        "plain": "plain full fine-tuning",
+        "f_learning": f"F-Learning LoRA->FT (lambda {result['forget_lambda']:g})",
+    }
+    for name, label in labels.items():
+        s = scores[name]
+        lines.append(
+            f"| {label} | {_pct(s['reliability'])} | {_pct(s['generality'])} | {_pct(s.get('locality'))} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_new_task(result: dict[str, Any], path: Path, title: str) -> Path:
+    from ivtrainer.evaluation.plotting import plot_scores
+
+    labels = {"before": "before", "plain": "LoRA, plain", "iv_guided": "LoRA, IV-guided"}
+    return plot_scores({labels[k]: v for k, v in result["scores"].items()}, path, title=title)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def iv_lines(result: dict[str, Any]) -> str:
+    heads = ", ".join(
+        f"L{layer}H{head} {score:+.3f}"
+        for (layer, head), score in zip(result["heads"][:5], result["head_scores"], strict=False)
+    )
+    return (
+        f"top heads (layer, head: mean CIE): {heads}, ... ({len(result['heads'])} heads)\n"
+        f"zero-shot {result['task']} accuracy on {result['n_zero_shot_prompts']} held-out words: "
+        f"{_pct(result['zero_shot_accuracy'])}%, with the IV added at layer {result['edit_layer']}: "
+        + ", ".join(f"{_pct(v)}% (x{k})" for k, v in result["zero_shot_accuracy_with_iv"].items())
+    )
+
+
+def write_results(folder: Path, results: dict[str, Any]) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plan = results["plan"]
+    sections = [
+        f"# ivtrainer demo: {results['model']}\n",
+        f"{'Quick run' if results['quick'] else 'Full run'}, seed {plan['seed']}; "
+        f"{results['seconds']['total'] / 60:.1f} minutes. Accuracies in %.\n",
+        f"## 1. Instruction vector ({plan['iv_task']})\n",
+        iv_lines(results["instruction_vector"]).replace("\n", "\n\n") + "\n",
+        "![CIE heatmap](cie_heatmap.png)\n",
+        "## 2. Forgetting: plain vs IV-guided LoRA fine-tuning\n",
+        new_task_table(results["new_task"]) + "\n",
+        f"{results['new_task']['n_train_words']} training words, {plan['epochs']:g} epoch(s), batch 8, "
+        f"lr {plan['learning_rate']:g}; {results['new_task']['n_test_words']} test words; "
+        f"{plan['n_icl']} 5-shot prompts per ICL task; {plan['n_facts']} known facts.\n",
+        "![held-out abilities](forgetting.png)\n",
+        "## 3. Knowledge update: plain FT vs F-Learning\n",
+        knowledge_table(results["knowledge_update"]) + "\n",
+        f"{results['knowledge_update']['n_edits']} edits, {plan['edit_epochs']:g} epochs at batch "
+        f"{plan['edit_batch_size']}; old phase LoRA r8 at 1e-3, learning phase full fine-tuning at 5e-5.\n",
+    ]
+    (folder / "results.md").write_text("\n".join(sections))
+
+
+def listing(folder: Path) -> list[str]:
+    entries = []
+    for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):  # ivtrainer's marker
+            continue
+        if item.is_dir():
+            subs = sorted(p.name for p in item.iterdir())
+            entries.append(f"{item.name}/ ({', '.join(subs)})")
+        else:
+            entries.append(item.name)
+    return entries
