@@ -21,11 +21,8 @@ from pathlib import Path
 
 import torch
 
-_BASELINE = "import torch, transformers, ivtrainer.arithmetic.parameter_arithmetic; from transformers import AutoModelForCausalLM"
-_STREAMED = (
-    _BASELINE
-    + "; ivtrainer.arithmetic.parameter_arithmetic.subtract_task_vector({base!r}, {tuned!r}, 0.5, {out!r})"
-)
+_BASELINE = "import torch, transformers, ivtrainer.arithmetic; from transformers import AutoModelForCausalLM"
+_STREAMED = _BASELINE + "; ivtrainer.arithmetic.subtract_task_vector({base!r}, {tuned!r}, 0.5, {out!r})"
 _NAIVE = (
     _BASELINE
     + """
@@ -53,7 +50,7 @@ def _peak_rss_mb(code: str) -> float:
 def lora_timing(runs: int) -> list[float]:
     from peft import LoraConfig, get_peft_model
 
-    from ivtrainer.arithmetic.parameter_arithmetic import subtract_adapter
+    from ivtrainer.arithmetic import subtract_adapter
     from ivtrainer.modeling.loading import load_default_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ivtrainer.arithmetic.parameter_arithmetic import (
-    subtract_adapter,
-    subtract_model_delta,
-    subtract_task_vector,
-)
+from ivtrainer.arithmetic.adapter_subtraction import subtract_adapter
+from ivtrainer.arithmetic.model_delta import subtract_model_delta
+from ivtrainer.arithmetic.task_vector import subtract_task_vector
 from ivtrainer.datasets.edits import build_counterfacts, edit_dataset, load_edits, split_edits
 from ivtrainer.datasets.tasks import list_tasks, load_task
 from ivtrainer.errors import (

@@ -7,7 +7,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ivtrainer.errors import IVTrainerError
 from ivtrainer.version import __version__
@@ -87,17 +86,12 @@ def _extract_iv(args: argparse.Namespace) -> int:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from ivtrainer.arithmetic.parameter_arithmetic import (
-        check_adapter_configs,
-        check_lambdas,
-        subtract_adapter,
-        task_vector_plan,
-        write_task_vector,
-    )
+    from ivtrainer.arithmetic.forget import forget
+    from ivtrainer.arithmetic.subtraction import check_lambdas
     from ivtrainer.hub.push import check_push_target, push_folder
-    from ivtrainer.utils.outputs import MARKER, atomic_dir, check_output_dir
+    from ivtrainer.utils.outputs import MARKER
 
-    # Checked before any model is loaded or anything is written.
+    # The flags' own rules, named as flags; forget() checks everything else before any work.
     if bool(args.adapter) == bool(args.finetuned):
         raise IVTrainerError("pass either --adapter (one or more) or --finetuned, not both and not neither")
     n = len(args.adapter) if args.adapter else 1
@@ -106,69 +100,31 @@ def _forget(args: argparse.Namespace) -> int:
         raise IVTrainerError(
             f"--lam must be >= 0 (forget subtracts lambda x delta; 0 changes nothing), got {args.lam}"
         )
-    inputs = [args.base, args.finetuned, *(args.adapter or [])]
-    out = check_output_dir(args.out, inputs=inputs, overwrite=args.overwrite)
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
-
-    stats: dict[str, float] = {}  # the size of what was subtracted, printed: a no-op shows
-    if args.finetuned:
-        plan = task_vector_plan(args.base, args.finetuned)  # names and shapes checked before writing
-        with atomic_dir(out, marker={"command": "forget"}) as tmp:
-            write_task_vector(plan, lams[0], tmp, stats)
-            _write_forget_card(tmp, args, lams)
-    else:
-        from ivtrainer.modeling.loading import DEFAULT_MODEL, load_model
-
-        base_name = None if args.base == DEFAULT_MODEL else args.base  # checked after loading then
-        check_adapter_configs(args.adapter, base_name, check_base_model=not args.no_check_base_model)
-        model, tokenizer = load_model(args.base)
-        edited: Any = subtract_adapter(
-            model,
-            args.adapter if n > 1 else args.adapter[0],
-            lams if n > 1 else lams[0],
-            check_base_model=not args.no_check_base_model,
-            stats=stats,
-        )
-        with atomic_dir(out, marker={"command": "forget"}) as tmp:
-            edited.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            _write_forget_card(tmp, args, lams)
+    result = forget(
+        args.base,
+        args.out,
+        adapters=args.adapter,
+        finetuned=args.finetuned,
+        lam=lams,
+        overwrite=args.overwrite,
+        check_base_model=not args.no_check_base_model,
+    )
     delta = f"adapter(s) {args.adapter}" if args.adapter else f"task vector {args.finetuned} - {args.base}"
     print(f"wrote {args.out}: {args.base} - lambda {lams} x {delta}")
     print(
-        f"||lambda x delta|| = {stats['delta_norm']:.4g}, {stats['relative']:.3g} of the norm of the "
-        f"{stats['tensors']} weight tensors it changed"
+        f"||lambda x delta|| = {result.delta_norm:.4g}, {result.relative:.3g} of the norm of the "
+        f"{result.tensors} weight tensors it changed"
     )
     if args.push_to_hub:
         import shutil
 
         def copy(folder: Path) -> None:
-            shutil.copytree(out, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+            shutil.copytree(result.path, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
 
         print(f"pushed: {push_folder(copy, args.push_to_hub)}")
     return 0
-
-
-def _write_forget_card(out: Path, args: argparse.Namespace, lams: list[float]) -> None:
-    """README.md (a ModelCard) next to the weights: what was subtracted from what, with which lambda."""
-    from ivtrainer.hub.model_cards import edited_model_card
-
-    parameters: dict[str, Any]
-    if args.adapter:
-        parameters = {
-            "delta": "LoRA adapter update (scaling * B @ A)",
-            **{
-                f"adapter {i + 1}": f"{a} (lambda {lam:g})"
-                for i, (a, lam) in enumerate(zip(args.adapter, lams, strict=True))
-            },
-        }
-    else:
-        parameters = {
-            "delta": f"full fine-tune minus its base: `{args.finetuned}` - `{args.base}`",
-            "lambda": lams[0],
-        }
-    edited_model_card("forget", base_model=str(args.base), parameters=parameters).save(str(out / "README.md"))
 
 
 def _evaluate_edits(args: argparse.Namespace) -> int:

@@ -337,7 +337,8 @@ def test_hub_ids_take_a_revision_and_paths_never_download(tmp_path, monkeypatch)
     import huggingface_hub
 
     import ivtrainer.modeling.loading
-    from ivtrainer.arithmetic.parameter_arithmetic import _adapter_folder, _model_folder
+    from ivtrainer.arithmetic.adapter_subtraction import _adapter_folder
+    from ivtrainer.arithmetic.safetensors_files import model_folder as _model_folder
     from ivtrainer.hub.push import split_revision
 
     assert split_revision("org/name@v1.0") == ("org/name", "v1.0")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from transformers import DataCollatorForSeq2Seq
 
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer
+from ivtrainer.testing import tiny_model
 
 SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
 
@@ -69,3 +73,45 @@ ZSRE = {  # MEND's ZsRE split
     "loc": "nq question: who played desmond doss father in hacksaw ridge",
     "loc_ans": "Hugo Weaving",
 }
+
+
+# LoRA adapters and fine-tunes to subtract.
+TARGETS = {"llama": ["q_proj", "o_proj", "embed_tokens"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def trained_adapter(model_type, *, seed=0, use_rslora=False, **kwargs):
+    """A LoRA adapter with random (non-zero) B, as after training."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS[model_type],
+        fan_in_fan_out=model_type == "gpt2",
+        use_rslora=use_rslora,
+        **kwargs,
+    )
+    peft_model = get_peft_model(tiny_model(model_type), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return peft_model
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def finetuned_pair(tmp_path, tokenizer, dtype=torch.float32, **save_kwargs):
+    base = tiny_model("llama").to(dtype)
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_((torch.randn(param.shape, generator=generator) * 0.05).to(dtype))
+    base.save_pretrained(tmp_path / "base", **save_kwargs)
+    tokenizer.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned", **save_kwargs)
+    return base, tuned

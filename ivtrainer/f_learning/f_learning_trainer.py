@@ -30,12 +30,8 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from ivtrainer.arithmetic.parameter_arithmetic import (
-    save_adapter,
-    subtract_adapter,
-    subtract_model_delta,
-    unload_adapters,
-)
+from ivtrainer.arithmetic.adapter_subtraction import save_adapter, subtract_adapter, unload_adapters
+from ivtrainer.arithmetic.model_delta import subtract_model_delta
 from ivtrainer.base_trainer import BaseTrainerMixin
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.f_learning.f_learning_config import OLD_PHASE_DIR, FLearningConfig, variant_name

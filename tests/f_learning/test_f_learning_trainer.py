@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from ivtrainer import FLearningConfig, FLearningTrainer
-from ivtrainer.arithmetic.parameter_arithmetic import subtract_model_delta
+from ivtrainer.arithmetic import subtract_model_delta
 from ivtrainer.datasets.edits import edit_dataset
 from ivtrainer.testing import intercept_hub_upload, peft_subtraction, tiny_edits, tiny_model
 
