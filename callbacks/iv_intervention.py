@@ -51,12 +51,13 @@ def load_vectors(instruction_vectors: IVLike | Sequence[IVLike] | None) -> list[
 def residual_pairs(
     vectors: Sequence[InstructionVector], weights: Sequence[float] | None = None
 ) -> list[tuple[int, torch.Tensor]]:
-    """``(edit_layer, weight * vector)`` for each IV: several IVs are added together, each at
-    its own layer."""
+    """``(edit_layer, weight * strength * vector)`` for each IV: several IVs are added together,
+    each at its own layer and its own (calibrated) strength, so the strengths the callbacks and
+    configs take are multiples of each IV's own."""
     weights = [1.0] * len(vectors) if weights is None else finite_numbers("iv_weights", list(weights))
     if len(weights) != len(vectors):
         raise InvalidInputError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
-    return [(iv.edit_layer, w * iv.vector) for iv, w in zip(vectors, weights, strict=True)]
+    return [(iv.edit_layer, w * iv.strength * iv.vector) for iv, w in zip(vectors, weights, strict=True)]
 
 
 class IVCallback(TrainerCallback, ExportableState):

@@ -54,7 +54,7 @@ class IVKLCallback(IVCallback):
     Args:
         instruction_vectors: the IV(s) added to the teacher (objects, folders or Hub ids).
         weight: the KL weight, a number or a :class:`~ivtrainer.iv_guided.schedules.Schedule`.
-        teacher_strength: the strength of the teacher's IVs (default 1).
+        teacher_strength: the teacher's IV strength, a multiple of each IV's own (default 1: as calibrated).
         direction: ``"reverse"`` KL(student || teacher) (FvForgetting's), ``"forward"``
             KL(teacher || student), or ``"jsd"``.
         temperature: softmax temperature of both distributions (FvForgetting: 2).

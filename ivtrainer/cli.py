@@ -63,10 +63,14 @@ def _extract_iv(args: argparse.Namespace) -> int:
         n_mean_prompts=args.n_mean_prompts,
         n_cie_prompts=args.n_cie_prompts,
         method=args.method,
+        calibrate=args.calibrate,
         edit_layer=args.edit_layer,
+        strength=args.strength,
+        name=args.name or (args.task if args.task in _builtin_tasks() else Path(args.task).stem),
         chat_template=args.chat_template,
         seed=args.seed,
         batch_size=args.batch_size,
+        progress=True,
     )
     with atomic_dir(out, marker={"command": "extract-iv"}) as tmp:
         iv.save_pretrained(tmp)
@@ -78,7 +82,16 @@ def _extract_iv(args: argparse.Namespace) -> int:
     print(f"top {len(iv.heads)} heads (layer, head: mean CIE):")
     for (layer, head), score in zip(iv.heads, iv.head_scores, strict=True):
         print(f"  L{layer:<3d} H{head:<3d} {score:+.4f}")
-    print(f"edit layer {iv.edit_layer} of {iv.n_layers}; vector norm {iv.vector.norm():.3f}")
+    print(
+        f"edit layer {iv.edit_layer} of {iv.n_layers}, strength {iv.strength:g}; vector norm {iv.vector.norm():.3f}"
+    )
+    calibration = iv.metrics.get("calibration")
+    if calibration:
+        print(
+            f"calibrated on {calibration['n_prompts']} extraction pairs: zero-shot accuracy "
+            f"{calibration['base_accuracy']:.2f} -> {calibration['accuracy']:.2f} with the vector "
+            f"({calibration['n_heads']} heads, layer {calibration['edit_layer']}, x{calibration['strength']:g})"
+        )
     print(f"saved to {args.out}" + (" (with cie_heatmap.png)" if args.plot else ""))
     if args.push_to_hub:
         print(f"pushed: {iv.push_to_hub(args.push_to_hub)}")
@@ -278,13 +291,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--method", choices=["exact", "atp"], default="exact")
-    ex.add_argument("--n-heads", type=int, default=10)
+    ex.add_argument(
+        "--n-heads",
+        type=int,
+        default=None,
+        help="heads summed (default: 5, 10 or 20 by calibration; 10 without)",
+    )
     ex.add_argument("--n-shots", type=int, default=10)
     ex.add_argument("--n-mean-prompts", type=int, default=100)
     ex.add_argument("--n-cie-prompts", type=int, default=25)
     ex.add_argument(
-        "--edit-layer", type=_edit_layer, default=None, help="layer index, or 'auto' (default: L // 3)"
+        "--edit-layer",
+        type=_edit_layer,
+        default=None,
+        help="layer index, or 'auto' (default: chosen by calibration; L // 3 without)",
     )
+    ex.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="vector strength (default: chosen by calibration; 1 without)",
+    )
+    ex.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="the papers' fixed choice (10 heads, layer L // 3, strength 1) instead of choosing the heads, "
+        "layer and strength on extraction pairs",
+    )
+    ex.add_argument("--name", help="the task's name in the artifact (default: the task name or file stem)")
     ex.add_argument(
         "--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template"
     )

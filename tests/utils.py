@@ -10,7 +10,14 @@ from transformers import DataCollatorForSeq2Seq
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer
 from ivtrainer.testing import tiny_model
 
-SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+SMALL = {
+    "n_heads": 3,
+    "n_shots": 2,
+    "n_mean_prompts": 6,
+    "n_cie_prompts": 2,
+    "progress": False,
+    "calibrate": False,
+}
 
 
 def guided_config(tmp_path, **kw) -> IVGuidedConfig:

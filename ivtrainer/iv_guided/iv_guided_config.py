@@ -26,7 +26,9 @@ class IVGuidedConfig(TrainingArguments):
     Loss: ``CE(student + a(t) * IV) + w_kl(t) * KL(student, teacher + teacher_iv_strength * IV)``
     (+ ``head_mse_weight`` * MSE on the IV heads). ``a(t)`` follows ``iv_schedule`` from
     ``iv_strength_start`` to ``iv_strength_end`` over the first ``iv_schedule_fraction`` of the
-    optimizer steps; ``w_kl(t)`` likewise (constant by default).
+    optimizer steps; ``w_kl(t)`` likewise (constant by default). Every IV strength here is a
+    multiple of each IV's own strength (``InstructionVector.strength``, calibrated at extraction;
+    1 for an uncalibrated IV), so the defaults use each IV as it was calibrated.
     """
 
     instruction_vectors: list[str] | None = dataclasses.field(

@@ -26,10 +26,12 @@ from ivtrainer.errors import InputNotFoundError, InvalidInputError, IVTrainerErr
 from ivtrainer.modeling.architectures import ModelLayout, get_layout
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
-from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
+from ivtrainer.steering.calibration import HEAD_COUNTS, MIN_HITS, MIN_PAIRS
+from ivtrainer.steering.calibration import calibrate as calibrate_vector
+from ivtrainer.steering.icl import PromptBuilder
 from ivtrainer.steering.intervention import Intervention, Positions, add_to_residual
 from ivtrainer.steering.mediation import cie_atp, cie_exact, mean_head_activations
-from ivtrainer.utils.checks import finite_numbers, finite_tensor
+from ivtrainer.utils.checks import finite_number, finite_numbers, finite_tensor
 from ivtrainer.utils.outputs import atomic_file
 
 logger = logging.get_logger(__name__)
@@ -64,7 +66,10 @@ class InstructionVector:
         heads: the chosen ``(layer, head)`` pairs, best first, with their mean CIE in ``head_scores``.
         cie: the full ``(n_layers, n_heads)`` table of mean causal indirect effects.
         mean_activations: ``(n_layers, n_heads, head_dim)`` mean last-token head outputs.
-        settings: the extraction arguments; ``metrics``: measurements made during extraction.
+        strength: how strongly :meth:`apply` and the trainers add the vector by default (chosen on
+            extraction pairs with ``calibrate=True``; 1 for the papers' fixed choice).
+        settings: the extraction arguments; ``metrics``: measurements made during extraction
+            (``metrics["calibration"]``: the searched layer x strength x heads grid).
     """
 
     vector: torch.Tensor
@@ -81,6 +86,7 @@ class InstructionVector:
     n_heads: int
     head_dim: int
     task: str | None = None
+    strength: float = 1.0
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -105,6 +111,13 @@ class InstructionVector:
                 finite_tensor(name, tensor)
             except InvalidInputError as exc:
                 raise InvalidVectorError(str(exc)) from None
+        if (
+            isinstance(self.strength, bool)
+            or not isinstance(self.strength, (int, float))
+            or not (0 < self.strength < float("inf"))
+        ):
+            raise InvalidVectorError(f"strength must be a finite number > 0, got {self.strength!r}")
+        self.strength = float(self.strength)
         heads = []
         for head in self.heads:
             pair = tuple(head) if isinstance(head, (list, tuple)) else ()
@@ -143,16 +156,17 @@ class InstructionVector:
     def apply(
         self,
         model: nn.Module,
-        strength: float = 1.0,
+        strength: float | None = None,
         positions: Positions = "last",
         *,
         layer: int | None = None,
     ) -> Iterator[Intervention]:
         """Add ``strength * vector`` to the edit layer's output while the block runs::
 
-            with iv.apply(model, strength=1.0):
+            with iv.apply(model):  # at the vector's own (calibrated) strength
                 model.generate(**inputs)
 
+        ``strength``: ``None`` for :attr:`strength`, or an absolute strength.
         ``positions``: ``"last"`` (last non-pad token of each row, left or right padding),
         ``"all"``, or a ``(batch, seq)`` bool mask. ``layer`` overrides ``edit_layer``.
         """
@@ -160,7 +174,7 @@ class InstructionVector:
         with add_to_residual(
             model,
             [(self.edit_layer if layer is None else layer, self.vector)],
-            strength=strength,
+            strength=self.strength if strength is None else strength,
             positions=positions,
         ) as handle:
             yield handle
@@ -263,7 +277,9 @@ class InstructionVector:
         config.pop("ivtrainer_version", None)
         fields = {f.name for f in dataclasses.fields(cls)}
         names = {"vector", "cie", "mean_activations"}
-        missing = sorted((fields - {"task", "settings", "metrics"}) - (config.keys() | tensors.keys()))
+        missing = sorted(
+            (fields - {"task", "strength", "settings", "metrics"}) - (config.keys() | tensors.keys())
+        )
         unknown = sorted((config.keys() - fields) | (tensors.keys() - names))
         if missing or unknown:
             raise InvalidVectorError(
@@ -314,7 +330,15 @@ class InstructionVector:
             f"| {layer} | {head} | {score:.4f} |"
             for (layer, head), score in zip(self.heads, self.head_scores, strict=True)
         )
-        metrics = "\n".join(f"- {k}: {v}" for k, v in self.metrics.items()) or "- none recorded"
+        lines = [f"- {k}: {v}" for k, v in self.metrics.items() if k != "calibration"]
+        calibration = self.metrics.get("calibration")
+        if isinstance(calibration, dict):
+            lines.append(
+                f"- calibration: {calibration.get('n_heads')} heads, layer {calibration.get('edit_layer')}, strength "
+                f"{calibration.get('strength')} chosen on {calibration.get('n_prompts')} extraction pairs "
+                f"(zero-shot accuracy {calibration.get('base_accuracy')} -> {calibration.get('accuracy')})"
+            )
+        metrics = "\n".join(lines) or "- none recorded"
         settings = "\n".join(f"- {k}: {v}" for k, v in self.settings.items())
         content = f"""---
 {data.to_yaml()}
@@ -326,13 +350,13 @@ An instruction vector (Jiang et al., 2024, arXiv:2406.12227; Todd et al., ICLR 2
 `{self.model_name}`{f" (revision `{self.model_revision}`)" if self.model_revision else ""}: the summed
 residual-stream contributions of the {len(self.heads)} attention heads with the largest causal
 indirect effect on the task, added at the output of decoder layer {self.edit_layer}
-(of {self.n_layers}).
+(of {self.n_layers}) with strength {self.strength:g}.
 
 ```python
 from ivtrainer import InstructionVector
 
 iv = InstructionVector.from_pretrained("<this repo>")
-with iv.apply(model, strength=1.0):
+with iv.apply(model):  # strength {self.strength:g}
     outputs = model.generate(**inputs)
 ```
 
@@ -407,7 +431,16 @@ def check_extraction_sizes(
 
 
 def _validate(
-    layout: ModelLayout, examples, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer
+    layout: ModelLayout,
+    examples,
+    n_heads,
+    n_shots,
+    n_mean_prompts,
+    n_cie_prompts,
+    method,
+    edit_layer,
+    strength,
+    calibrate,
 ):
     if method not in ("exact", "atp"):
         raise InvalidInputError(f"method must be 'exact' or 'atp', not {method!r}")
@@ -420,7 +453,7 @@ def _validate(
             raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
     check_extraction_sizes(examples, n_shots=n_shots)
     total = layout.n_layers * layout.n_heads
-    if not isinstance(n_heads, int) or not 1 <= n_heads <= total:
+    if n_heads is not None and (not isinstance(n_heads, int) or not 1 <= n_heads <= total):
         raise InvalidInputError(
             f"n_heads must be between 1 and the model's {layout.n_layers} x {layout.n_heads} = {total} heads, got {n_heads!r}"
         )
@@ -430,6 +463,20 @@ def _validate(
         raise InvalidInputError(
             f"edit_layer must be None, 'auto' or a layer in [0, {layout.n_layers}), got {edit_layer!r}"
         )
+    if strength is not None:
+        strength = finite_number("strength", strength)
+        if strength <= 0:
+            raise InvalidInputError(f"strength must be > 0, got {strength}")
+        if not 0.1 <= strength <= 20:
+            logger.warning(
+                "strength %g is outside the usual range 0.1-20: the vector may swamp the residual stream",
+                strength,
+            )
+    if (calibrate or edit_layer == "auto") and len(examples) < MIN_PAIRS:
+        raise InvalidInputError(
+            f"calibration needs at least {MIN_PAIRS} extraction pairs for a stable choice, got {len(examples)}; "
+            "pass more pairs, or calibrate=False (--no-calibrate) for the papers' fixed layer and strength"
+        )
 
 
 def extract_instruction_vector(
@@ -437,17 +484,20 @@ def extract_instruction_vector(
     tokenizer,
     examples,
     *,
-    n_heads: int = 10,
+    n_heads: int | None = None,
     n_shots: int = 10,
     n_mean_prompts: int = 100,
     n_cie_prompts: int = 25,
     method: Literal["exact", "atp"] = "exact",
+    calibrate: bool = True,
     edit_layer: int | Literal["auto"] | None = None,
+    strength: float | None = None,
+    n_calibration_prompts: int = 64,
     chat_template: bool = False,
     seed: int = 0,
     batch_size: int = 16,
-    n_layer_search_prompts: int = 64,
-    progress: bool = True,
+    name: str | None = None,
+    progress: bool | None = None,
 ) -> InstructionVector:
     """Extract the instruction vector of a task (Todd et al.'s function-vector procedure).
 
@@ -455,33 +505,42 @@ def extract_instruction_vector(
     2. Causal indirect effect of every head on ``n_cie_prompts`` shuffled-label prompts
        (``method="exact"``: shared-prefix patching, equal to the plain loop; ``"atp"``: attribution
        patching, one forward and one backward per prompt).
-    3. The ``n_heads`` heads with the largest mean CIE; the vector is the sum of their outputs.
+    3. The heads with the largest mean CIE; the vector is the sum of their outputs.
+    4. ``calibrate=True`` (default): the number of heads (5, 10 or 20), the edit layer and the
+       strength (1, 2, 4 or 8) chosen jointly by zero-shot accuracy on ``n_calibration_prompts``
+       extraction pairs (:mod:`ivtrainer.steering.calibration`); the strength is stored in the
+       vector and used by :meth:`InstructionVector.apply` and the trainers. ``calibrate=False``:
+       the papers' fixed choice, 10 heads at layer ``n_layers // 3``, strength 1.
 
     Args:
         examples: ``{"input", "output"}`` dicts, a ``datasets.Dataset``, a JSON/JSONL path or a
             built-in task name (its extraction split).
-        edit_layer: where :meth:`InstructionVector.apply` adds the vector: ``None`` for
-            ``n_layers // 3`` (the papers' choice), an index, or ``"auto"`` for the layer with the
-            best zero-shot accuracy on up to ``n_layer_search_prompts`` of ``examples``.
+        n_heads, edit_layer, strength: fix that part of the choice (not searched). ``edit_layer``
+            may also be ``"auto"``: with ``calibrate=False``, search the layer only.
+        name: the task's name in the artifact (default: the built-in task's name or the file's stem).
         chat_template: wrap prompts in the tokenizer's chat template.
+        progress: progress bars; ``None`` shows them in a terminal only.
 
     All arguments are checked before any forward pass. The tokenizer needs no pad token.
     """
-    task = examples if isinstance(examples, str) and not os.path.exists(examples) else None
+    task = name or _task_name(examples)
     data = load_examples(examples)
     layout = get_layout(model)
-    _validate(layout, data, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer)
+    _validate(
+        layout, data, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer, strength, calibrate
+    )
     builder = PromptBuilder(tokenizer, chat_template=chat_template)
     rng = random.Random(seed)
     clean = builder.sample(data, n_mean_prompts, n_shots, rng)
     corrupted = builder.sample(data, n_cie_prompts, n_shots, rng, shuffle_labels=True)
+    bars = None if progress is None else not progress
 
     with eval_mode(model):
-        with tqdm(total=len(clean), desc="mean head activations", unit="prompt", disable=not progress) as bar:
+        with tqdm(total=len(clean), desc="mean head activations", unit="prompt", disable=bars) as bar:
             mean = mean_head_activations(model, layout, clean, batch_size=batch_size, progress=bar.update)
         score = cie_exact if method == "exact" else cie_atp
         cie = torch.zeros(layout.n_layers, layout.n_heads)
-        for prompt in tqdm(corrupted, desc=f"causal effects ({method})", unit="prompt", disable=not progress):
+        for prompt in tqdm(corrupted, desc=f"causal effects ({method})", unit="prompt", disable=bars):
             cie += score(model, layout, prompt, mean)
         cie /= len(corrupted)
 
@@ -491,23 +550,59 @@ def extract_instruction_vector(
                 "will not steer; check the task data, or use more prompts (n_cie_prompts)",
                 float(cie.max()),
             )
-        top = torch.topk(cie.flatten(), n_heads)
-        heads = [divmod(int(i), layout.n_heads) for i in top.indices]
-        vector = head_contributions(layout, mean, heads).sum(0)
+        total = layout.n_layers * layout.n_heads
+        order = torch.argsort(cie.flatten(), descending=True)
+        default_layer = layout.n_layers // 3
         metrics: dict[str, Any] = {}
-        if edit_layer == "auto":
-            edit_layer, metrics = _search_edit_layer(
-                model, layout, builder, data, vector, rng, n_layer_search_prompts, batch_size, progress
+        if calibrate or edit_layer == "auto":
+            if n_heads is not None:
+                counts = [n_heads]
+            elif calibrate:
+                counts = [k for k in HEAD_COUNTS if k <= total] or [total]
+            else:
+                counts = [min(10, total)]
+            vectors = {k: head_contributions(layout, mean, _top(order, k, layout)).sum(0) for k in counts}
+            queries = rng.sample(data, min(n_calibration_prompts, len(data)))
+            found = calibrate_vector(
+                model,
+                layout,
+                [builder.encode([], q) for q in queries],
+                vectors,
+                default_layer=default_layer,
+                edit_layer=edit_layer if isinstance(edit_layer, int) else None,
+                strength=strength if calibrate else (strength or 1.0),
+                progress=progress,
             )
-        elif edit_layer is None:
-            edit_layer = layout.n_layers // 3
+            k, edit_layer, strength = found.n_heads, found.edit_layer, found.strength
+            metrics["calibration"] = found.as_dict()
+            metrics["zero_shot_accuracy"] = found.base_accuracy
+            metrics["zero_shot_accuracy_with_iv"] = found.accuracy
+            where = f"{task!r}: " if task else ""
+            if found.accuracy <= found.base_accuracy:
+                logger.warning(
+                    "%sthe instruction vector does not raise zero-shot accuracy on %d extraction pairs "
+                    "(%.2f with it, %.2f without) at any layer or strength tried: it will not steer",
+                    where, found.n_prompts, found.accuracy, found.base_accuracy,
+                )  # fmt: skip
+            elif found.hits < MIN_HITS:
+                logger.warning(
+                    "%sthe calibrated layer %d rests on %d hits in %d extraction pairs: an unstable choice; "
+                    "use more extraction pairs (n_calibration_prompts) or a task the model can do few-shot",
+                    where, edit_layer, found.hits, found.n_prompts,
+                )  # fmt: skip
+        else:
+            k = n_heads if n_heads is not None else min(10, total)
+            edit_layer = default_layer if edit_layer is None else edit_layer
+            strength = 1.0 if strength is None else strength
+        heads = _top(order, k, layout)
+        vector = head_contributions(layout, mean, heads).sum(0)
 
     source = model_source(model)
     return InstructionVector(
         vector=vector,
         edit_layer=int(edit_layer),
         heads=heads,
-        head_scores=[float(v) for v in top.values],
+        head_scores=[float(cie[layer, head]) for layer, head in heads],
         cie=cie,
         mean_activations=mean,
         model_name=source["name"] or layout.model_type,
@@ -518,13 +613,16 @@ def extract_instruction_vector(
         n_heads=layout.n_heads,
         head_dim=layout.head_dim,
         task=task,
+        strength=float(strength),
         settings={
-            "n_heads": n_heads,
+            "n_heads": k,
             "n_shots": n_shots,
             "n_mean_prompts": n_mean_prompts,
             "n_cie_prompts": n_cie_prompts,
             "method": method,
-            "edit_layer": "auto" if metrics else edit_layer,
+            "calibrate": calibrate,
+            "edit_layer": edit_layer,
+            "strength": float(strength),
             "chat_template": chat_template,
             "seed": seed,
             "n_examples": len(data),
@@ -534,19 +632,13 @@ def extract_instruction_vector(
     )
 
 
-def _search_edit_layer(model, layout, builder, data, vector, rng, n_prompts, batch_size, progress):
-    """The layer where adding the vector gives the best zero-shot accuracy on extraction pairs."""
-    queries = rng.sample(data, min(n_prompts, len(data)))
-    prompts = [builder.encode([], q) for q in queries]
-    base = first_token_accuracy(model, prompts, batch_size=batch_size)
-    accuracy = []
-    for layer in tqdm(range(layout.n_layers), desc="edit layer search", unit="layer", disable=not progress):
-        with add_to_residual(model, [(layer, vector)]):
-            accuracy.append(first_token_accuracy(model, prompts, batch_size=batch_size))
-    default = layout.n_layers // 3
-    best = max(range(layout.n_layers), key=lambda i: (accuracy[i], -abs(i - default)))
-    return best, {
-        "layer_search_prompts": len(prompts),
-        "zero_shot_accuracy": round(base, 4),
-        "zero_shot_accuracy_with_iv_by_layer": [round(a, 4) for a in accuracy],
-    }
+def _top(order: torch.Tensor, k: int, layout: ModelLayout) -> list[tuple[int, int]]:
+    return [divmod(int(i), layout.n_heads) for i in order[:k]]
+
+
+def _task_name(examples) -> str | None:
+    """A built-in task's name, or a task file's stem."""
+    if isinstance(examples, (str, os.PathLike)):
+        path = Path(examples)
+        return path.stem if path.exists() else os.fspath(examples)
+    return None

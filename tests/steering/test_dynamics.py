@@ -14,7 +14,14 @@ from ivtrainer.steering.dynamics import analyze_iv, hidden_state_similarity
 from ivtrainer.steering.icl import PromptBuilder
 from ivtrainer.testing import tiny_model
 
-SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+SMALL = {
+    "n_heads": 3,
+    "n_shots": 2,
+    "n_mean_prompts": 6,
+    "n_cie_prompts": 2,
+    "progress": False,
+    "calibrate": False,
+}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,14 @@ from ivtrainer.modeling.architectures import get_layout
 from ivtrainer.steering.instruction_vector import IncompatibleVectorError, head_contributions
 from ivtrainer.testing import tiny_model, tiny_tokenizer
 
-SMALL = {"n_heads": 3, "n_shots": 3, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+SMALL = {
+    "n_heads": 3,
+    "n_shots": 3,
+    "n_mean_prompts": 6,
+    "n_cie_prompts": 2,
+    "progress": False,
+    "calibrate": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +82,16 @@ def test_atp_and_chat_template(llama, tokenizer):
     assert atp.vector.shape == (64,)
 
 
-def test_auto_edit_layer_uses_extraction_pairs(llama, tokenizer):
+def test_auto_edit_layer_without_calibration_searches_the_layer_only(llama, tokenizer):
     iv = extract_instruction_vector(
-        llama, tokenizer, "antonym", edit_layer="auto", n_layer_search_prompts=8, **SMALL
+        llama, tokenizer, "antonym", edit_layer="auto", n_calibration_prompts=8, **SMALL
     )
-    by_layer = iv.metrics["zero_shot_accuracy_with_iv_by_layer"]
-    assert len(by_layer) == 3 and by_layer[iv.edit_layer] == max(by_layer)
-    assert iv.settings["edit_layer"] == "auto"
+    calibration = iv.metrics["calibration"]
+    assert {row[2] for row in calibration["searched"]} == {1.0} and iv.strength == 1.0
+    assert {row[0] for row in calibration["searched"]} == {3} and len(iv.heads) == 3
+    assert {row[1] for row in calibration["searched"]} == {0, 1, 2} and iv.edit_layer == calibration[
+        "edit_layer"
+    ]
 
 
 def test_tokenizer_without_pad_token(llama):
