@@ -8,12 +8,14 @@ runs twice (forward and recompute) and its hooks fire both times.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from ivtrainer.modeling.architectures import ModelLayout, get_layout
+from ivtrainer.modeling.architectures import ModelLayout, get_layout, unwrap_model
 
 __all__ = ["eval_mode", "hooks", "is_peft_model", "record_head_outputs"]
 
@@ -75,3 +77,17 @@ def record_head_outputs(
     handles = [layout.attn_outputs[i].register_forward_pre_hook(make_hook(i)) for i in indices]
     with hooks(*handles):
         yield out
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model.forward``: ``cache`` in recent transformers,
+    ``past_key_values`` before (passing the old name to a new model prints a deprecation warning)."""
+    return (
+        "cache" if "cache" in inspect.signature(unwrap_model(model).forward).parameters else "past_key_values"
+    )
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

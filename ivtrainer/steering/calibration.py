@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ivtrainer.modeling.architectures import ModelLayout
-from ivtrainer.modeling.hooks import hooks
+from ivtrainer.modeling.hooks import cache_argument, hooks, output_cache
 from ivtrainer.steering.icl import EncodedPrompt, first_token_accuracy
 from ivtrainer.steering.intervention import add_to_residual
 
@@ -85,8 +85,9 @@ class ZeroShotScorer:
                 ids = torch.tensor([p.input_ids], device=self.device)
                 out = model(ids, use_cache=True)
                 base_right.append(int(out.logits[0, -1].argmax()) == p.answer_id)
-                out.past_key_values.crop(-1)
-                self._caches.append(out.past_key_values)
+                cache = output_cache(out)
+                cache.crop(-1)
+                self._caches.append(cache)
         self._base_right = base_right
         self.base_hits = sum(base_right)
 
@@ -149,7 +150,7 @@ class ZeroShotScorer:
             with hooks(*handles):
                 logits = self.model(
                     ids,
-                    past_key_values=cache,
+                    **{cache_argument(self.model): cache},
                     attention_mask=mask,
                     position_ids=torch.full((1, r), n_prefix, device=self.device),
                     use_cache=True,

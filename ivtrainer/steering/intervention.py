@@ -155,7 +155,9 @@ def add_to_residual(
         source = ids if ids is not None else embeds
         if source is None:
             raise InvalidInputError("cannot intervene: the forward got neither input_ids nor inputs_embeds")
-        past = bound.get("past_key_values", extra.get("past_key_values"))
+        past = next(
+            (v for k in ("cache", "past_key_values") if (v := bound.get(k, extra.get(k))) is not None), None
+        )
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         handle._locate(
             tuple(source.shape[:2]),

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ivtrainer.modeling.architectures import ModelLayout
-from ivtrainer.modeling.hooks import hooks
+from ivtrainer.modeling.hooks import cache_argument, hooks, output_cache
 from ivtrainer.steering.icl import EncodedPrompt, last_token_forward
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def cie_exact(
         return _cie_batched(model, layout, ids, prompt, mean, base_logits, max_rows or 64)
     out = model(ids, use_cache=True)
     base_logits = out.logits[0, -1].float()
-    cache = out.past_key_values
+    cache = output_cache(out)
     n_prefix = ids.shape[1] - 1
     vocab = base_logits.shape[-1]
     layers, heads, mean = _row_plan(layout, mean, device)
@@ -193,7 +193,7 @@ def _tree_step(model, layout, ids, cache, n_prefix, start, stop, layers, heads, 
     with hooks(*handles):
         logits = model(
             ids[:, -1:].expand(1, r),
-            past_key_values=cache,
+            **{cache_argument(model): cache},
             attention_mask=mask,
             position_ids=torch.full((1, r), n_prefix, device=device),
             use_cache=True,
