@@ -191,8 +191,9 @@ def calibrate(
 
     ``vectors`` maps each candidate number of heads to its vector (top-k heads of the CIE table).
     A fixed ``edit_layer`` or ``strength`` is not searched. Coarse to fine: every ~L/10-th layer at
-    every strength with the middle head count, then the layers around the two best, then every
-    head count at the best layer; it stops early once a setting gets every prompt right. Ties go to
+    strengths 2 and 4 with the middle head count, then the layers around the two best, then every
+    head count x every strength at the best layer; it stops early once a setting gets every prompt
+    right. Ties go to
     the lower strength, then the layer nearer ``default_layer``, then the middle head count.
     """
     counts = sorted(vectors)
@@ -217,15 +218,16 @@ def calibrate(
         return bool(found) and max(found.values()) == n
 
     coarse = all_layers if len(all_layers) == 1 else all_layers[::stride]
+    scan = [s for s in strengths if s in (2.0, 4.0)] or strengths  # the layer scan's strengths
     with tqdm(
         total=3 * n, desc="calibration (layer x strength x heads)", unit="prompt", disable=_disabled(progress)
     ) as bar:
-        run([(middle, layer, s) for layer in coarse for s in strengths], bar)
+        run([(middle, layer, s) for layer in coarse for s in scan], bar)
         if not perfect() and len(all_layers) > 1:
             best_layers = sorted({s[1] for s in sorted(found, key=key, reverse=True)[:2]})
             near = [x for b in best_layers for x in range(b - stride + 1, b + stride) if 0 <= x < n_layers]
-            run([(middle, layer, s) for layer in near for s in strengths], bar)
-        if not perfect() and len(counts) > 1:
+            run([(middle, layer, s) for layer in near for s in scan], bar)
+        if not perfect():
             layer = max(found, key=key)[1]
             run([(k, layer, s) for k in counts for s in strengths], bar)
     best = max(found, key=key)

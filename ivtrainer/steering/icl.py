@@ -8,6 +8,7 @@ logits at the prompt's last token.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 
 from ivtrainer.datasets.tasks import Example
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.modeling.architectures import unwrap_model
 
 __all__ = ["EncodedPrompt", "PromptBuilder", "first_token_accuracy", "last_token_forward"]
 
@@ -131,18 +133,27 @@ def last_token_forward(
     """Logits at each prompt's last token, ``(n_prompts, vocab)`` in float32, in right-padded batches.
 
     ``on_batch(last_index)`` is called before each batch's forward with the ``(batch,)`` positions
-    of the last real tokens, so hooks can read activations there.
+    of the last real tokens, so hooks can read activations there. The LM head runs only at those
+    positions (``logits_to_keep``), not over every token.
     """
     device = next(model.parameters()).device
+    keep = _takes_logits_to_keep(model)
     out = []
     for batch in _batches(prompts, batch_size):
         ids, mask = _right_padded(batch, device)
         last = mask.sum(-1) - 1
         if on_batch is not None:
             on_batch(last)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out.append(logits[torch.arange(len(batch), device=device), last].float().cpu())
+        positions, column = torch.unique(last, return_inverse=True)
+        extra = {"logits_to_keep": positions} if keep else {}
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+        index = column if keep else last
+        out.append(logits[torch.arange(len(batch), device=device), index].float().cpu())
     return torch.cat(out)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def first_token_accuracy(
