@@ -44,10 +44,14 @@ def _extract_iv(args: argparse.Namespace) -> int:
     from ivtrainer.hub.push import check_push_target
     from ivtrainer.modeling.loading import load_model
     from ivtrainer.steering.instruction_vector import check_extraction_sizes, extract_instruction_vector
+    from ivtrainer.steering.vector_evaluation import split_pairs
     from ivtrainer.utils.outputs import atomic_dir, check_output_dir
 
     # Everything that can be checked without the model is checked before loading it.
     examples = load_examples(args.task)
+    held_out: list = []
+    if args.eval_split is not None:
+        examples, held_out = split_pairs(examples, args.eval_split, seed=args.seed)
     check_extraction_sizes(examples, n_shots=args.n_shots, n_heads=args.n_heads, source=args.task)
     out = check_output_dir(args.out, inputs=[args.model, args.task], overwrite=args.overwrite)
     if args.push_to_hub:
@@ -57,7 +61,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
     iv = extract_instruction_vector(
         model,
         tokenizer,
-        args.task if args.task in _builtin_tasks() else examples,
+        args.task if args.task in _builtin_tasks() and not held_out else examples,
         n_heads=args.n_heads,
         n_shots=args.n_shots,
         n_mean_prompts=args.n_mean_prompts,
@@ -72,6 +76,12 @@ def _extract_iv(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
+    evaluation = None
+    if held_out:
+        evaluation = iv.evaluate(
+            model, tokenizer, held_out, shots=(0, 5), demonstrations=examples, progress=True
+        )
+        iv.metrics["evaluation"] = evaluation.as_dict()
     with atomic_dir(out, marker={"command": "extract-iv"}) as tmp:
         iv.save_pretrained(tmp)
         if args.plot:
@@ -92,6 +102,8 @@ def _extract_iv(args: argparse.Namespace) -> int:
             f"{calibration['base_accuracy']:.2f} -> {calibration['accuracy']:.2f} with the vector "
             f"({calibration['n_heads']} heads, layer {calibration['edit_layer']}, x{calibration['strength']:g})"
         )
+    if evaluation is not None:
+        print(evaluation.table())
     print(f"saved to {args.out}" + (" (with cie_heatmap.png)" if args.plot else ""))
     if args.push_to_hub:
         print(f"pushed: {iv.push_to_hub(args.push_to_hub)}")
@@ -318,6 +330,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="the papers' fixed choice (10 heads, layer L // 3, strength 1) instead of choosing the heads, "
         "layer and strength on extraction pairs",
+    )
+    ex.add_argument(
+        "--eval-split",
+        type=float,
+        metavar="FRACTION",
+        help="hold out this fraction of the pairs (e.g. 0.33): never used for extraction, then scored zero-shot, "
+        "zero-shot + IV and 5-shot; the table goes into the artifact and its card",
     )
     ex.add_argument("--name", help="the task's name in the artifact (default: the task name or file stem)")
     ex.add_argument(

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from ivtrainer.steering.calibration import calibrate as calibrate_vector
 from ivtrainer.steering.icl import PromptBuilder
 from ivtrainer.steering.intervention import Intervention, Positions, add_to_residual
 from ivtrainer.steering.mediation import cie_atp, cie_exact, mean_head_activations
+from ivtrainer.steering.vector_evaluation import VectorEvaluation, evaluate_vector
 from ivtrainer.utils.checks import finite_number, finite_numbers, finite_tensor
 from ivtrainer.utils.outputs import atomic_file
 
@@ -178,6 +179,31 @@ class InstructionVector:
             positions=positions,
         ) as handle:
             yield handle
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer,
+        pairs,
+        *,
+        shots: Sequence[int] = (0, 5),
+        strength: float | None = None,
+        **kwargs: Any,
+    ) -> VectorEvaluation:
+        """Zero-shot, zero-shot + this vector, and k-shot accuracy on held-out ``pairs``
+        (first token and exact match of the greedy answer), with the lift's 95% bootstrap interval
+        and a sign test; warns in one line when the lift is not significant. ``kwargs``:
+        ``demonstrations`` (k-shot demos, default the other pairs), ``chat_template``, ``seed``,
+        ``batch_size``, ``n_bootstrap``, ``progress`` (see :mod:`ivtrainer.steering.vector_evaluation`)."""
+        result = evaluate_vector(self, model, tokenizer, pairs, shots=shots, strength=strength, **kwargs)
+        if not result.significant:
+            low, high = result.lift_interval
+            logger.warning(
+                "%sthe instruction vector's lift on %d held-out pairs is not significant: %+.2f "
+                "(95%% interval %+.2f to %+.2f, p = %.2g)",
+                f"{self.task!r}: " if self.task else "", result.n, result.lift, low, high, result.p_value,
+            )  # fmt: skip
+        return result
 
     # -- persistence -----------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -330,7 +356,7 @@ class InstructionVector:
             f"| {layer} | {head} | {score:.4f} |"
             for (layer, head), score in zip(self.heads, self.head_scores, strict=True)
         )
-        lines = [f"- {k}: {v}" for k, v in self.metrics.items() if k != "calibration"]
+        lines = [f"- {k}: {v}" for k, v in self.metrics.items() if k not in ("calibration", "evaluation")]
         calibration = self.metrics.get("calibration")
         if isinstance(calibration, dict):
             lines.append(
@@ -339,6 +365,14 @@ class InstructionVector:
                 f"(zero-shot accuracy {calibration.get('base_accuracy')} -> {calibration.get('accuracy')})"
             )
         metrics = "\n".join(lines) or "- none recorded"
+        evaluation = self.metrics.get("evaluation")
+        measured = ""
+        if isinstance(evaluation, dict):
+            from ivtrainer.steering.vector_evaluation import VectorEvaluation
+
+            known = {f.name for f in dataclasses.fields(VectorEvaluation)}
+            result = VectorEvaluation(**{k: v for k, v in evaluation.items() if k in known})
+            measured = f"\n## Measured on held-out pairs (never used for extraction)\n\n{result.table()}\n"
         settings = "\n".join(f"- {k}: {v}" for k, v in self.settings.items())
         content = f"""---
 {data.to_yaml()}
@@ -373,7 +407,7 @@ with iv.apply(model):  # strength {self.strength:g}
 ## Measured during extraction (extraction pairs, not held-out)
 
 {metrics}
-"""
+{measured}"""
         return ModelCard(content)
 
 

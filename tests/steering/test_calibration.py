@@ -156,3 +156,58 @@ def test_a_vector_that_does_not_steer_is_reported(tokenizer, caplog):
         assert any("does not raise zero-shot accuracy" in m for m in lines)
     else:
         assert any("rests on" in m for m in lines)
+
+
+def test_sign_test_and_split():
+    from ivtrainer.steering.vector_evaluation import sign_test, split_pairs
+
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32)  # all five discordant pairs one way
+    assert sign_test(3, 3) == 1.0
+    pairs = [{"input": str(i), "output": str(i)} for i in range(30)]
+    extraction, held = split_pairs(pairs, 0.33, seed=1)
+    assert (
+        len(held) == 10
+        and len(extraction) == 20
+        and not {p["input"] for p in held} & {p["input"] for p in extraction}
+    )
+    assert split_pairs(pairs, 0.33, seed=1) == (extraction, held)
+    with pytest.raises(ValueError, match=r"fraction in \(0, 1\)"):
+        split_pairs(pairs, 1.5)
+
+
+def test_evaluate_counts_what_plain_forwards_and_generation_give(tokenizer):
+    """The tiny model's answers are made the targets: zero-shot first-token accuracy must be 1,
+    and the IV's row must equal what a plain forward with the vector predicts."""
+    from ivtrainer.steering.icl import PromptBuilder, last_token_forward
+
+    model = tiny_model("llama", seed=1).eval()
+    iv = extract_instruction_vector(model, tokenizer, "antonym", calibrate=False, n_heads=3, **CHEAP)
+    iv = dataclasses.replace(iv, strength=8.0)
+    builder = PromptBuilder(tokenizer)
+    queries = load_task("antonym", "held_out")[:12]
+    greedy = last_token_forward(model, [builder.encode([], q) for q in queries]).argmax(-1).tolist()
+    pairs = [
+        {"input": q["input"], "output": tokenizer.decode([t]).strip() or "x"}
+        for q, t in zip(queries, greedy, strict=True)
+    ]
+    result = iv.evaluate(
+        model,
+        tokenizer,
+        pairs,
+        shots=(0, 2),
+        demonstrations=load_task("antonym", "extraction"),
+        progress=False,
+    )
+    expected_first = [builder.encode([], p) for p in pairs]
+    base = last_token_forward(model, expected_first).argmax(-1)
+    with iv.apply(model):
+        steered = last_token_forward(model, expected_first).argmax(-1)
+    answers = torch.tensor([p.answer_id for p in expected_first])
+    assert result.n == 12 and set(result.k_shot) == {2}
+    assert result.zero_shot == pytest.approx((base == answers).float().mean().item(), abs=1e-4)
+    assert result.zero_shot_iv == pytest.approx((steered == answers).float().mean().item(), abs=1e-4)
+    assert result.lift == pytest.approx(result.zero_shot_iv - result.zero_shot, abs=1e-4)
+    low, high = result.lift_interval
+    assert low <= result.lift <= high
+    assert "| zero-shot |" in result.table() and "2-shot" in result.table()
