@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ivtrainer.datasets.tasks import load_examples
-from ivtrainer.errors import InputNotFoundError, InvalidInputError, IVTrainerError
+from ivtrainer.errors import InvalidInputError, IVTrainerError
 from ivtrainer.modeling.architectures import ModelLayout, get_layout
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
@@ -33,7 +32,6 @@ from ivtrainer.steering.intervention import Intervention, Positions, add_to_resi
 from ivtrainer.steering.mediation import cie_atp, cie_exact, mean_head_activations
 from ivtrainer.steering.vector_evaluation import VectorEvaluation, evaluate_vector
 from ivtrainer.utils.checks import finite_number, finite_numbers, finite_tensor
-from ivtrainer.utils.outputs import atomic_file
 
 logger = logging.get_logger(__name__)
 
@@ -220,22 +218,17 @@ class InstructionVector:
 
         Each file is written to a temporary name and renamed into place.
         """
-        from safetensors.torch import save_file
+        from ivtrainer.hub.artifacts import write_artifact
 
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "vector": self.vector.detach().float().cpu().contiguous(),
-            "cie": self.cie.detach().float().cpu().contiguous(),
-            "mean_activations": self.mean_activations.detach().float().cpu().contiguous(),
-        }
-        with atomic_file(out / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with atomic_file(out / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(self._config(), indent=2) + "\n")
-        with atomic_file(out / "README.md") as tmp:
-            self.model_card().save(str(tmp))
-        return out
+        tensors = {"vector": self.vector, "cie": self.cie, "mean_activations": self.mean_activations}
+        return write_artifact(
+            save_directory,
+            config_name=CONFIG_NAME,
+            config=self._config(),
+            weights_name=WEIGHTS_NAME,
+            tensors=tensors,
+            card=self.model_card(),
+        )
 
     @classmethod
     def from_pretrained(
@@ -243,64 +236,35 @@ class InstructionVector:
     ) -> InstructionVector:
         """Load from a folder written by :meth:`save_pretrained` or a Hub repo id (both files from
         one commit of ``revision``, default the main branch's latest). Everything is checked."""
-        from ivtrainer.hub.push import looks_like_path, split_revision
+        from ivtrainer.hub.artifacts import artifact_folder
 
         where = os.fspath(path_or_repo_id)
-        repo, pinned = split_revision(where)
-        revision = revision or pinned
-        path = Path(where).expanduser()
-        if path.is_dir():
-            folder = path
-        elif path.exists() or looks_like_path(where):
-            raise InputNotFoundError(
-                f"{where!r} is {'a file' if path.exists() else 'not an existing folder'}; pass an instruction "
-                "vector folder (written by InstructionVector.save_pretrained / ivtrainer extract-iv) or a Hub id"
-            )
-        else:
-            from huggingface_hub import snapshot_download
-
-            try:  # one call: the revision is resolved to one commit for both files
-                folder = Path(
-                    snapshot_download(
-                        repo, revision=revision, token=token, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]
-                    )
-                )
-            except Exception as exc:
-                raise InputNotFoundError(
-                    f"cannot load an instruction vector from {where!r}: not a local folder, and the Hub download "
-                    f"failed ({type(exc).__name__})"
-                ) from None
+        hint = "(written by InstructionVector.save_pretrained / ivtrainer extract-iv) "
+        folder = artifact_folder(
+            where,
+            [CONFIG_NAME, WEIGHTS_NAME],
+            "an instruction vector",
+            hint=hint,
+            revision=revision,
+            token=token,
+        )
         config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_file.is_file() or not weights_file.is_file():
-            raise InputNotFoundError(
-                f"{where} holds no {CONFIG_NAME} + {WEIGHTS_NAME}: not an instruction vector folder "
-                "(write one with InstructionVector.save_pretrained)"
-            )
         return cls._from_files(config_file, weights_file, where)
 
     @classmethod
     def _from_files(cls, config_file: Path, weights_file: Path, where: str) -> InstructionVector:
         """Read and check the two files; every problem is one line naming ``where``."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from ivtrainer.hub.artifacts import read_artifact
 
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidVectorError(f"{where}: {CONFIG_NAME} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise InvalidVectorError(f"{where}: {CONFIG_NAME} must hold a JSON object")
-        if config.get("format_version") != FORMAT_VERSION:
-            raise InvalidVectorError(
-                f"{where}: unsupported instruction vector format {config.get('format_version')!r} "
-                f"(this ivtrainer reads {FORMAT_VERSION})"
-            )
-        try:
-            tensors = load_file(weights_file)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InvalidVectorError(f"{where}: {WEIGHTS_NAME} cannot be read ({exc})") from None
-        config.pop("format_version")
-        config.pop("ivtrainer_version", None)
+        config, tensors = read_artifact(
+            config_file.parent,
+            config_name=CONFIG_NAME,
+            weights_name=WEIGHTS_NAME,
+            format_version=FORMAT_VERSION,
+            what="instruction vector",
+            where=where,
+            error=InvalidVectorError,
+        )
         fields = {f.name for f in dataclasses.fields(cls)}
         names = {"vector", "cie", "mean_activations"}
         missing = sorted(
