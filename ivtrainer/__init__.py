@@ -29,6 +29,7 @@ from ivtrainer.modeling.architectures import (
 )
 from ivtrainer.modeling.hooks import record_head_outputs
 from ivtrainer.modeling.loading import load_default_model, load_model
+from ivtrainer.steering.head_set import HeadSet, extract_head_set
 from ivtrainer.steering.instruction_vector import (
     IncompatibleVectorError,
     InstructionVector,
@@ -74,6 +75,7 @@ __all__ = [
     "ArchitectureSpec",
     "FLearningConfig",
     "FLearningTrainer",
+    "HeadSet",
     "IVGuidedConfig",
     "IVGuidedSFTConfig",
     "IVGuidedSFTTrainer",
@@ -89,6 +91,7 @@ __all__ = [
     "build_counterfacts",
     "edit_dataset",
     "evaluate_edits",
+    "extract_head_set",
     "extract_instruction_vector",
     "get_layout",
     "list_tasks",

@@ -43,7 +43,8 @@ def _extract_iv(args: argparse.Namespace) -> int:
     from ivtrainer.datasets.tasks import load_examples
     from ivtrainer.hub.push import check_push_target
     from ivtrainer.modeling.loading import load_model
-    from ivtrainer.steering.instruction_vector import check_extraction_sizes, extract_instruction_vector
+    from ivtrainer.steering.icl import check_extraction_sizes
+    from ivtrainer.steering.instruction_vector import extract_instruction_vector
     from ivtrainer.steering.vector_evaluation import split_pairs
     from ivtrainer.utils.outputs import atomic_dir, check_output_dir
 

@@ -20,7 +20,13 @@ from ivtrainer.datasets.tasks import Example
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import unwrap_model
 
-__all__ = ["EncodedPrompt", "PromptBuilder", "first_token_accuracy", "last_token_forward"]
+__all__ = [
+    "EncodedPrompt",
+    "PromptBuilder",
+    "check_extraction_sizes",
+    "first_token_accuracy",
+    "last_token_forward",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +169,38 @@ def first_token_accuracy(
     logits = last_token_forward(model, prompts, batch_size=batch_size)
     answers = torch.tensor([p.answer_id for p in prompts])
     return (logits.argmax(-1) == answers).float().mean().item()
+
+
+#: Longest input or output accepted for extraction: k-shot prompts repeat them k + 1 times.
+MAX_FIELD_CHARS = 2000
+
+
+def check_extraction_sizes(
+    examples: list[dict[str, str]], *, n_shots: int, n_heads: int | None = None, source: str | None = None
+) -> None:
+    """What can be checked about extraction data without the model: enough pairs for
+    ``n_shots``-shot prompts, fields short enough for prompts, outputs that differ (with one
+    output for every input, shuffled labels change nothing and every causal effect is 0)."""
+    if not isinstance(n_shots, int) or isinstance(n_shots, bool) or n_shots < 0:
+        raise InvalidInputError(f"n_shots must be an integer >= 0, got {n_shots!r}")
+    if n_heads is not None and (not isinstance(n_heads, int) or n_heads < 1):
+        raise InvalidInputError(f"n_heads must be an integer >= 1, got {n_heads!r}")
+    where = f" in {source}" if source else ""
+    if len(examples) < n_shots + 1:
+        raise InvalidInputError(
+            f"{len(examples)} examples{where} are too few for {n_shots}-shot prompts: each prompt needs {n_shots} "
+            f"demonstrations plus a query, so pass at least {n_shots + 1} examples or lower n_shots"
+        )
+    for i, ex in enumerate(examples):
+        for field in ("input", "output"):
+            if len(ex[field]) > MAX_FIELD_CHARS:
+                raise InvalidInputError(
+                    f"example {i}{where}: {field!r} has {len(ex[field])} characters (at most {MAX_FIELD_CHARS}); each "
+                    f"{n_shots}-shot prompt repeats {n_shots + 1} pairs, so use short task pairs"
+                )
+    if len({ex["output"].strip() for ex in examples}) < 2:
+        raise InvalidInputError(
+            f"all {len(examples)} examples{where} have the output {examples[0]['output']!r}: with shuffled labels the "
+            "corrupted prompts equal the clean ones, so every head's causal effect is 0; use a task whose "
+            "outputs depend on the input"
+        )

@@ -27,9 +27,10 @@ from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
 from ivtrainer.steering.calibration import HEAD_COUNTS, MIN_HITS, MIN_PAIRS
 from ivtrainer.steering.calibration import calibrate as calibrate_vector
-from ivtrainer.steering.icl import PromptBuilder
+from ivtrainer.steering.head_set import HeadSet
+from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes
 from ivtrainer.steering.intervention import Intervention, Positions, add_to_residual
-from ivtrainer.steering.mediation import cie_atp, cie_exact, mean_head_activations
+from ivtrainer.steering.mediation import mean_cie, mean_head_activations
 from ivtrainer.steering.vector_evaluation import VectorEvaluation, evaluate_vector
 from ivtrainer.utils.checks import finite_number, finite_numbers, finite_tensor
 
@@ -393,41 +394,6 @@ def head_contributions(layout: ModelLayout, mean: torch.Tensor, heads: list[tupl
     return torch.stack(out)
 
 
-#: Longest input or output accepted for extraction: k-shot prompts repeat them k + 1 times.
-MAX_FIELD_CHARS = 2000
-
-
-def check_extraction_sizes(
-    examples: list[dict[str, str]], *, n_shots: int, n_heads: int | None = None, source: str | None = None
-) -> None:
-    """What can be checked about extraction data without the model: enough pairs for
-    ``n_shots``-shot prompts, fields short enough for prompts, outputs that differ (with one
-    output for every input, shuffled labels change nothing and every causal effect is 0)."""
-    if not isinstance(n_shots, int) or isinstance(n_shots, bool) or n_shots < 0:
-        raise InvalidInputError(f"n_shots must be an integer >= 0, got {n_shots!r}")
-    if n_heads is not None and (not isinstance(n_heads, int) or n_heads < 1):
-        raise InvalidInputError(f"n_heads must be an integer >= 1, got {n_heads!r}")
-    where = f" in {source}" if source else ""
-    if len(examples) < n_shots + 1:
-        raise InvalidInputError(
-            f"{len(examples)} examples{where} are too few for {n_shots}-shot prompts: each prompt needs {n_shots} "
-            f"demonstrations plus a query, so pass at least {n_shots + 1} examples or lower n_shots"
-        )
-    for i, ex in enumerate(examples):
-        for field in ("input", "output"):
-            if len(ex[field]) > MAX_FIELD_CHARS:
-                raise InvalidInputError(
-                    f"example {i}{where}: {field!r} has {len(ex[field])} characters (at most {MAX_FIELD_CHARS}); each "
-                    f"{n_shots}-shot prompt repeats {n_shots + 1} pairs, so use short task pairs"
-                )
-    if len({ex["output"].strip() for ex in examples}) < 2:
-        raise InvalidInputError(
-            f"all {len(examples)} examples{where} have the output {examples[0]['output']!r}: with shuffled labels the "
-            "corrupted prompts equal the clean ones, so every head's causal effect is 0; use a task whose "
-            "outputs depend on the input"
-        )
-
-
 def _validate(
     layout: ModelLayout,
     examples,
@@ -495,6 +461,7 @@ def extract_instruction_vector(
     seed: int = 0,
     batch_size: int = 16,
     name: str | None = None,
+    heads: HeadSet | str | os.PathLike | None = None,
     progress: bool | None = None,
 ) -> InstructionVector:
     """Extract the instruction vector of a task (Todd et al.'s function-vector procedure).
@@ -516,6 +483,9 @@ def extract_instruction_vector(
         n_heads, edit_layer, strength: fix that part of the choice (not searched). ``edit_layer``
             may also be ``"auto"``: with ``calibrate=False``, search the layer only.
         name: the task's name in the artifact (default: the built-in task's name or the file's stem).
+        heads: a :class:`~ivtrainer.steering.head_set.HeadSet` (or its folder / Hub id): rank the
+            heads by its mean CIE over many tasks instead of measuring this task's (step 2 skipped;
+            the public FvForgetting code's universal heads).
         chat_template: wrap prompts in the tokenizer's chat template.
         progress: progress bars; ``None`` shows them in a terminal only.
 
@@ -527,6 +497,9 @@ def extract_instruction_vector(
     _validate(
         layout, data, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer, strength, calibrate
     )
+    head_set = HeadSet.from_pretrained(heads) if isinstance(heads, (str, os.PathLike)) else heads
+    if head_set is not None:
+        head_set.check_compatible(model)
     builder = PromptBuilder(tokenizer, chat_template=chat_template)
     rng = random.Random(seed)
     clean = builder.sample(data, n_mean_prompts, n_shots, rng)
@@ -536,11 +509,10 @@ def extract_instruction_vector(
     with eval_mode(model):
         with tqdm(total=len(clean), desc="mean head activations", unit="prompt", disable=bars) as bar:
             mean = mean_head_activations(model, layout, clean, batch_size=batch_size, progress=bar.update)
-        score = cie_exact if method == "exact" else cie_atp
-        cie = torch.zeros(layout.n_layers, layout.n_heads)
-        for prompt in tqdm(corrupted, desc=f"causal effects ({method})", unit="prompt", disable=bars):
-            cie += score(model, layout, prompt, mean)
-        cie /= len(corrupted)
+        if head_set is None:
+            cie = mean_cie(model, layout, corrupted, mean, method=method, disable=bars)
+        else:
+            cie = head_set.cie.clone()
 
         if not bool((cie > 0).any()):
             logger.warning(
@@ -592,15 +564,15 @@ def extract_instruction_vector(
             k = n_heads if n_heads is not None else min(10, total)
             edit_layer = default_layer if edit_layer is None else edit_layer
             strength = 1.0 if strength is None else strength
-        heads = _top(order, k, layout)
-        vector = head_contributions(layout, mean, heads).sum(0)
+        chosen = _top(order, k, layout)
+        vector = head_contributions(layout, mean, chosen).sum(0)
 
     source = model_source(model)
     return InstructionVector(
         vector=vector,
         edit_layer=int(edit_layer),
-        heads=heads,
-        head_scores=[float(cie[layer, head]) for layer, head in heads],
+        heads=chosen,
+        head_scores=[float(cie[layer, head]) for layer, head in chosen],
         cie=cie,
         mean_activations=mean,
         model_name=source["name"] or layout.model_type,
@@ -624,6 +596,7 @@ def extract_instruction_vector(
             "chat_template": chat_template,
             "seed": seed,
             "n_examples": len(data),
+            **({"head_set": {"tasks": head_set.tasks, "model": head_set.model_name}} if head_set else {}),
             **({"model_note": source["note"]} if source["note"] else {}),
         },
         metrics=metrics,

@@ -32,7 +32,7 @@ from ivtrainer.steering.icl import EncodedPrompt, last_token_forward
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cie_atp", "cie_exact", "cie_reference", "mean_head_activations"]
+__all__ = ["cie_atp", "cie_exact", "cie_reference", "mean_cie", "mean_head_activations"]
 
 # Models whose cache or attention rejected the shared-prefix step once: go straight to the fallback.
 _NO_SHARED_PREFIX: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -255,3 +255,22 @@ def cie_atp(model: nn.Module, layout: ModelLayout, prompt: EncodedPrompt, mean: 
     )
     grad = torch.stack(grads).float().unflatten(-1, (layout.n_heads, layout.head_dim))
     return ((mean.to(device) - act) * grad).sum(-1).cpu()
+
+
+def mean_cie(
+    model: nn.Module,
+    layout: ModelLayout,
+    corrupted: Sequence[EncodedPrompt],
+    mean: torch.Tensor,
+    *,
+    method: str = "exact",
+    disable: bool | None = None,
+) -> torch.Tensor:
+    """Every head's CIE averaged over ``corrupted`` prompts, ``(L, H)``, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    score = cie_exact if method == "exact" else cie_atp
+    cie = torch.zeros(layout.n_layers, layout.n_heads)
+    for prompt in tqdm(corrupted, desc=f"causal effects ({method})", unit="prompt", disable=disable):
+        cie += score(model, layout, prompt, mean)
+    return cie / len(corrupted)

@@ -1,0 +1,75 @@
+"""HeadSet: mean CIE over tasks, save/load, the IV from mean activations only, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ivtrainer import HeadSet, extract_head_set, extract_instruction_vector
+from ivtrainer.steering.head_set import IncompatibleHeadSetError, InvalidHeadSetError
+from ivtrainer.testing import tiny_model
+
+CHEAP = {"n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def head_set(llama, tokenizer):
+    return extract_head_set(llama, tokenizer, ["antonym", "uppercase"], **CHEAP)
+
+
+def test_the_mean_over_tasks_of_each_tasks_own_cie(llama, tokenizer, head_set):
+    per_task = [
+        extract_instruction_vector(llama, tokenizer, t, calibrate=False, n_heads=3, **CHEAP).cie
+        for t in ("antonym", "uppercase")
+    ]
+    torch.testing.assert_close(head_set.task_cie, torch.stack(per_task))
+    torch.testing.assert_close(head_set.cie, torch.stack(per_task).mean(0))
+    assert head_set.tasks == ["antonym", "uppercase"]
+    order = torch.argsort(head_set.cie.flatten(), descending=True)[:4]
+    assert head_set.top(4) == [divmod(int(i), 4) for i in order]
+
+
+def test_the_iv_uses_the_head_set_and_skips_mediation(llama, tokenizer, head_set, monkeypatch):
+    import ivtrainer.steering.instruction_vector as module
+
+    def no_mediation(*args, **kwargs):
+        raise AssertionError("CIE measured although a head set was given")
+
+    monkeypatch.setattr(module, "mean_cie", no_mediation)
+    iv = extract_instruction_vector(
+        llama, tokenizer, "present_past", heads=head_set, calibrate=False, n_heads=3, **CHEAP
+    )
+    assert iv.heads == head_set.top(3)
+    torch.testing.assert_close(iv.cie, head_set.cie)
+    assert iv.settings["head_set"]["tasks"] == ["antonym", "uppercase"]
+
+
+def test_save_load_and_a_folder_as_heads(llama, tokenizer, head_set, tmp_path):
+    head_set.save_pretrained(tmp_path / "heads")
+    loaded = HeadSet.from_pretrained(tmp_path / "heads")
+    torch.testing.assert_close(loaded.cie, head_set.cie)
+    assert loaded.tasks == head_set.tasks and "Head set for" in (tmp_path / "heads" / "README.md").read_text()
+    iv = extract_instruction_vector(
+        llama, tokenizer, "antonym", heads=tmp_path / "heads", calibrate=False, n_heads=3, **CHEAP
+    )
+    assert iv.heads == head_set.top(3)
+    with pytest.raises(FileNotFoundError, match="not a head set folder"):
+        HeadSet.from_pretrained(tmp_path)
+    (tmp_path / "heads" / "head_set.json").write_text("{")
+    with pytest.raises(InvalidHeadSetError, match="not valid JSON"):
+        HeadSet.from_pretrained(tmp_path / "heads")
+
+
+def test_a_head_set_of_another_model_is_refused_before_any_forward(tokenizer, head_set):
+    other = tiny_model("llama", num_hidden_layers=4)
+    with pytest.raises(IncompatibleHeadSetError, match=r"3 layers x 4 heads.*4 x 4"):
+        extract_instruction_vector(other, tokenizer, "antonym", heads=head_set, **CHEAP)
+    with pytest.raises(ValueError, match="tasks is empty"):
+        extract_head_set(other, tokenizer, [], **CHEAP)
+    with pytest.raises(InvalidHeadSetError, match="task_cie must have shape"):
+        HeadSet(**{**head_set.__dict__, "tasks": ["one"]})
