@@ -43,6 +43,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
     from ivtrainer.datasets.tasks import load_examples
     from ivtrainer.hub.push import check_push_target
     from ivtrainer.modeling.loading import load_model
+    from ivtrainer.steering.head_set import HeadSet
     from ivtrainer.steering.icl import check_extraction_sizes
     from ivtrainer.steering.instruction_vector import extract_instruction_vector
     from ivtrainer.steering.vector_evaluation import split_pairs
@@ -54,7 +55,8 @@ def _extract_iv(args: argparse.Namespace) -> int:
     if args.eval_split is not None:
         examples, held_out = split_pairs(examples, args.eval_split, seed=args.seed)
     check_extraction_sizes(examples, n_shots=args.n_shots, n_heads=args.n_heads, source=args.task)
-    out = check_output_dir(args.out, inputs=[args.model, args.task], overwrite=args.overwrite)
+    out = check_output_dir(args.out, inputs=[args.model, args.task, args.heads], overwrite=args.overwrite)
+    head_set = HeadSet.from_pretrained(args.heads) if args.heads else None
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
 
@@ -72,6 +74,7 @@ def _extract_iv(args: argparse.Namespace) -> int:
         edit_layer=args.edit_layer,
         strength=args.strength,
         name=args.name or (args.task if args.task in _builtin_tasks() else Path(args.task).stem),
+        heads=head_set,
         chat_template=args.chat_template,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -244,6 +247,46 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_heads(args: argparse.Namespace) -> int:
+    from ivtrainer.datasets.tasks import load_examples
+    from ivtrainer.hub.push import check_push_target
+    from ivtrainer.modeling.loading import load_model
+    from ivtrainer.steering.head_set import extract_head_set
+    from ivtrainer.steering.icl import check_extraction_sizes
+    from ivtrainer.utils.outputs import atomic_dir, check_output_dir
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else _builtin_tasks()
+    if not tasks:
+        raise IVTrainerError("--tasks is empty: pass comma-separated task names or files")
+    for task in tasks:  # every file checked before the model loads
+        check_extraction_sizes(load_examples(task), n_shots=args.n_shots, source=task)
+    out = check_output_dir(args.out, inputs=[args.model, *tasks], overwrite=args.overwrite)
+    if args.push_to_hub:
+        check_push_target(args.push_to_hub)
+    model, tokenizer = load_model(args.model)
+    head_set = extract_head_set(
+        model,
+        tokenizer,
+        tasks,
+        n_shots=args.n_shots,
+        n_mean_prompts=args.n_mean_prompts,
+        n_cie_prompts=args.n_cie_prompts,
+        method=args.method,
+        seed=args.seed,
+        progress=True,
+    )
+    with atomic_dir(out, marker={"command": "extract-heads"}) as tmp:
+        head_set.save_pretrained(tmp)
+    top = ", ".join(
+        f"L{layer}H{head} {float(head_set.cie[layer, head]):+.4f}" for layer, head in head_set.top(10)
+    )
+    print(f"top heads by mean CIE over {len(tasks)} tasks: {top}")
+    print(f"saved to {args.out}")
+    if args.push_to_hub:
+        print(f"pushed: {head_set.push_to_hub(args.push_to_hub)}")
+    return 0
+
+
 def _builtin_tasks() -> list[str]:
     from ivtrainer.datasets.tasks import list_tasks
 
@@ -350,7 +393,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--push-to-hub", metavar="REPO", help="also upload the vector to this Hub repo")
     ex.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    ex.add_argument(
+        "--heads",
+        metavar="HEAD_SET",
+        help="a head set (folder or Hub id, from extract-heads): no CIE for this task",
+    )
     ex.set_defaults(func=_extract_iv)
+
+    hs = sub.add_parser(
+        "extract-heads",
+        help="rank the model's heads by causal effect averaged over many tasks (a universal head set)",
+        description="Measure every head's causal indirect effect on each task and save the mean as a head set "
+        "(safetensors + JSON + model card); extract-iv --heads then needs only a task's mean activations.",
+    )
+    hs.add_argument("--model", default="default", help="'default', a Hub id, a local folder or a .gguf file")
+    hs.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated built-in task names or JSON/JSONL files (default: every built-in task)",
+    )
+    hs.add_argument("--out", required=True, help="output folder")
+    hs.add_argument("--method", choices=["exact", "atp"], default="exact")
+    hs.add_argument("--n-shots", type=int, default=10)
+    hs.add_argument("--n-mean-prompts", type=int, default=100)
+    hs.add_argument("--n-cie-prompts", type=int, default=25)
+    hs.add_argument("--seed", type=int, default=0)
+    hs.add_argument("--push-to-hub", metavar="REPO", help="also upload the head set to this Hub repo")
+    hs.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    hs.set_defaults(func=_extract_heads)
 
     fo = sub.add_parser(
         "forget",

@@ -73,3 +73,46 @@ def test_a_head_set_of_another_model_is_refused_before_any_forward(tokenizer, he
         extract_head_set(other, tokenizer, [], **CHEAP)
     with pytest.raises(InvalidHeadSetError, match="task_cie must have shape"):
         HeadSet(**{**head_set.__dict__, "tasks": ["one"]})
+
+
+def test_cli_extract_heads_then_extract_iv_with_them_and_a_held_out_split(tmp_path, tokenizer):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    tiny_model("llama", seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    exe = os.path.join(os.path.dirname(sys.executable), "ivtrainer")
+    small = ["--n-shots", "2", "--n-mean-prompts", "4"]
+    heads = subprocess.run(
+        [exe, "extract-heads", "--model", str(folder), "--tasks", "antonym,uppercase", "--out", str(tmp_path / "h"),
+         *small, "--n-cie-prompts", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert heads.returncode == 0, heads.stderr
+    assert "top heads by mean CIE over 2 tasks" in heads.stdout
+    assert HeadSet.from_pretrained(tmp_path / "h").tasks == ["antonym", "uppercase"]
+    task = tmp_path / "my_task.jsonl"
+    task.write_text("".join(json.dumps({"input": f"w{i}", "output": f"W{i}"}) + "\n" for i in range(30)))
+    iv = subprocess.run(
+        [exe, "extract-iv", "--model", str(folder), "--task", str(task), "--heads", str(tmp_path / "h"),
+         "--out", str(tmp_path / "iv"), "--eval-split", "0.33", *small],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert iv.returncode == 0, iv.stderr
+    assert (
+        "| 10 held-out pairs | first token | exact match |" in iv.stdout and "Lift from the IV" in iv.stdout
+    )
+    saved = json.loads((tmp_path / "iv" / "instruction_vector.json").read_text())
+    assert saved["task"] == "my_task" and saved["settings"]["head_set"]["tasks"] == ["antonym", "uppercase"]
+    assert saved["metrics"]["evaluation"]["n"] == 10 and saved["settings"]["n_examples"] == 20
+    card = (tmp_path / "iv" / "README.md").read_text()
+    assert "Measured on held-out pairs" in card and "# Instruction vector for `my_task`" in card
+    bad = subprocess.run(
+        [exe, "extract-iv", "--model", str(folder), "--task", "antonym", "--heads", str(tmp_path / "nope"),
+         "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "not an existing folder" in bad.stderr and not (tmp_path / "x").exists()
