@@ -93,6 +93,10 @@ def _extract_iv(args: argparse.Namespace) -> int:
 
             title = f"CIE, {iv.task or 'task'} ({args.method})"
             plot_cie(iv.cie, tmp / "cie_heatmap.png", heads=iv.heads, title=title)
+            if "calibration" in iv.metrics:
+                from ivtrainer.evaluation.plotting import plot_calibration
+
+                plot_calibration(iv.metrics["calibration"], tmp / "calibration_heatmap.png")
     print(f"top {len(iv.heads)} heads (layer, head: mean CIE):")
     for (layer, head), score in zip(iv.heads, iv.head_scores, strict=True):
         print(f"  L{layer:<3d} H{head:<3d} {score:+.4f}")
@@ -108,7 +112,8 @@ def _extract_iv(args: argparse.Namespace) -> int:
         )
     if evaluation is not None:
         print(evaluation.table())
-    print(f"saved to {args.out}" + (" (with cie_heatmap.png)" if args.plot else ""))
+    plots = " (with cie_heatmap.png" + (", calibration_heatmap.png)" if "calibration" in iv.metrics else ")")
+    print(f"saved to {args.out}" + (plots if args.plot else ""))
     if args.push_to_hub:
         print(f"pushed: {iv.push_to_hub(args.push_to_hub)}")
     return 0
@@ -389,7 +394,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--batch-size", type=int, default=16)
     ex.add_argument(
-        "--plot", action="store_true", help="write the layers x heads CIE heatmap (cie_heatmap.png)"
+        "--plot",
+        action="store_true",
+        help="write the layers x heads CIE heatmap (cie_heatmap.png) and the calibration's layer x strength "
+        "accuracy heatmap (calibration_heatmap.png)",
     )
     ex.add_argument("--push-to-hub", metavar="REPO", help="also upload the vector to this Hub repo")
     ex.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_cie", "plot_scores"]
+__all__ = ["plot_calibration", "plot_cie", "plot_scores"]
 
 
 def _pyplot():
@@ -73,5 +73,33 @@ def plot_scores(runs: dict[str, dict[str, float]], path: str | os.PathLike, *, t
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_calibration(calibration: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Save the calibration's layer x strength accuracy table (at the chosen number of heads) as a
+    PNG heatmap; settings the coarse-to-fine search skipped are blank, the choice is outlined."""
+    import math
+
+    from ivtrainer.steering.calibration import Calibration
+
+    plt = _pyplot()
+    layers, strengths, table = Calibration(**calibration).grid()
+    values = [[math.nan if v is None else 100 * v for v in row] for row in table]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(strengths) + 2.5), max(3.0, 0.22 * len(layers) + 1.5)))
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto", origin="lower")
+    row, col = layers.index(calibration["edit_layer"]), strengths.index(calibration["strength"])
+    ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(strengths)), [f"x{s:g}" for s in strengths])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("strength")
+    ax.set_ylabel("edit layer")
+    default = (
+        f"zero-shot accuracy on {calibration['n_prompts']} extraction pairs, {calibration['n_heads']} heads "
+        f"(without the IV: {100 * calibration['base_accuracy']:.0f}%)"
+    )
+    ax.set_title(title or default, fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     return _save(fig, path)

@@ -232,6 +232,7 @@ def test_cli_extract_iv(tmp_path, tokenizer):
     assert result.returncode == 0, result.stderr
     assert "top 2 heads" in result.stdout and "causal effects (atp)" in result.stderr  # tqdm progress
     assert (out / "cie_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "calibration_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ivtrainer.InstructionVector.from_pretrained(out).settings["method"] == "atp"
     again = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
     assert (
