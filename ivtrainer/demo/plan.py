@@ -119,12 +119,14 @@ def estimate_seconds(
     edit_steps = plan.edit_steps * (f["lora"] + 2 * f["full"])
     run_overhead = 1.5  # copying the model, building a Trainer, saving
     return {
-        # mean activations; CIE: the prefix, then a tree step of L*H copies (~1.5 L*H tokens' cost)
+        # mean activations; CIE: the prefix, then a tree step of L*H copies (~1.5 L*H tokens' cost);
+        # calibration: 64 zero-shot prefixes, then ~50 settings as one-token tree rows each
         "instruction vector": cost(
-            math.ceil(plan.n_mean_prompts / 16) + 2 * plan.n_cie_prompts + 16,
+            math.ceil(plan.n_mean_prompts / 16) + 2 * plan.n_cie_prompts + 16 + 4 * 64,
             plan.n_mean_prompts * 11 * shot
             + plan.n_cie_prompts * (11 * shot + 1.5 * n_layers * n_heads)
-            + 1200,  # the steering check
+            + 64 * (8 + 2.5 * 50)
+            + 400,  # the steering check
         )
         + 1.0,
         "new task, plain vs IV-guided": 3 * evaluation

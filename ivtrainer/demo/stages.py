@@ -97,10 +97,8 @@ def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dic
     builder = PromptBuilder(tokenizer)
     zero_shot = [builder.encode([], q) for q in load_task(plan.iv_task, "held_out")[:48]]
     before = first_token_accuracy(model, zero_shot)
-    steered = {}
-    for strength in (1.0, 2.0, 4.0):  # the papers add it at x1; steering often needs more
-        with iv.apply(model, strength):
-            steered[f"{strength:g}"] = first_token_accuracy(model, zero_shot)
+    with iv.apply(model):  # at the strength calibrated on extraction pairs
+        steered = {f"{iv.strength:g}": first_token_accuracy(model, zero_shot)}
     return {
         "task": plan.iv_task,
         "edit_layer": iv.edit_layer,
