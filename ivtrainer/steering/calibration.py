@@ -25,7 +25,16 @@ from ivtrainer.steering.intervention import add_to_residual
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD_COUNTS", "MIN_HITS", "MIN_PAIRS", "STRENGTHS", "Calibration", "ZeroShotScorer", "calibrate"]
+__all__ = [
+    "HEAD_COUNTS",
+    "MIN_HITS",
+    "MIN_PAIRS",
+    "STRENGTHS",
+    "Calibration",
+    "ZeroShotScorer",
+    "calibrate",
+    "warn_unusual_strength",
+]
 
 STRENGTHS = (1.0, 2.0, 4.0, 8.0)
 HEAD_COUNTS = (5, 10, 20)
@@ -33,6 +42,20 @@ HEAD_COUNTS = (5, 10, 20)
 MIN_PAIRS = 16
 #: A choice resting on fewer correct prompts than this is reported as unreliable.
 MIN_HITS = 5
+#: Strengths outside this range are allowed but reported: they usually swamp the residual stream.
+USUAL_STRENGTHS = (0.1, 20.0)
+
+
+def warn_unusual_strength(strength: float) -> None:
+    """One line when an explicitly passed strength is outside :data:`USUAL_STRENGTHS`."""
+    low, high = USUAL_STRENGTHS
+    if not low <= strength <= high:
+        logger.warning(
+            "strength %g is outside the usual range %g-%g: the vector may swamp the residual stream "
+            "(calibrated strengths are 1-8)",
+            strength, low, high,
+        )  # fmt: skip
+
 
 Setting = tuple[int, int, float]  # (n_heads, layer, strength)
 

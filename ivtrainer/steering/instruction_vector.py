@@ -25,7 +25,7 @@ from ivtrainer.errors import InvalidInputError, IVTrainerError
 from ivtrainer.modeling.architectures import ModelLayout, get_layout
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
-from ivtrainer.steering.calibration import HEAD_COUNTS, MIN_HITS, MIN_PAIRS
+from ivtrainer.steering.calibration import HEAD_COUNTS, MIN_HITS, MIN_PAIRS, warn_unusual_strength
 from ivtrainer.steering.calibration import calibrate as calibrate_vector
 from ivtrainer.steering.head_set import HeadSet
 from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes
@@ -171,6 +171,8 @@ class InstructionVector:
         ``"all"``, or a ``(batch, seq)`` bool mask. ``layer`` overrides ``edit_layer``.
         """
         self.check_compatible(model)
+        if strength is not None:
+            warn_unusual_strength(abs(finite_number("strength", strength)))
         with add_to_residual(
             model,
             [(self.edit_layer if layer is None else layer, self.vector)],
@@ -431,11 +433,7 @@ def _validate(
         strength = finite_number("strength", strength)
         if strength <= 0:
             raise InvalidInputError(f"strength must be > 0, got {strength}")
-        if not 0.1 <= strength <= 20:
-            logger.warning(
-                "strength %g is outside the usual range 0.1-20: the vector may swamp the residual stream",
-                strength,
-            )
+        warn_unusual_strength(strength)
     if (calibrate or edit_layer == "auto") and len(examples) < MIN_PAIRS:
         raise InvalidInputError(
             f"calibration needs at least {MIN_PAIRS} extraction pairs for a stable choice, got {len(examples)}; "
