@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ivtrainer.datasets.tasks import load_examples, load_task
+from ivtrainer.datasets.tasks import list_tasks, load_examples, load_task
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import get_layout
 from ivtrainer.modeling.hooks import hooks
@@ -97,9 +97,9 @@ def analyze_iv(
     iv.check_compatible(model)
     if base_model is not None:
         iv.check_compatible(base_model)
-    if examples is None and iv.task is None:
+    if examples is None and iv.task not in list_tasks():
         raise InvalidInputError(
-            "the IV names no built-in task: pass examples= (the task's {input, output} pairs)"
+            f"the IV's task {iv.task!r} is not a built-in task: pass examples= (the task's {{input, output}} pairs)"
         )
     settings = iv.settings
     if examples is None:
@@ -120,6 +120,8 @@ def analyze_iv(
         n_cie_prompts=settings.get("n_cie_prompts", 25),
         method=settings.get("method", "exact"),
         edit_layer=iv.edit_layer if edit_layer in (None, "auto") else edit_layer,
+        calibrate=False,  # the original's layer, heads and strength: only the model changed
+        strength=iv.strength,
         chat_template=settings.get("chat_template", False),
         seed=settings.get("seed", 0),
         progress=progress,

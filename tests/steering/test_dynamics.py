@@ -93,3 +93,13 @@ def test_an_iv_without_a_task_needs_examples(iv, tokenizer):
 
     with pytest.raises(ValueError, match="pass examples="):
         analyze_iv(tiny_model("llama"), tokenizer, replace(iv, task=None), progress=False)
+    with pytest.raises(ValueError, match="'my_file' is not a built-in task: pass examples="):
+        analyze_iv(tiny_model("llama"), tokenizer, replace(iv, task="my_file"), progress=False)
+
+
+def test_reextraction_keeps_the_original_strength(iv, tokenizer):
+    from dataclasses import replace
+
+    original = replace(iv, strength=3.0)
+    result = analyze_iv(tiny_model("llama"), tokenizer, original, progress=False)
+    assert result.reextracted.strength == 3.0 and result.reextracted.edit_layer == iv.edit_layer
