@@ -52,6 +52,8 @@ def test_tree_scorer_equals_plain_forwards(model_type, tokenizer):
         assert scorer._tree
         assert scorer.hits(settings) == expected and expected[target] == len(prompts)
         assert scorer._tree  # no fallback was needed
+        scorer._tree = False  # the fallback (batched plain forwards) counts the same
+        assert scorer.hits(settings) == expected
 
 
 def test_calibration_picks_the_best_searched_setting_and_stores_the_strength(tokenizer):
