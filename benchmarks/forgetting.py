@@ -86,9 +86,9 @@ def instruction_vectors(model, tok) -> list[InstructionVector]:
     for task in IV_TASKS:
         folder = CACHE / f"forgetting-iv-{task}"
         if not (folder / "instruction_vector.json").is_file():
-            extract_instruction_vector(model, tok, task, n_mean_prompts=50, n_cie_prompts=10).save_pretrained(
-                folder
-            )
+            extract_instruction_vector(  # uncalibrated: the IVs the documented runs used
+                model, tok, task, n_mean_prompts=50, n_cie_prompts=10, calibrate=False
+            ).save_pretrained(folder)
         out.append(InstructionVector.from_pretrained(folder))
     return out
 
