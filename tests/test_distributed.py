@@ -1,6 +1,6 @@
 """The real thing: ``accelerate launch`` with 2 CPU processes (gloo) and DeepSpeed ZeRO-2 / ZeRO-3
 from the repository's own ``ds_configs``, against one process with the same global batch (the
-script is tests/distributed_train.py): IVGuidedTrainer (LoRA, full) and FLearningTrainer (FT,
+script is tests/scripts/distributed_train.py): IVGuidedTrainer (LoRA, full) and FLearningTrainer (FT,
 LoRA->FT). Losses must agree to 1e-5 (relative), and the saved model must reload with plain
 transformers and give the single-process model's logits."""
 
@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow  # multi-process launches / real-model scripts
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "distributed_train.py"
+SCRIPT = (
+    ROOT / "tests" / "scripts" / "distributed_train.py"
+)  # its own folder: run as a script, tests/ would shadow packages (tests/datasets)
 SMALL = {"n_heads": 3, "n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
 
 

@@ -1,9 +1,9 @@
 """One training run for the multi-process tests, the same script on one process or under
 ``accelerate launch`` (DeepSpeed on CPU processes, gloo):
 
-    python tests/distributed_train.py --trainer iv-lora --model M --iv IV --batch 4 --out OUT
+    python tests/scripts/distributed_train.py --trainer iv-lora --model M --iv IV --batch 4 --out OUT
     accelerate launch --config_file ds_configs/accelerate_zero3.yaml --num_processes 2 \\
-        tests/distributed_train.py --trainer iv-lora --model M --iv IV --batch 2 --out OUT
+        tests/scripts/distributed_train.py --trainer iv-lora --model M --iv IV --batch 2 --out OUT
 
 ``--batch`` is per process, so both runs above see the same global batches. The main process
 writes ``OUT/losses.json`` (the logged training loss per step) and the trained model (or adapter)
