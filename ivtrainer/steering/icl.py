@@ -112,20 +112,22 @@ class PromptBuilder:
         return out
 
 
-def _batches(prompts: Sequence[EncodedPrompt], batch_size: int) -> Iterator[Sequence[EncodedPrompt]]:
+def right_padded_batches(
+    prompts: Sequence[EncodedPrompt], batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(input_ids, attention_mask, last)`` per batch, ``last`` the positions of the last real tokens.
+
+    Right padding keeps every real token's position ids unchanged; pads are never attended.
+    """
     for start in range(0, len(prompts), batch_size):
-        yield prompts[start : start + batch_size]
-
-
-def _right_padded(batch: Sequence[EncodedPrompt], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding keeps every real token's position ids unchanged; pads are never attended."""
-    width = max(len(p.input_ids) for p in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, p in enumerate(batch):
-        ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
-        mask[row, : len(p.input_ids)] = 1
-    return ids.to(device), mask.to(device)
+        batch = prompts[start : start + batch_size]
+        width = max(len(p.input_ids) for p in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
+            mask[row, : len(p.input_ids)] = 1
+        yield ids.to(device), mask.to(device), mask.sum(-1).to(device) - 1
 
 
 @torch.no_grad()
@@ -145,16 +147,14 @@ def last_token_forward(
     device = next(model.parameters()).device
     keep = _takes_logits_to_keep(model)
     out = []
-    for batch in _batches(prompts, batch_size):
-        ids, mask = _right_padded(batch, device)
-        last = mask.sum(-1) - 1
+    for ids, mask, last in right_padded_batches(prompts, batch_size, device):
         if on_batch is not None:
             on_batch(last)
         positions, column = torch.unique(last, return_inverse=True)
         extra = {"logits_to_keep": positions} if keep else {}
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
         index = column if keep else last
-        out.append(logits[torch.arange(len(batch), device=device), index].float().cpu())
+        out.append(logits[torch.arange(len(ids), device=device), index].float().cpu())
     return torch.cat(out)
 
 

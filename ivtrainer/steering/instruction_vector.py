@@ -65,7 +65,8 @@ class InstructionVector:
         vector: ``(hidden_size,)``, added at the output of decoder layer ``edit_layer``.
         heads: the chosen ``(layer, head)`` pairs, best first, with their mean CIE in ``head_scores``.
         cie: the full ``(n_layers, n_heads)`` table of mean causal indirect effects.
-        mean_activations: ``(n_layers, n_heads, head_dim)`` mean last-token head outputs.
+        mean_activations: ``(n_layers, n_heads, head_dim)`` mean last-token head outputs (from a
+            head set, only the layers of its candidate heads are read: the other rows are zero).
         strength: how strongly :meth:`apply` and the trainers add the vector by default (chosen on
             extraction pairs with ``calibrate=True``; 1 for the papers' fixed choice).
         settings: the extraction arguments; ``metrics``: measurements made during extraction
@@ -483,7 +484,8 @@ def extract_instruction_vector(
         name: the task's name in the artifact (default: the built-in task's name or the file's stem).
         heads: a :class:`~ivtrainer.steering.head_set.HeadSet` (or its folder / Hub id): rank the
             heads by its mean CIE over many tasks instead of measuring this task's (step 2 skipped;
-            the public FvForgetting code's universal heads).
+            the public FvForgetting code's universal heads; the mean activations are read only
+            up to the deepest candidate head's layer).
         chat_template: wrap prompts in the tokenizer's chat template.
         progress: progress bars; ``None`` shows them in a terminal only.
 
@@ -504,13 +506,26 @@ def extract_instruction_vector(
     corrupted = builder.sample(data, n_cie_prompts, n_shots, rng, shuffle_labels=True)
     bars = None if progress is None else not progress
 
+    total = layout.n_layers * layout.n_heads
+    if n_heads is not None:
+        counts = [n_heads]
+    elif calibrate:
+        counts = [k for k in HEAD_COUNTS if k <= total] or [total]
+    else:
+        counts = [min(10, total)]
+
     with eval_mode(model):
+        layers = None
+        if head_set is not None:  # only the candidate heads' layers are read, so the forward stops early
+            cie = head_set.cie.clone()
+            candidates = _top(torch.argsort(cie.flatten(), descending=True), max(counts), layout)
+            layers = sorted({layer for layer, _ in candidates})
         with tqdm(total=len(clean), desc="mean head activations", unit="prompt", disable=bars) as bar:
-            mean = mean_head_activations(model, layout, clean, batch_size=batch_size, progress=bar.update)
+            mean = mean_head_activations(
+                model, layout, clean, layers=layers, batch_size=batch_size, progress=bar.update
+            )
         if head_set is None:
             cie = mean_cie(model, layout, corrupted, mean, method=method, disable=bars)
-        else:
-            cie = head_set.cie.clone()
 
         if not bool((cie > 0).any()):
             logger.warning(
@@ -518,17 +533,10 @@ def extract_instruction_vector(
                 "will not steer; check the task data, or use more prompts (n_cie_prompts)",
                 float(cie.max()),
             )
-        total = layout.n_layers * layout.n_heads
         order = torch.argsort(cie.flatten(), descending=True)
         default_layer = layout.n_layers // 3
         metrics: dict[str, Any] = {}
         if calibrate or edit_layer == "auto":
-            if n_heads is not None:
-                counts = [n_heads]
-            elif calibrate:
-                counts = [k for k in HEAD_COUNTS if k <= total] or [total]
-            else:
-                counts = [min(10, total)]
             vectors = {k: head_contributions(layout, mean, _top(order, k, layout)).sum(0) for k in counts}
             queries = rng.sample(data, min(n_calibration_prompts, len(data)))
             found = calibrate_vector(
@@ -559,7 +567,7 @@ def extract_instruction_vector(
                     where, edit_layer, found.hits, found.n_prompts,
                 )  # fmt: skip
         else:
-            k = n_heads if n_heads is not None else min(10, total)
+            k = counts[0]
             edit_layer = default_layer if edit_layer is None else edit_layer
             strength = 1.0 if strength is None else strength
         chosen = _top(order, k, layout)

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import ModelLayout
 from ivtrainer.modeling.hooks import cache_argument, hooks, output_cache
-from ivtrainer.steering.icl import EncodedPrompt, last_token_forward
+from ivtrainer.steering.icl import EncodedPrompt, right_padded_batches
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,29 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the deepest layer needed has been read: the rest of the forward is waste."""
+
+
 @torch.no_grad()
 def mean_head_activations(
     model: nn.Module,
     layout: ModelLayout,
     prompts: Sequence[EncodedPrompt],
     *,
+    layers: Iterable[int] | None = None,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Mean of every head's output at the last prompt token, ``(L, H, head_dim)`` in float32."""
+    """Mean of every head's output at the last prompt token, ``(L, H, head_dim)`` in float32.
+
+    Each forward stops at the deepest layer read (the final layer's MLP and the LM head never
+    run). ``layers``: read only these; the other layers' rows stay zero, and with shallow layers
+    the forward stops early (a given head set needs only its heads' layers).
+    """
+    wanted = sorted(set(range(layout.n_layers) if layers is None else layers))
+    if not wanted or not all(0 <= i < layout.n_layers for i in wanted):
+        raise InvalidInputError(f"layers must be non-empty and in [0, {layout.n_layers}), got {wanted}")
     total = torch.zeros(layout.n_layers, layout.n_heads * layout.head_dim, dtype=torch.float64)
     state: dict[str, torch.Tensor] = {}
 
@@ -59,17 +73,23 @@ def mean_head_activations(
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             total[layer] += x[torch.arange(x.shape[0], device=x.device), state["last"]].double().sum(0).cpu()
+            if layer == wanted[-1]:
+                raise _StopForward
 
         return hook
 
-    def on_batch(last: torch.Tensor) -> None:
-        state["last"] = last
-        if progress is not None:
-            progress(len(last))
-
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(layout.attn_outputs)]
+    handles = [layout.attn_outputs[i].register_forward_pre_hook(make_hook(i)) for i in wanted]
     with hooks(*handles):
-        last_token_forward(model, prompts, batch_size=batch_size, on_batch=on_batch)
+        for ids, mask, last in right_padded_batches(prompts, batch_size, _device(model)):
+            state["last"] = last
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            else:  # a model that skips a layer's attention output would leave a silent zero row
+                raise RuntimeError(f"layer {wanted[-1]}'s attention output projection never ran")
+            if progress is not None:
+                progress(len(ids))
     return (total / len(prompts)).float().unflatten(-1, (layout.n_heads, layout.head_dim))
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ivtrainer import HeadSet, extract_head_set, extract_instruction_vector
+from ivtrainer.modeling.architectures import get_layout
 from ivtrainer.steering.head_set import IncompatibleHeadSetError, InvalidHeadSetError
+from ivtrainer.steering.instruction_vector import head_contributions
 from ivtrainer.testing import tiny_model
 
 CHEAP = {"n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
@@ -42,11 +44,20 @@ def test_the_iv_uses_the_head_set_and_skips_mediation(llama, tokenizer, head_set
 
     monkeypatch.setattr(module, "mean_cie", no_mediation)
     iv = extract_instruction_vector(
-        llama, tokenizer, "present_past", heads=head_set, calibrate=False, n_heads=3, **CHEAP
+        llama, tokenizer, "present_past", heads=head_set, calibrate=False, n_heads=2, **CHEAP
     )
-    assert iv.heads == head_set.top(3)
+    assert iv.heads == head_set.top(2)
     torch.testing.assert_close(iv.cie, head_set.cie)
     assert iv.settings["head_set"]["tasks"] == ["antonym", "uppercase"]
+    # only the heads' layers are read, and the vector is what a full read gives for those heads
+    monkeypatch.undo()
+    full = extract_instruction_vector(llama, tokenizer, "present_past", calibrate=False, n_heads=2, **CHEAP)
+    read = sorted({layer for layer, _ in iv.heads})
+    unread = [layer for layer in range(3) if layer not in read]
+    torch.testing.assert_close(iv.mean_activations[read], full.mean_activations[read])
+    assert unread and not iv.mean_activations[unread].any()
+    expected = head_contributions(get_layout(llama), full.mean_activations, iv.heads).sum(0)
+    torch.testing.assert_close(iv.vector, expected)
 
 
 def test_save_load_and_a_folder_as_heads(llama, tokenizer, head_set, tmp_path):

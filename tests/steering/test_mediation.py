@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from ivtrainer.datasets.tasks import load_task
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.modeling.hooks import hooks, record_head_outputs
 from ivtrainer.steering.icl import PromptBuilder
 from ivtrainer.steering.mediation import cie_atp, cie_exact, cie_reference, mean_head_activations
 from ivtrainer.testing import tiny_model
@@ -48,6 +50,32 @@ def test_mean_activations_do_not_depend_on_batching(prompts):
         mean_head_activations(model, layout, clean, batch_size=4), one, atol=1e-5, rtol=1e-4
     )
     assert one.shape == (3, 4, 16)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_mean_activations_equal_a_full_forward_and_stop_at_the_deepest_layer(model_type, prompts):
+    clean, _ = prompts
+    model = tiny_model(model_type)
+    layout = get_layout(model)
+    expected = torch.zeros(layout.n_layers, layout.n_heads, layout.head_dim)
+    for prompt in clean:
+        with record_head_outputs(model) as heads:
+            model(input_ids=torch.tensor([prompt.input_ids]))
+        expected += torch.stack([heads[i][0, -1] for i in range(layout.n_layers)]) / len(clean)
+    torch.testing.assert_close(mean_head_activations(model, layout, clean, batch_size=4), expected)
+
+    calls = []
+    with hooks(layout.layers[-1].register_forward_hook(lambda *_: calls.append(1))):
+        shallow = mean_head_activations(model, layout, clean, layers=[1, 0], batch_size=4)
+    assert calls == []  # the forward ended at layer 1: the last layer never ran
+    torch.testing.assert_close(shallow[:2], expected[:2])
+    assert not shallow[2:].any()
+
+
+def test_mean_activations_refuse_layers_out_of_range(prompts):
+    model = tiny_model("llama")
+    with pytest.raises(InvalidInputError, match=r"layers must be non-empty and in \[0, 3\)"):
+        mean_head_activations(model, get_layout(model), prompts[0], layers=[3])
 
 
 def test_atp_tracks_exact(prompts):
