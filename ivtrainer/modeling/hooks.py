@@ -17,7 +17,7 @@ from torch import nn
 
 from ivtrainer.modeling.architectures import ModelLayout, get_layout, unwrap_model
 
-__all__ = ["eval_mode", "hooks", "is_peft_model", "record_head_outputs"]
+__all__ = ["StopForward", "eval_mode", "hooks", "is_peft_model", "record_head_outputs", "stop_before"]
 
 
 @contextlib.contextmanager
@@ -28,6 +28,34 @@ def hooks(*handles_or_registrations: torch.utils.hooks.RemovableHandle) -> Itera
     finally:
         for handle in handles_or_registrations:
             handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_before`'s hook to end a forward pass early."""
+
+
+@contextlib.contextmanager
+def stop_before(module: nn.Module) -> Iterator[None]:
+    """End the body's forward pass when it reaches ``module``, after the forward pre-hooks
+    registered on it before this one (a recording hook) have run: the layers after it and the
+    LM head are skipped, and the forward call returns nothing (the body ends there)::
+
+        with record_head_outputs(model, [3]) as heads, stop_before(layout.attn_outputs[3]):
+            model(**batch)
+
+    A body whose forward never reaches ``module`` raises ``RuntimeError``: what it meant to
+    record was not recorded.
+    """
+
+    def hook(*_: Any) -> None:
+        raise StopForward
+
+    with hooks(module.register_forward_pre_hook(hook)):
+        try:
+            yield
+        except StopForward:
+            return
+    raise RuntimeError(f"the forward pass never reached {type(module).__name__}: nothing was recorded there")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torch import nn
 
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import ModelLayout
-from ivtrainer.modeling.hooks import cache_argument, hooks, output_cache
+from ivtrainer.modeling.hooks import cache_argument, hooks, output_cache, stop_before
 from ivtrainer.steering.icl import EncodedPrompt, right_padded_batches
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ _NO_SHARED_PREFIX: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the deepest layer needed has been read: the rest of the forward is waste."""
 
 
 @torch.no_grad()
@@ -73,8 +69,6 @@ def mean_head_activations(
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             total[layer] += x[torch.arange(x.shape[0], device=x.device), state["last"]].double().sum(0).cpu()
-            if layer == wanted[-1]:
-                raise _StopForward
 
         return hook
 
@@ -82,12 +76,8 @@ def mean_head_activations(
     with hooks(*handles):
         for ids, mask, last in right_padded_batches(prompts, batch_size, _device(model)):
             state["last"] = last
-            try:
+            with stop_before(layout.attn_outputs[wanted[-1]]):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            else:  # a model that skips a layer's attention output would leave a silent zero row
-                raise RuntimeError(f"layer {wanted[-1]}'s attention output projection never ran")
             if progress is not None:
                 progress(len(ids))
     return (total / len(prompts)).float().unflatten(-1, (layout.n_heads, layout.head_dim))
