@@ -57,6 +57,7 @@ from ivtrainer.evaluation.forgetting import (
     new_task_words,
 )
 from ivtrainer.evaluation.plotting import plot_scores
+from ivtrainer.iv_guided.iv_guided_config import RECIPES
 
 CACHE = Path(__file__).parent / ".cache"
 IV_TASKS = ("antonym", "country_capital")
@@ -118,7 +119,7 @@ def train(method: str, guided: dict | None, seed: int, train_words, ivs, epochs:
     if guided is not None:
         trainer = IVGuidedTrainer(
             model,
-            IVGuidedConfig(**common, **guided),
+            IVGuidedConfig(**common, **{**RECIPES["kl-all"], **guided}),  # the settings its figures used
             instruction_vectors=ivs,
             train_dataset=data,
             data_collator=collator,

@@ -83,8 +83,14 @@ class IVCallback(TrainerCallback, ExportableState):
 
     role = "iv"
 
-    def __init__(self, instruction_vectors, weights: Sequence[float] | None = None) -> None:
-        self.vectors = load_vectors(instruction_vectors)
+    def __init__(
+        self, instruction_vectors, weights: Sequence[float] | None = None, *, required: bool = True
+    ) -> None:
+        # required=False: no vector is fine (a KL anchor without IV)
+        none = instruction_vectors is None or (
+            isinstance(instruction_vectors, (list, tuple)) and not instruction_vectors
+        )
+        self.vectors = [] if none and not required else load_vectors(instruction_vectors)
         self.weights = list(weights) if weights is not None else None
         self.pairs = residual_pairs(self.vectors, self.weights)
         self._saved: list[str] | None = None

@@ -16,7 +16,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from ivtrainer.callbacks.iv_intervention import (
@@ -29,9 +29,10 @@ from torch import nn
 from transformers.utils import logging
 
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KL_POSITIONS, kl_positions, kl_term
+from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, kl_positions, kl_term
 from ivtrainer.iv_guided.schedules import Schedule
-from ivtrainer.modeling.hooks import eval_mode, hooks, is_peft_model, record_head_outputs
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.modeling.hooks import eval_mode, hooks, is_peft_model, record_head_outputs, stop_before
 from ivtrainer.steering.intervention import add_to_residual, last_prompt_positions, suspend_interventions
 from ivtrainer.utils.checks import finite_number
 from ivtrainer.utils.distributed import deepspeed_enabled, is_zero3_partitioned, zero3_copy
@@ -49,10 +50,12 @@ _TEACHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, weakref.ref[nn.Module]
 
 
 class IVKLCallback(IVCallback):
-    """Adds the KL term towards the IV-intervened original model to every training loss.
+    """Adds the KL terms towards the IV-intervened original model to every training loss.
 
     Args:
-        instruction_vectors: the IV(s) added to the teacher (objects, folders or Hub ids).
+        instruction_vectors: the IV(s) added to the teacher (objects, folders or Hub ids); may be
+            left out when nothing uses them (``teacher_strength=0`` and no head term: a plain
+            KL anchor to the model before training).
         weight: the KL weight, a number or a :class:`~ivtrainer.iv_guided.schedules.Schedule`.
         teacher_strength: the teacher's IV strength, a multiple of each IV's own (default 1: as calibrated).
         direction: ``"reverse"`` KL(student || teacher) (FvForgetting's), ``"forward"``
@@ -62,8 +65,14 @@ class IVKLCallback(IVCallback):
             ``"last_prompt"`` token.
         threshold: per micro-batch, drop the term while its mean per-position value is below
             this (FvForgetting: 0.1; 0 keeps gradient accumulation exact).
-        head_mse_weight: weight of an extra MSE between the student's and the teacher's outputs of
-            the IVs' heads at the last prompt token (from the teacher pass: no third forward).
+        terms: several KL terms (:class:`~ivtrainer.iv_guided.kl_loss.KLTerm`), all from one
+            teacher pass, instead of ``weight``/``positions``/``threshold``.
+        head_mse_weight: weight of an extra MSE between the student's and a teacher's outputs of
+            the IVs' heads at the last prompt token, each head counted only above
+            ``head_mse_threshold`` (FvForgetting: 1.0 above 0.01).
+        head_mse_reference: the teacher pass those head outputs come from: ``"with_iv"`` (the KL's
+            pass: no extra forward) or ``"without_iv"`` (FvForgetting's: a second pass without the
+            IVs, ending at the deepest head; the KL's pass is used when no IV is added before a head).
         teacher: ``"auto"``: a PEFT model's own base (adapters disabled, no copy in memory), else a
             frozen copy made when training begins; or pass a module.
 
@@ -71,7 +80,8 @@ class IVKLCallback(IVCallback):
     checkpoint keeps the original model as its teacher. The teacher pass runs with the student's
     own interventions suspended. Batches must carry
     ``labels``. A batch whose ``positions`` select no token adds nothing and is counted in the
-    logged ``kl_skipped``. Logged each logging step: ``ce``, ``kl``, ``kl_weight``.
+    logged ``kl_skipped``. Logged each logging step: ``ce``, ``kl`` and ``kl_weight`` (with
+    several terms ``kl_<positions>`` and ``kl_weight_<positions>`` for each), ``head_mse``.
     """
 
     def __init__(
@@ -84,34 +94,51 @@ class IVKLCallback(IVCallback):
         temperature: float = 2.0,
         positions: str = "all",
         threshold: float = 0.0,
+        terms: Sequence[KLTerm | dict] | None = None,
         head_mse_weight: float = 0.0,
+        head_mse_threshold: float = 0.0,
+        head_mse_reference: Literal["with_iv", "without_iv"] = "with_iv",
         iv_weights: Sequence[float] | None = None,
         teacher: str | nn.Module = "auto",
     ) -> None:
-        super().__init__(instruction_vectors, iv_weights)
-        if isinstance(weight, dict):
-            weight = Schedule(**weight)
-        self.weight = (
-            weight if isinstance(weight, Schedule) else Schedule("constant", finite_number("weight", weight))
-        )
         for name, value in (
             ("teacher_strength", teacher_strength),
             ("head_mse_weight", head_mse_weight),
-            ("threshold", threshold),
+            ("head_mse_threshold", head_mse_threshold),
         ):
             finite_number(name, value)
-        if self.weight.start < 0 or self.weight.end < 0 or head_mse_weight < 0 or threshold < 0:
-            raise InvalidInputError("KL weights, head_mse_weight and threshold must be >= 0")
+        if min(teacher_strength, head_mse_weight, head_mse_threshold) < 0:
+            raise InvalidInputError("teacher_strength, head_mse_weight and head_mse_threshold must be >= 0")
+        if instruction_vectors is None and (teacher_strength != 0 or head_mse_weight != 0):
+            raise InvalidInputError(
+                "no instruction vector given: pass instruction_vectors= (InstructionVector objects or folders "
+                "written by `ivtrainer extract-iv`), or set teacher_strength=0 and head_mse_weight=0 for a plain "
+                "KL anchor to the model before training"
+            )
+        super().__init__(instruction_vectors, iv_weights, required=False)
+        if terms is None:
+            self.terms = [KLTerm(positions, weight, threshold)]  # type: ignore[arg-type]  # checked there
+        elif (weight, positions, threshold) != (1.0, "all", 0.0):
+            raise InvalidInputError("pass either terms= or weight=/positions=/threshold=, not both")
+        else:
+            self.terms = [t if isinstance(t, KLTerm) else KLTerm(**t) for t in terms]
+        if not self.terms or len({t.positions for t in self.terms}) != len(self.terms):
+            raise InvalidInputError(
+                f"terms must be one or more KL terms at different positions, got {[t.positions for t in self.terms]}"
+            )
         if not math.isfinite(temperature) or temperature <= 0:
             raise InvalidInputError(f"temperature must be > 0, got {temperature!r}")
         if direction not in KL_DIRECTIONS:
             raise InvalidInputError(f"direction must be one of {KL_DIRECTIONS}, not {direction!r}")
-        if positions not in KL_POSITIONS:
-            raise InvalidInputError(f"positions must be one of {KL_POSITIONS}, not {positions!r}")
+        if head_mse_reference not in ("with_iv", "without_iv"):
+            raise InvalidInputError(
+                f"head_mse_reference must be 'with_iv' or 'without_iv', not {head_mse_reference!r}"
+            )
         self.teacher_strength, self.direction, self.temperature = teacher_strength, direction, temperature
-        self.positions, self.threshold, self.head_mse_weight = positions, threshold, head_mse_weight
+        self.head_mse_weight, self.head_mse_threshold = head_mse_weight, head_mse_threshold
+        self.head_mse_reference = head_mse_reference
         self.teacher = teacher
-        self.kl_weight = self.weight(0, 1)
+        self.kl_weights = [t.weight(0, 1) for t in self.terms]
         self._model: nn.Module | None = None
         self._reference: nn.Module | None = None
         self._reference_ready = False
@@ -120,7 +147,7 @@ class IVKLCallback(IVCallback):
         self._stack: contextlib.ExitStack | None = None
         self._student_heads: dict[int, torch.Tensor] | None = None
         self._busy = False
-        self._sums: dict[str, float | torch.Tensor] = {"ce": 0.0, "kl": 0.0, "head_mse": 0.0}
+        self._sums: dict[str, float | torch.Tensor] = dict.fromkeys(["ce", *self._kl_keys(), "head_mse"], 0.0)
         self._steps, self._skipped, self._accumulation = 0, 0, 1
         self._device, self._global_items, self._tokens_across = torch.device("cpu"), False, False
 
@@ -193,7 +220,7 @@ class IVKLCallback(IVCallback):
         multi-process run every process must call it (the values are reduced over processes)."""
         if self._steps == 0:
             return {}
-        keys = ["ce", "kl"] + (["head_mse"] if self.head_mse_weight > 0 else [])
+        keys = ["ce", *self._kl_keys()] + (["head_mse"] if self.head_mse_weight > 0 else [])
         values = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float32) for k in keys])
         values = torch.cat(
             [values.to(self._device), torch.tensor([float(self._skipped)], device=self._device)]
@@ -206,7 +233,8 @@ class IVKLCallback(IVCallback):
                 values[:-1] /= torch.distributed.get_world_size()
         summed = values.tolist()
         out = {k: v / self._steps for k, v in zip(keys, summed, strict=False)}
-        out["kl_weight"] = self.kl_weight
+        for key, value in zip(self._kl_keys(), self.kl_weights, strict=True):
+            out[key.replace("kl", "kl_weight", 1)] = value
         if summed[-1]:
             out["kl_skipped"] = int(summed[-1])
         self._sums = dict.fromkeys(self._sums, 0.0)
@@ -234,7 +262,11 @@ class IVKLCallback(IVCallback):
         self._reference, self._reference_ready, self._reference_engine = None, False, None
 
     def _update(self, state) -> None:
-        self.kl_weight = self.weight(state.global_step, state.max_steps)
+        self.kl_weights = [t.weight(state.global_step, state.max_steps) for t in self.terms]
+
+    def _kl_keys(self) -> list[str]:
+        """``kl`` for one term; ``kl_<positions>`` for each of several."""
+        return ["kl"] if len(self.terms) == 1 else [f"kl_{t.positions}" for t in self.terms]
 
     # -- the teacher -------------------------------------------------------------------------------
 
@@ -263,33 +295,46 @@ class IVKLCallback(IVCallback):
         return sorted({layer for iv in self.vectors for layer, _ in iv.heads})
 
     @torch.no_grad()
-    def _teacher_pass(self, module: nn.Module, input_ids, attention_mask, positions, columns):
-        """Teacher logits (and head outputs if needed), IVs at ``teacher_strength``; logits only at
-        sequence positions ``columns`` when not None (the LM head's share of the pass saved)."""
+    def _teacher_pass(
+        self, module: nn.Module, input_ids, attention_mask, positions, columns, *, with_iv=True
+    ):
+        """Teacher logits (and head outputs if needed) with the IVs at ``teacher_strength``; logits
+        only at sequence positions ``columns`` when not None (the LM head's share of the pass saved).
+        ``with_iv=False``: the heads' outputs only, without the IVs, from a pass that ends there."""
         teacher = self._reference if self._reference is not None else module
+        heads_here = self.head_mse_weight > 0 and (not with_iv or not self._separate_head_pass())
         with contextlib.ExitStack() as stack:
             if self._reference is None:  # the same modules: adapters and student IVs off
                 stack.enter_context(module.disable_adapter())  # type: ignore[operator]  # a PeftModel
                 stack.enter_context(suspend_interventions(module))
             stack.enter_context(eval_mode(teacher))
-            stack.enter_context(
-                add_to_residual(teacher, self.pairs, strength=self.teacher_strength, positions=positions)
-            )
+            if with_iv and self.pairs:
+                stack.enter_context(
+                    add_to_residual(teacher, self.pairs, strength=self.teacher_strength, positions=positions)
+                )
             heads = (
-                stack.enter_context(record_head_outputs(teacher, self._head_layers()))
-                if self.head_mse_weight > 0
-                else None
+                stack.enter_context(record_head_outputs(teacher, self._head_layers())) if heads_here else None
             )
+            if not with_iv:
+                stack.enter_context(stop_before(get_layout(teacher).attn_outputs[self._head_layers()[-1]]))
             kwargs = {"logits_to_keep": columns} if columns is not None else {}
             logits = teacher(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
             ).logits
-            return logits, (dict(heads) if heads is not None else None)
+        return logits if with_iv else None, (dict(heads) if heads is not None else None)
+
+    def _separate_head_pass(self) -> bool:
+        """Whether the head term needs its own teacher pass: its reference is the teacher without
+        the IVs, and some IV is added at or before a head's layer (the output of layer ``l``
+        changes the heads of later layers only)."""
+        if self.head_mse_reference == "with_iv" or self.teacher_strength == 0 or not self.pairs:
+            return False
+        return min(layer for layer, _ in self.pairs) < self._head_layers()[-1]
 
     def _columns(self, module: nn.Module, mask: torch.Tensor) -> torch.Tensor | None:
         """The sequence positions the KL needs teacher logits at, if fewer than all and the model
         takes ``logits_to_keep`` (transformers' causal LMs do)."""
-        if self.positions == "all":
+        if any(t.positions == "all" for t in self.terms):
             return None
         if self._keeps_logits is None:
             teacher = self._reference if self._reference is not None else module
@@ -324,39 +369,46 @@ class IVKLCallback(IVCallback):
             input_ids = args[0]
         num_items = kwargs.get("num_items_in_batch")
         prompt_end = last_prompt_positions(labels)
-        mask = kl_positions(self.positions, labels, attention_mask)  # type: ignore[arg-type]  # checked in __init__
+        masks = [kl_positions(t.positions, labels, attention_mask) for t in self.terms]
         # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
         # same modules, and the student's recording hooks would overwrite them with the teacher's
         student_heads = dict(self._student_heads) if self._student_heads is not None else None
         self._busy = True
         try:
-            columns = self._columns(module, mask)
+            columns = self._columns(module, torch.stack(masks).any(0))
             teacher_logits, teacher_heads = self._teacher_pass(
                 module, input_ids, attention_mask, prompt_end, columns
             )
+            if self.head_mse_weight > 0 and self._separate_head_pass():
+                _, teacher_heads = self._teacher_pass(
+                    module, input_ids, attention_mask, prompt_end, None, with_iv=False
+                )
         finally:
             self._busy = False
-        kl = kl_term(
-            output.logits,
-            teacher_logits,
-            mask,
-            direction=self.direction,  # type: ignore[arg-type]  # checked in __init__
-            temperature=self.temperature,
-            num_items_in_batch=num_items,
-            threshold=self.threshold,
-            overwrite_teacher=True,
-            teacher_columns=columns,
-        )
-        del teacher_logits  # only the KL's gradient is kept for backward
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
         self._device, self._global_items = output.loss.device, num_items is not None and self._tokens_across
         self._sums["ce"] += output.loss.detach() * scale  # a tensor: no device sync per step
         extra = output.loss.new_zeros(())
-        if kl is None:
-            self._skipped += 1
-        else:
-            extra = extra + self.kl_weight * kl
-            self._sums["kl"] += kl.detach() * scale
+        for i, (term, mask, key, weight) in enumerate(
+            zip(self.terms, masks, self._kl_keys(), self.kl_weights, strict=True)
+        ):
+            kl = kl_term(
+                output.logits,
+                teacher_logits,
+                mask,
+                direction=self.direction,  # type: ignore[arg-type]  # checked in __init__
+                temperature=self.temperature,
+                num_items_in_batch=num_items,
+                threshold=term.threshold,
+                overwrite_teacher=i == len(self.terms) - 1,  # the last reader may reuse the buffer
+                teacher_columns=columns,
+            )
+            if kl is None:
+                self._skipped += 1
+            else:
+                extra = extra + weight * kl
+                self._sums[key] += kl.detach() * scale
+        del teacher_logits  # only the KL's gradient is kept for backward
         if self.head_mse_weight > 0 and bool(prompt_end.any()):
             mse = self._head_mse(student_heads, teacher_heads, prompt_end, num_items)
             extra = extra + self.head_mse_weight * mse
@@ -365,13 +417,18 @@ class IVKLCallback(IVCallback):
         return output
 
     def _head_mse(self, student_heads, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
+        """Per head, the squared error at each row's last prompt token averaged over the head's
+        dimensions, summed over rows and normalised like the CE; a head whose mean over the rows is
+        not above ``head_mse_threshold`` adds nothing to this micro-batch."""
         rows, cols = prompt_end.nonzero(as_tuple=True)
-        total: Any = 0.0
+        total: Any = student_heads[next(iter(student_heads))].new_zeros((), dtype=torch.float32)
         for iv in self.vectors:
             for layer, head in iv.heads:
                 s = student_heads[layer][rows, cols, head].float()
                 t = teacher_heads[layer][rows, cols, head].float()
-                total = total + ((s - t) ** 2).mean(-1).sum()
+                per_row = ((s - t) ** 2).mean(-1)
+                if float(per_row.detach().mean()) > self.head_mse_threshold:
+                    total = total + per_row.sum()
         return total / (num_items if num_items is not None else rows.numel())
 
     # -- checkpoint state ----------------------------------------------------------------------------
@@ -380,16 +437,16 @@ class IVKLCallback(IVCallback):
         return {
             "args": {
                 "instruction_vectors": self._saved,
-                "weight": dataclasses.asdict(self.weight),
+                "terms": [dataclasses.asdict(t) for t in self.terms],
                 "teacher_strength": self.teacher_strength,
                 "direction": self.direction,
                 "temperature": self.temperature,
-                "positions": self.positions,
-                "threshold": self.threshold,
                 "head_mse_weight": self.head_mse_weight,
+                "head_mse_threshold": self.head_mse_threshold,
+                "head_mse_reference": self.head_mse_reference,
                 "iv_weights": self.weights,
             },
-            "attributes": {"kl_weight": self.kl_weight},
+            "attributes": {"kl_weights": self.kl_weights},
         }
 
 

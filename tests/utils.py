@@ -20,8 +20,16 @@ SMALL = {
 }
 
 
+# The mechanics tests use one KL term at every token and the annealed student IV (every path
+# active from step 0, no thresholds), not the default recipe (tested on its own).
+ONE_TERM = dict(
+    iv_strength_start=1.0, kl_positions="all", kl_weight=1.0, kl_threshold=0.0, head_mse_weight=0.0
+)
+
+
 def guided_config(tmp_path, **kw) -> IVGuidedConfig:
     values = dict(
+        **ONE_TERM,
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
         num_train_epochs=1,

@@ -117,7 +117,7 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
     from transformers import Trainer, TrainingArguments, set_seed
 
     from ivtrainer.evaluation.forgetting import evaluate_abilities, new_task_dataset, new_task_words
-    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+    from ivtrainer.iv_guided.iv_guided_config import RECIPES, IVGuidedConfig
     from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
 
     train_words, test_words, _ = new_task_words()
@@ -135,8 +135,8 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
         if name == "plain":
             args = _training_args(TrainingArguments, work / name, plan)
             trainer = Trainer(student, args, train_dataset=data, data_collator=collator)
-        else:  # the paper's recipe: IVGuidedConfig's defaults
-            args = _training_args(IVGuidedConfig, work / name, plan)
+        else:  # the settings docs/demo.md's figures were made with; the own-task IV recipe is next
+            args = _training_args(IVGuidedConfig, work / name, plan, **RECIPES["kl-all"])
             trainer = IVGuidedTrainer(
                 student, args, instruction_vectors=[iv], train_dataset=data, data_collator=collator
             )

@@ -3,32 +3,84 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KL_POSITIONS
+from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KL_POSITIONS, KLTerm
 from ivtrainer.iv_guided.schedules import SCHEDULES, Schedule
 from ivtrainer.utils.checks import finite_number, finite_numbers
 
-__all__ = ["IVGuidedConfig"]
+__all__ = ["RECIPES", "IVGuidedConfig"]
 
 
 def _field(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+#: Named recipes: plain IVGuidedConfig values (see IVGuidedConfig.recipe).
+RECIPES: dict[str, dict[str, Any]] = {
+    # FvForgetting's released code (src/tuning/trainer/base.py, scripts/train/seq*_fvg.sh): the
+    # teacher is the model before this task with the task's IV at the last prompt token; loss =
+    # CE + 20 KL(last prompt) + 0.1 KL(all tokens), T = 2, each KL counted above 0.1, + 1.0 MSE of
+    # the IV heads against the teacher without the IV, each head counted above 0.01; no IV on the
+    # student.
+    "fvforgetting": {
+        "iv_strength_start": 0.0,
+        "teacher_iv_strength": 1.0,
+        "kl_positions": ["last_prompt", "all"],
+        "kl_weight": [20.0, 0.1],
+        "kl_threshold": [0.1, 0.1],
+        "kl_direction": "reverse",
+        "kl_temperature": 2.0,
+        "head_mse_weight": 1.0,
+        "head_mse_threshold": 0.01,
+        "head_mse_reference": "without_iv",
+    },
+    # Jiang et al. 2024 (arXiv 2406.12227) add the progressive IV: the IV on the student too,
+    # annealed linearly from full strength to 0 over the first half of training.
+    "iv-paper": {
+        "iv_strength_start": 1.0,
+        "iv_strength_end": 0.0,
+        "iv_schedule": "linear",
+        "iv_schedule_fraction": 0.5,
+    },
+    # The control: the same KL terms towards the model before training, with no IV anywhere
+    # (anchored fine-tuning); no instruction vector needed.
+    "kl-anchor": {"teacher_iv_strength": 0.0, "head_mse_weight": 0.0},
+}
+# ivtrainer's defaults before the FvForgetting recipe (what the demo's and the forgetting
+# benchmark's documented figures used): the progressive IV on the student and one KL of weight 1
+# at every token towards the IV teacher, no thresholds, no head term.
+RECIPES["kl-all"] = {
+    **RECIPES["iv-paper"],
+    "kl_positions": ["all"],
+    "kl_weight": [1.0],
+    "kl_threshold": [0.0],
+    "head_mse_weight": 0.0,
+    "head_mse_threshold": 0.0,
+}
+RECIPES["iv-paper"] = {**RECIPES["fvforgetting"], **RECIPES["iv-paper"]}
+RECIPES["kl-anchor"] = {**RECIPES["fvforgetting"], **RECIPES["kl-anchor"]}
+_DEFAULT = RECIPES["fvforgetting"]
+
+
 @dataclasses.dataclass
 class IVGuidedConfig(TrainingArguments):
     """``TrainingArguments`` for :class:`~ivtrainer.IVGuidedTrainer`.
 
-    Loss: ``CE(student + a(t) * IV) + w_kl(t) * KL(student, teacher + teacher_iv_strength * IV)``
-    (+ ``head_mse_weight`` * MSE on the IV heads). ``a(t)`` follows ``iv_schedule`` from
+    Loss: ``CE(student + a(t) * IV) + sum_i w_i(t) * KL_i(student, teacher + teacher_iv_strength * IV)``
+    (+ ``head_mse_weight`` * MSE on the IV heads). Each KL term ``i`` covers ``kl_positions[i]``
+    with weight ``kl_weight[i]`` and counts only above ``kl_threshold[i]`` (one value applies to
+    every term); all terms share one teacher pass. ``a(t)`` follows ``iv_schedule`` from
     ``iv_strength_start`` to ``iv_strength_end`` over the first ``iv_schedule_fraction`` of the
-    optimizer steps; ``w_kl(t)`` likewise (constant by default). Every IV strength here is a
-    multiple of each IV's own strength (``InstructionVector.strength``, calibrated at extraction;
-    1 for an uncalibrated IV), so the defaults use each IV as it was calibrated.
+    optimizer steps; ``w_i(t)`` likewise with ``kl_schedule`` (constant by default). Every IV
+    strength here is a multiple of each IV's own strength (``InstructionVector.strength``,
+    calibrated at extraction; 1 for an uncalibrated IV).
+
+    The defaults are the public FvForgetting code's recipe (``IVGuidedConfig.recipe("fvforgetting")``);
+    :meth:`recipe` names the others.
     """
 
     instruction_vectors: list[str] | None = dataclasses.field(
@@ -43,7 +95,9 @@ class IVGuidedConfig(TrainingArguments):
     iv_schedule: Literal["constant", "linear", "cosine", "exponential", "step"] = _field(
         "linear", "How the student's IV strength anneals.", choices=list(SCHEDULES)
     )
-    iv_strength_start: float = _field(1.0, "Student IV strength at step 0.")
+    iv_strength_start: float = _field(
+        _DEFAULT["iv_strength_start"], "Student IV strength at step 0 (FvForgetting: 0, the IV paper: 1)."
+    )
     iv_strength_end: float = _field(0.0, "Student IV strength once the annealing window is over.")
     iv_schedule_fraction: float = _field(0.5, "Fraction of training the annealing takes, in [0, 1].")
     iv_positions: Literal["last_prompt", "last", "all"] = _field(
@@ -51,45 +105,112 @@ class IVGuidedConfig(TrainingArguments):
         "Where the IV is added: the last prompt token (before the first label), the last token, or all.",
     )
     teacher_iv_strength: float = _field(
-        1.0, "IV strength on the teacher (the model before this fine-tuning)."
+        _DEFAULT["teacher_iv_strength"], "IV strength on the teacher (the model before this fine-tuning)."
     )
-    kl_weight: float = _field(1.0, "KL weight at step 0 (and throughout with the constant schedule).")
-    kl_weight_end: float | None = _field(None, "KL weight after the window (default: kl_weight).")
+    kl_positions: list[str] = dataclasses.field(
+        default_factory=lambda: list(_DEFAULT["kl_positions"]),
+        metadata={
+            "help": "Tokens each KL term covers (FvForgetting: last_prompt all).",
+            "choices": list(KL_POSITIONS),
+        },
+    )
+    kl_weight: list[float] = dataclasses.field(
+        default_factory=lambda: list(_DEFAULT["kl_weight"]),
+        metadata={"help": "Each KL term's weight at step 0 (and throughout with the constant schedule)."},
+    )
+    kl_weight_end: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "Each KL weight after the window (default: kl_weight)."}
+    )
     kl_schedule: Literal["constant", "linear", "cosine", "exponential", "step"] = _field(
-        "constant", "How the KL weight changes.", choices=list(SCHEDULES)
+        "constant", "How the KL weights change.", choices=list(SCHEDULES)
     )
     kl_schedule_fraction: float = _field(1.0, "Fraction of training the KL schedule takes, in [0, 1].")
+    kl_threshold: list[float] = dataclasses.field(
+        default_factory=lambda: list(_DEFAULT["kl_threshold"]),
+        metadata={"help": "Drop a micro-batch's KL term below this mean value (FvForgetting: 0.1)."},
+    )
     kl_direction: Literal["forward", "reverse", "jsd"] = _field(
-        "reverse",
+        _DEFAULT["kl_direction"],
         "reverse = KL(student || teacher) (FvForgetting's), forward = KL(teacher || student), jsd.",
         choices=list(KL_DIRECTIONS),
     )
-    kl_temperature: float = _field(2.0, "Softmax temperature of the KL (FvForgetting: 2).")
-    kl_positions: Literal["all", "answer", "last_prompt"] = _field(
-        "all", "Tokens the KL covers.", choices=list(KL_POSITIONS)
+    kl_temperature: float = _field(
+        _DEFAULT["kl_temperature"], "Softmax temperature of the KL (FvForgetting: 2)."
     )
-    kl_threshold: float = _field(0.0, "Drop a micro-batch's KL below this mean value (FvForgetting: 0.1).")
-    head_mse_weight: float = _field(0.0, "Weight of the MSE between student and teacher IV-head outputs.")
+    head_mse_weight: float = _field(
+        _DEFAULT["head_mse_weight"], "Weight of the MSE between student and teacher IV-head outputs."
+    )
+    head_mse_threshold: float = _field(
+        _DEFAULT["head_mse_threshold"], "Count a head's MSE only above this value (FvForgetting: 0.01)."
+    )
+    head_mse_reference: Literal["with_iv", "without_iv"] = _field(
+        _DEFAULT["head_mse_reference"],
+        "The teacher pass the heads are compared with: without the IV (FvForgetting's) or the KL's, with it.",
+        choices=["with_iv", "without_iv"],
+    )
+
+    @classmethod
+    def recipe(cls, name: str, **overrides: Any) -> IVGuidedConfig:
+        """A config with a named recipe's values, then ``overrides`` (``output_dir=`` etc.):
+
+        - ``"fvforgetting"`` (the defaults): the public FvForgetting code's loss, the task's own IV
+          on the teacher only;
+        - ``"iv-paper"``: the same plus the progressive IV of Jiang et al. 2024 on the student;
+        - ``"kl-anchor"``: the same KL terms towards the model before training with no IV (the
+          control that shows what the IV adds);
+        - ``"kl-all"``: ivtrainer's earlier defaults, the progressive IV on the student and one KL
+          of weight 1 at every token towards the IV teacher.
+
+        The values are in ``ivtrainer.iv_guided.iv_guided_config.RECIPES``.
+        """
+        if name not in RECIPES:
+            raise InvalidInputError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
+        return cls(**{**RECIPES[name], **overrides})
 
     def __post_init__(self) -> None:
-        self.iv_schedule_obj()  # every value checked before the Trainer does any work
-        self.kl_schedule_obj()
+        self.kl_positions = (
+            [self.kl_positions] if isinstance(self.kl_positions, str) else list(self.kl_positions)
+        )
+        n = len(self.kl_positions)
+        for positions in self.kl_positions:
+            if positions not in KL_POSITIONS:
+                raise InvalidInputError(f"KL positions must be one of {KL_POSITIONS}, not {positions!r}")
+        if n == 0 or len(set(self.kl_positions)) != n:
+            raise InvalidInputError(
+                f"kl_positions must name one or more different positions, got {self.kl_positions}"
+            )
+        for name in ("kl_weight", "kl_weight_end", "kl_threshold"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            values = finite_numbers(name, [value] if isinstance(value, (int, float)) else list(value))
+            if len(set(values)) == 1:  # one value (or the same for each term) applies to every term
+                values = values[:1] * n
+            if len(values) != n:
+                raise InvalidInputError(
+                    f"{name} has {len(values)} values for {n} KL terms ({self.kl_positions}): give one per term, or one"
+                )
+            setattr(self, name, values)
+        self.kl_terms()  # every value checked before the Trainer does any work
+        self.iv_schedule_obj()
         if self.iv_positions not in ("last_prompt", "last", "all"):
             raise InvalidInputError(
                 f"iv_positions must be 'last_prompt', 'last' or 'all', not {self.iv_positions!r}"
             )
         if self.kl_direction not in KL_DIRECTIONS:
             raise InvalidInputError(f"kl_direction must be one of {KL_DIRECTIONS}, not {self.kl_direction!r}")
-        if self.kl_positions not in KL_POSITIONS:
-            raise InvalidInputError(f"kl_positions must be one of {KL_POSITIONS}, not {self.kl_positions!r}")
-        for name in ("teacher_iv_strength", "kl_temperature", "kl_threshold", "head_mse_weight"):
+        if self.head_mse_reference not in ("with_iv", "without_iv"):
+            raise InvalidInputError(
+                f"head_mse_reference must be 'with_iv' or 'without_iv', not {self.head_mse_reference!r}"
+            )
+        for name in ("teacher_iv_strength", "kl_temperature", "head_mse_weight", "head_mse_threshold"):
             finite_number(name, getattr(self, name))
         if self.iv_weights is not None:
             self.iv_weights = finite_numbers("iv_weights", self.iv_weights)
         if self.kl_temperature <= 0:
             raise InvalidInputError(f"kl_temperature must be > 0, got {self.kl_temperature}")
-        if min(self.kl_weight, self.kl_weight_end or 0.0, self.kl_threshold, self.head_mse_weight) < 0:
-            raise InvalidInputError("kl_weight, kl_weight_end, kl_threshold and head_mse_weight must be >= 0")
+        if min(self.head_mse_weight, self.head_mse_threshold) < 0:
+            raise InvalidInputError("head_mse_weight and head_mse_threshold must be >= 0")
         super().__post_init__()
 
     def iv_schedule_obj(self) -> Schedule:
@@ -97,6 +218,21 @@ class IVGuidedConfig(TrainingArguments):
             self.iv_schedule, self.iv_strength_start, self.iv_strength_end, self.iv_schedule_fraction
         )
 
-    def kl_schedule_obj(self) -> Schedule:
-        end = self.kl_weight if self.kl_weight_end is None else self.kl_weight_end
-        return Schedule(self.kl_schedule, self.kl_weight, end, self.kl_schedule_fraction)
+    def kl_terms(self) -> list[KLTerm]:
+        """One :class:`~ivtrainer.iv_guided.kl_loss.KLTerm` per entry of ``kl_positions``."""
+        ends = self.kl_weight_end if self.kl_weight_end is not None else self.kl_weight
+        return [
+            KLTerm(positions, Schedule(self.kl_schedule, start, end, self.kl_schedule_fraction), threshold)  # type: ignore[arg-type]  # checked in KLTerm
+            for positions, start, end, threshold in zip(
+                self.kl_positions, self.kl_weight, ends, self.kl_threshold, strict=True
+            )
+        ]
+
+    def uses_instruction_vectors(self) -> bool:
+        """Whether any term of this config adds an IV (``"kl-anchor"`` does not)."""
+        return (
+            self.iv_strength_start != 0
+            or self.iv_strength_end != 0
+            or self.teacher_iv_strength != 0
+            or self.head_mse_weight != 0
+        )

@@ -21,27 +21,32 @@ __all__ = ["IVGuidedMixin", "IVGuidedTrainer", "iv_guided_callbacks", "tokenize_
 
 
 def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors) -> list:
-    """The two callbacks an :class:`IVGuidedConfig` describes (what IVGuidedTrainer adds); add them
-    to a plain ``Trainer`` or ``SFTTrainer`` for the same training."""
-    return [
-        IVInterventionCallback(
-            instruction_vectors,
-            args.iv_schedule_obj(),
-            positions=args.iv_positions,
-            weights=args.iv_weights,
-        ),
+    """The callbacks an :class:`IVGuidedConfig` describes (what IVGuidedTrainer adds); add them to
+    a plain ``Trainer`` or ``SFTTrainer`` for the same training: an
+    :class:`~ivtrainer.callbacks.IVInterventionCallback` when the student's IV strength is ever
+    non-zero (not in FvForgetting's recipe), and the :class:`~ivtrainer.callbacks.IVKLCallback`."""
+    callbacks: list = []
+    schedule = args.iv_schedule_obj()
+    if schedule.start != 0 or schedule.end != 0:
+        callbacks.append(
+            IVInterventionCallback(
+                instruction_vectors, schedule, positions=args.iv_positions, weights=args.iv_weights
+            )
+        )
+    callbacks.append(
         IVKLCallback(
             instruction_vectors,
-            args.kl_schedule_obj(),
+            terms=args.kl_terms(),
             teacher_strength=args.teacher_iv_strength,
             direction=args.kl_direction,
             temperature=args.kl_temperature,
-            positions=args.kl_positions,
-            threshold=args.kl_threshold,
             head_mse_weight=args.head_mse_weight,
+            head_mse_threshold=args.head_mse_threshold,
+            head_mse_reference=args.head_mse_reference,
             iv_weights=args.iv_weights,
-        ),
-    ]
+        )
+    )
+    return callbacks
 
 
 class IVGuidedMixin(BaseTrainerMixin):
@@ -53,9 +58,8 @@ class IVGuidedMixin(BaseTrainerMixin):
 
     def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
         check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
-        vectors = load_vectors(
-            instruction_vectors if instruction_vectors is not None else args.instruction_vectors
-        )
+        given = instruction_vectors if instruction_vectors is not None else args.instruction_vectors
+        vectors = load_vectors(given) if given is not None or args.uses_instruction_vectors() else []
         for iv in vectors:
             iv.check_compatible(model)  # before any work
         self.iv_callbacks = iv_guided_callbacks(args, vectors)
@@ -63,7 +67,7 @@ class IVGuidedMixin(BaseTrainerMixin):
 
     @property
     def instruction_vectors(self):
-        return self.iv_callbacks[0].vectors
+        return self.iv_callbacks[-1].vectors
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: ce, kl, iv_strength, kl_weight, through report_to
@@ -81,17 +85,20 @@ class IVGuidedMixin(BaseTrainerMixin):
 
         args = self.args
         iv_schedule = args.iv_schedule_obj()
-        kl_schedule = args.kl_schedule_obj()
+        kl = ", ".join(
+            f"{t.positions} x{t.weight.start:g}"
+            + (f" -> {t.weight.end:g} ({t.weight.kind})" if t.weight.start != t.weight.end else "")
+            + (f" above {t.threshold:g}" if t.threshold else "")
+            for t in args.kl_terms()
+        )
         parameters = {
             "student IV strength": f"{iv_schedule.kind} {iv_schedule.start:g} -> {iv_schedule.end:g} over "
             f"{iv_schedule.fraction:.0%} of the steps",
             "IV positions": args.iv_positions,
             "teacher IV strength": args.teacher_iv_strength,
-            "KL weight": f"{kl_schedule.kind} {kl_schedule.start:g}"
-            + (f" -> {kl_schedule.end:g}" if kl_schedule.kind != "constant" else ""),
-            "KL": f"{args.kl_direction}, temperature {args.kl_temperature:g}, positions {args.kl_positions}, "
-            f"threshold {args.kl_threshold:g}",
-            "head MSE weight": args.head_mse_weight,
+            "KL terms": f"{kl}; {args.kl_direction}, temperature {args.kl_temperature:g}",
+            "head MSE": f"weight {args.head_mse_weight:g}, counted above {args.head_mse_threshold:g}, against the "
+            f"teacher {args.head_mse_reference.replace('_', ' ')}",
             "trained": adapter_description(self.model),
             "learning rate": args.learning_rate,
             "optimizer steps": self.state.global_step,
@@ -108,6 +115,8 @@ class IVGuidedMixin(BaseTrainerMixin):
         ]
         ivs = "| # | task | extracted on | edit layer | heads | weight |\n| --- | --- | --- | --- | --- | --- |\n"
         ivs += "\n".join(rows) + "\n\nThe vectors are in `instruction_vectors/` next to the weights."
+        if not rows:
+            ivs = "None: the teacher is the model before training, unchanged (a KL anchor)."
         write_trainer_card(self, "iv-guided", parameters, dataset_name, {"Instruction vectors": ivs})
 
     def train(self, *args: Any, **kwargs: Any):

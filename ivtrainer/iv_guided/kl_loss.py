@@ -10,20 +10,60 @@ gradient accumulation gives the gradients of one large batch (for ``threshold=0`
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.iv_guided.schedules import Schedule
 from ivtrainer.steering.intervention import last_prompt_positions
+from ivtrainer.utils.checks import finite_number
 
-__all__ = ["KL_DIRECTIONS", "KL_POSITIONS", "kl_positions", "kl_term", "token_kl"]
+__all__ = ["KL_DIRECTIONS", "KL_POSITIONS", "KLTerm", "kl_positions", "kl_term", "token_kl"]
 
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("last_prompt", "answer", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class KLTerm:
+    """One KL term of the loss: at which ``positions``, with what ``weight`` (a number, or a
+    :class:`~ivtrainer.iv_guided.schedules.Schedule` over training), counted in a micro-batch only
+    when its mean per-position value is above ``threshold``. FvForgetting's loss has two:
+    ``KLTerm("last_prompt", 20, 0.1)`` and ``KLTerm("all", 0.1, 0.1)``."""
+
+    positions: Literal["last_prompt", "answer", "all"] = "all"
+    weight: Schedule = dataclasses.field(default_factory=lambda: Schedule("constant", 1.0))
+    threshold: float = 0.0
+
+    def __init__(
+        self,
+        positions: Literal["last_prompt", "answer", "all"] = "all",
+        weight: float | Schedule | dict[str, Any] = 1.0,
+        threshold: float = 0.0,
+    ) -> None:
+        if positions not in KL_POSITIONS:
+            raise InvalidInputError(f"KL positions must be one of {KL_POSITIONS}, not {positions!r}")
+        if isinstance(weight, dict):
+            weight = Schedule(**weight)
+        if not isinstance(weight, Schedule):
+            weight = float(finite_number("KL weight", weight))
+            weight = Schedule("constant", weight, weight)
+        if min(weight.start, weight.end) < 0:
+            raise InvalidInputError(f"KL weights must be >= 0, got {weight.start:g} -> {weight.end:g}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0 <= threshold < math.inf
+        ):
+            raise InvalidInputError(f"a KL threshold must be a finite number >= 0, got {threshold!r}")
+        object.__setattr__(self, "positions", positions)
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "threshold", float(threshold))
 
 
 def kl_positions(

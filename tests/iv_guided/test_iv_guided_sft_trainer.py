@@ -76,6 +76,12 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer):
             "answer",
             "--kl_weight",
             "2.0",
+            "--kl_threshold",
+            "0",
+            "--head_mse_weight",
+            "0",
+            "--iv_strength_start",
+            "1",
             "--completion_only_loss",
             "true",
         ]

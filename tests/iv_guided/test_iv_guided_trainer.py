@@ -257,7 +257,7 @@ def test_push_to_hub_sends_weights_vectors_and_an_honest_card(tmp_path, iv, data
         "- ivtrainer",
     ):
         assert text in card, text
-    assert "0.5" in card.split("KL weight")[1].splitlines()[0]
+    assert "all x0.5; reverse, temperature 2" in card.split("KL terms")[1].splitlines()[0]
 
 
 def test_push_without_a_token_fails_before_any_work(tmp_path, iv, data, monkeypatch):
