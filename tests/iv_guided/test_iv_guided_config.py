@@ -101,5 +101,7 @@ def test_config_errors(kw, match):
 
 
 def test_an_unknown_recipe_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown recipe 'fv'.*\['fvforgetting', 'iv-paper', 'kl-all', 'kl-anchor'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown recipe 'fv'.*\['fvforgetting', 'iv-paper', 'kl-all', 'kl-anchor'\]"
+    ):
         IVGuidedConfig.recipe("fv", output_dir="o")
