@@ -359,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
         help="heads summed (default: 5, 10 or 20 by calibration; 10 without)",
     )
     ex.add_argument("--n-shots", type=int, default=10)
-    ex.add_argument("--n-mean-prompts", type=int, default=100)
+    ex.add_argument("--n-mean-prompts", type=int, help="default 100; 25 with --heads")
     ex.add_argument("--n-cie-prompts", type=int, default=25)
     ex.add_argument(
         "--edit-layer",

@@ -86,7 +86,15 @@ class IVGuidedConfig(TrainingArguments):
     instruction_vectors: list[str] | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Instruction-vector folders or Hub ids (one per earlier task / ability); or pass them to the trainer."
+            "help": "Instruction-vector folders or Hub ids, or 'auto': the training data's own IV, extracted before "
+            "training (FvForgetting's recipe); or pass them to the trainer."
+        },
+    )
+    auto_iv_heads: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "With instruction_vectors auto: a saved head set (folder or Hub id) to extract the training "
+            "data's IV from (FvForgetting's universal heads; only mean activations, no CIE)."
         },
     )
     iv_weights: list[float] | None = dataclasses.field(

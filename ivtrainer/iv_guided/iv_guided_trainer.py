@@ -15,6 +15,7 @@ from ivtrainer.callbacks.iv_intervention import IVLike, check_labels_reach_the_m
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+from ivtrainer.iv_guided.own_task_iv import AUTO, own_task_iv
 from ivtrainer.utils.distributed import check_deepspeed_config
 
 __all__ = ["IVGuidedMixin", "IVGuidedTrainer", "iv_guided_callbacks", "tokenize_prompt_completion"]
@@ -59,7 +60,22 @@ class IVGuidedMixin(BaseTrainerMixin):
     def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
         check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
         given = instruction_vectors if instruction_vectors is not None else args.instruction_vectors
-        vectors = load_vectors(given) if given is not None or args.uses_instruction_vectors() else []
+        if given == AUTO or given == [AUTO]:  # FvForgetting's recipe: the training data's own IV
+            given = own_task_iv(
+                model,
+                kwargs.get("processing_class"),
+                kwargs.get("train_dataset"),
+                heads=args.auto_iv_heads,
+                seed=args.seed,
+                progress=not args.disable_tqdm,
+            )
+        if given is None and args.uses_instruction_vectors():
+            raise InvalidInputError(
+                "no instruction vector given: pass instruction_vectors='auto' (the training data's own IV, "
+                "FvForgetting's recipe), IV folders written by `ivtrainer extract-iv`, or InstructionVector objects; "
+                "or use IVGuidedConfig.recipe('kl-anchor', ...) for a KL anchor without IV"
+            )
+        vectors = load_vectors(given) if given is not None else []
         for iv in vectors:
             iv.check_compatible(model)  # before any work
         self.iv_callbacks = iv_guided_callbacks(args, vectors)
@@ -137,6 +153,8 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         args: an :class:`~ivtrainer.IVGuidedConfig`.
         instruction_vectors: InstructionVectors, folders or Hub ids (default:
             ``args.instruction_vectors``); several are added together, each at its own layer.
+            ``"auto"``: the IV of the training data itself, extracted from ``model`` before training
+            (FvForgetting's recipe; from the head set ``args.auto_iv_heads`` when given).
 
     ``train_dataset`` may be tokenised with ``labels`` or have ``prompt``/``completion`` text
     columns (tokenised here with the ``processing_class``; the loss covers the completion).

@@ -1,0 +1,111 @@
+"""The instruction vector of the task being trained, from its own training data: what the public
+FvForgetting code puts on the teacher (``instruction_vectors="auto"``).
+
+The pairs come from the training rows (prompt/completion or input/output text, or tokenised rows
+whose labels mark the answer), and the IV is extracted as any other
+(:func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector`: few-shot prompts built
+from those pairs), on the model as it is before this training.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+from transformers.utils import logging
+
+from ivtrainer.datasets.tasks import Example
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.steering.head_set import HeadSet
+from ivtrainer.steering.instruction_vector import InstructionVector, extract_instruction_vector
+
+__all__ = ["AUTO", "own_task_iv", "training_pairs"]
+
+logger = logging.get_logger(__name__)
+
+#: The value of ``instruction_vectors`` that asks for the training data's own IV.
+AUTO = "auto"
+
+# Rows read from the training data: enough for 100 ten-shot prompts and 64 calibration pairs.
+MAX_PAIRS = 512
+
+
+def training_pairs(dataset: Any, tokenizer: Any = None, *, limit: int = MAX_PAIRS) -> list[Example]:
+    """``{"input", "output"}`` pairs from the first ``limit`` training rows.
+
+    Rows may have ``prompt``/``completion`` or ``input``/``output`` text, or ``input_ids`` with
+    ``labels`` (-100 on the prompt), decoded with ``tokenizer``. Rows with an empty side are skipped.
+    """
+    columns = list(getattr(dataset, "column_names", None) or [])
+    rows = [dataset[i] for i in range(min(limit, len(dataset)))] if hasattr(dataset, "__len__") else []
+    if not rows:
+        raise InvalidInputError(
+            "instruction_vectors='auto' needs a training dataset with rows (a map-style datasets.Dataset or "
+            "list) to extract the task's IV from; extract it first (`ivtrainer extract-iv`) for streamed data"
+        )
+    columns = columns or list(rows[0])
+    if {"prompt", "completion"} <= set(columns):
+        pairs = [(r["prompt"], r["completion"]) for r in rows]
+    elif {"input", "output"} <= set(columns):
+        pairs = [(r["input"], r["output"]) for r in rows]
+    elif {"input_ids", "labels"} <= set(columns):
+        if tokenizer is None:
+            raise InvalidInputError(
+                "instruction_vectors='auto' on tokenised data needs processing_class= (the tokenizer) to read "
+                "the prompts and answers back"
+            )
+        pairs = [_decoded(tokenizer, r["input_ids"], r["labels"]) for r in rows]
+    else:
+        raise InvalidInputError(
+            f"instruction_vectors='auto' cannot find prompts and answers in the columns {columns}: give "
+            "prompt/completion or input/output text, or input_ids with labels (-100 on the prompt)"
+        )
+    out = []
+    for prompt, answer in pairs:
+        if isinstance(prompt, str) and isinstance(answer, str) and prompt.strip() and answer.strip():
+            out.append({"input": prompt.strip(), "output": answer.strip()})
+    return out
+
+
+def _decoded(tokenizer: Any, input_ids, labels) -> tuple[str, str]:
+    prompt = [t for t, label in zip(input_ids, labels, strict=False) if label == -100]
+    answer = [t for t, label in zip(input_ids, labels, strict=False) if label != -100]
+    return (
+        tokenizer.decode(prompt, skip_special_tokens=True),
+        tokenizer.decode(answer, skip_special_tokens=True),
+    )
+
+
+def own_task_iv(
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    heads: HeadSet | str | os.PathLike | None = None,
+    name: str = "training data",
+    seed: int = 0,
+    progress: bool | None = None,
+) -> InstructionVector:
+    """The IV of the task in ``dataset``, extracted on ``model`` as it is now (the package's
+    default extraction: calibrated; from a saved universal head set with ``heads=``, as the
+    public FvForgetting code does, which costs only the mean activations)."""
+    from ivtrainer.utils.distributed import is_zero3_partitioned
+
+    if is_zero3_partitioned(model):
+        raise InvalidInputError(
+            "instruction_vectors='auto' cannot extract an IV from a ZeRO-3-partitioned model: extract it first "
+            "(`ivtrainer extract-iv --task train.jsonl --out task-iv`) and pass the folder"
+        )
+    pairs = training_pairs(dataset, tokenizer)
+    iv = extract_instruction_vector(
+        model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress
+    )
+    calibration = iv.metrics.get("calibration", {})
+    logger.warning(
+        "instruction_vectors='auto': the IV of the training data (%d pairs): %d heads, layer %d, strength %g%s",
+        len(pairs), len(iv.heads), iv.edit_layer, iv.strength,
+        f", zero-shot {calibration['base_accuracy']:.2f} -> {calibration['accuracy']:.2f} on calibration pairs"
+        if "accuracy" in calibration else "",
+    )  # fmt: skip
+    return iv

@@ -1,0 +1,91 @@
+"""instruction_vectors="auto": the training data's own IV, extracted before training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from ivtrainer import IVGuidedTrainer, extract_head_set, extract_instruction_vector
+from ivtrainer.datasets.prompt_completion import encode_prompt_completion
+from ivtrainer.datasets.tasks import load_task
+from ivtrainer.iv_guided.own_task_iv import training_pairs
+from ivtrainer.testing import tiny_model
+from tests.utils import guided_config
+
+PAIRS = load_task("antonym")[:24]
+
+
+def prompt_completion_rows() -> Dataset:
+    return Dataset.from_list(
+        [{"prompt": f"Q: {p['input']}\nA:", "completion": f" {p['output']}"} for p in PAIRS]
+    )
+
+
+def test_pairs_from_text_columns_and_from_tokenised_rows(tokenizer):
+    rows = [{"prompt": p["input"], "completion": " " + p["output"]} for p in PAIRS[:3]]
+    rows.append({"prompt": "empty answer", "completion": " "})  # skipped
+    assert training_pairs(Dataset.from_list(rows)) == PAIRS[:3]
+    assert training_pairs(Dataset.from_list(PAIRS[:3])) == PAIRS[:3]
+    encoded = Dataset.from_list(
+        [encode_prompt_completion(tokenizer, p["input"], " " + p["output"], add_eos=True) for p in PAIRS[:3]]
+    )
+    assert training_pairs(encoded, tokenizer) == PAIRS[:3]
+    assert len(training_pairs(Dataset.from_list(PAIRS), limit=5)) == 5
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([{"text": "a"}], r"cannot find prompts and answers in the columns \['text'\]"),
+        ([{"input_ids": [1, 2], "labels": [-100, 2]}], "needs processing_class"),
+        ([], "needs a training dataset with rows"),
+    ],
+)
+def test_data_without_pairs_is_refused(rows, match):
+    with pytest.raises(ValueError, match=match):
+        training_pairs(rows, None)
+
+
+def test_the_trainer_extracts_the_training_datas_iv_before_training(tmp_path, tokenizer):
+    rows = Dataset.from_list(
+        [{"prompt": f"Q: {p['input']}\nA:", "completion": f" {p['output']}"} for p in PAIRS]
+    )
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = IVGuidedTrainer(
+        model,
+        guided_config(tmp_path, max_steps=1, disable_tqdm=True),
+        instruction_vectors="auto",
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
+    (iv,) = trainer.instruction_vectors
+    expected = extract_instruction_vector(
+        tiny_model("llama"), tokenizer, training_pairs(rows), seed=0, progress=False
+    )
+    assert iv.task == "training data" and iv.heads == expected.heads and iv.strength == expected.strength
+    torch.testing.assert_close(iv.vector, expected.vector)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # extraction left it as it was
+    trainer.train()
+    saved = tmp_path / "run" / "instruction_vectors" / "kl" / "0" / "instruction_vector.json"
+    assert saved.is_file() and '"training data"' in saved.read_text()
+    trainer.create_model_card()
+    assert "| 0 | training data |" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_auto_from_a_saved_head_set(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    cheap = {"n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+    extract_head_set(model, tokenizer, ["antonym", "uppercase"], **cheap).save_pretrained(tmp_path / "heads")
+    trainer = IVGuidedTrainer(
+        model,
+        guided_config(tmp_path, max_steps=1, auto_iv_heads=str(tmp_path / "heads")),
+        instruction_vectors="auto",
+        train_dataset=prompt_completion_rows(),
+        processing_class=tokenizer,
+    )
+    (iv,) = trainer.instruction_vectors
+    assert (
+        iv.settings["head_set"]["tasks"] == ["antonym", "uppercase"] and iv.settings["n_mean_prompts"] == 25
+    )
