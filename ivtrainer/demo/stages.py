@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ivtrainer.demo.plan import DemoPlan
+from ivtrainer.utils.progress import with_progress_bar
 
 
 def _fresh(model: nn.Module) -> nn.Module:
@@ -36,29 +36,6 @@ def _training_args(cls, out: Path, plan: DemoPlan, **overrides: Any):
         use_cpu=not torch.cuda.is_available(),
     )
     return cls(**{**values, **overrides})
-
-
-def _with_bar(trainer, desc: str):
-    """Replace the Trainer's log printer by one progress bar named ``desc`` showing the loss."""
-    from transformers import PrinterCallback, TrainerCallback
-
-    class _Bar(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, desc=desc, unit="step", leave=False)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(_Bar())
-    return trainer
 
 
 def _collator(tokenizer):
@@ -140,7 +117,7 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
             trainer = IVGuidedTrainer(
                 student, args, instruction_vectors=[iv], train_dataset=data, data_collator=collator
             )
-        _with_bar(trainer, f"LoRA, {name.replace('_', '-')}").train()
+        with_progress_bar(trainer, f"LoRA, {name.replace('_', '-')}").train()
         student.save_pretrained(out / "adapters" / f"new_task_{name}")
         scores[name] = evaluate(student)
         del trainer, student
@@ -179,7 +156,9 @@ def stage_knowledge_update(model, tokenizer, edits, plan: DemoPlan, out: Path, w
     set_seed(plan.seed)
     forget = get_peft_model(_fresh(model), _lora_config())
     args = _training_args(TrainingArguments, work / "old", plan, **{**common, "learning_rate": 1e-3})
-    _with_bar(Trainer(forget, args, train_dataset=old, data_collator=collator), "old facts, LoRA").train()
+    with_progress_bar(
+        Trainer(forget, args, train_dataset=old, data_collator=collator), "old facts, LoRA"
+    ).train()
     old_adapter = out / "adapters" / "old_knowledge"
     forget.save_pretrained(old_adapter)
     del forget
@@ -187,7 +166,9 @@ def stage_knowledge_update(model, tokenizer, edits, plan: DemoPlan, out: Path, w
     set_seed(plan.seed)
     student = _fresh(model)
     args = _training_args(TrainingArguments, work / "ft", plan, **common)
-    _with_bar(Trainer(student, args, train_dataset=new, data_collator=collator), "new facts, FT").train()
+    with_progress_bar(
+        Trainer(student, args, train_dataset=new, data_collator=collator), "new facts, FT"
+    ).train()
     scores["plain"] = score(student)
     del student
 
@@ -204,7 +185,7 @@ def stage_knowledge_update(model, tokenizer, edits, plan: DemoPlan, out: Path, w
     trainer = FLearningTrainer(
         _fresh(model), config, train_dataset=new, old_adapter=str(old_adapter), data_collator=collator
     )
-    _with_bar(trainer, "new facts, F-Learning").train()
+    with_progress_bar(trainer, "new facts, F-Learning").train()
     scores["f_learning"] = score(trainer.model)
     return {
         "n_edits": len(edits),

@@ -37,6 +37,7 @@ __all__ = [
     "QUESTIONS",
     "evaluate_abilities",
     "held_out_mean",
+    "icl_abilities",
     "instruction_hits",
     "new_task_dataset",
     "new_task_prompt",
@@ -92,17 +93,10 @@ def evaluate_abilities(
     its demonstration pool (choose settings there). ``facts`` are edit records (``prompt``,
     ``subject``, ``target_old``, ``relation``), e.g. from :func:`~ivtrainer.build_counterfacts`.
     """
-    builder = PromptBuilder(tokenizer)
-    tasks = list_tasks()
     scores: dict[str, float] = {}
-    with tqdm(total=len(tasks) + 3, desc="evaluating", unit="part", disable=not progress, leave=False) as bar:
-        for task in tasks:
-            rng = random.Random(task)
-            pool, held = load_task(task), load_task(task, "held_out")
-            queries = held[:n_icl] if split == "test" else None
-            prompts = builder.sample(pool, n_icl, 5, rng, queries=queries)
-            scores[f"icl/{task}"] = first_token_accuracy(model, prompts)
-            bar.update()
+    with tqdm(total=4, desc="evaluating", unit="part", disable=not progress, leave=False) as bar:
+        scores.update(icl_abilities(model, tokenizer, split=split, n_icl=n_icl))
+        bar.update()
         completion = target_predictions(
             model, tokenizer, [f["prompt"] for f in facts], [f["target_old"] for f in facts]
         )
@@ -127,6 +121,20 @@ def evaluate_abilities(
         )
         scores["new_task"] = statistics.mean(float(p == t) for p, t in new)
         bar.update()
+    return scores
+
+
+def icl_abilities(model: nn.Module, tokenizer, *, split: str = "test", n_icl: int = 40) -> dict[str, float]:
+    """``icl/<task>``: 5-shot first-token accuracy on each built-in task, ``n_icl`` prompts each
+    (queries from its held-out pairs for ``split="test"``, from its demonstration pool otherwise)."""
+    builder = PromptBuilder(tokenizer)
+    scores = {}
+    for task in list_tasks():
+        rng = random.Random(task)
+        pool, held = load_task(task), load_task(task, "held_out")
+        queries = held[:n_icl] if split == "test" else None
+        prompts = builder.sample(pool, n_icl, 5, rng, queries=queries)
+        scores[f"icl/{task}"] = first_token_accuracy(model, prompts)
     return scores
 
 

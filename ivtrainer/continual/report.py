@@ -1,0 +1,77 @@
+"""A continual run's ``results.md``, its accuracy-matrix heatmap and per-task accuracy curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ivtrainer.utils.outputs import atomic_file
+
+__all__ = ["results_markdown", "write_report"]
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    names, matrix = results["tasks"], results["accuracy_matrix"]
+    settings = results["settings"]
+    lines = [
+        f"# Continual instruction tuning: {settings['method']}, {'LoRA' if settings['lora'] else 'full'}, "
+        f"seed {settings['seed']}",
+        "",
+        f"Model `{settings['model']}`; tasks in order: {', '.join(names)}. Exact-match accuracy on each task's "
+        "test rows after each stage (stage 0: before training).",
+        "",
+        "| stage | " + " | ".join(names) + " | held-out abilities (5-shot ICL) |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | ---: |",
+    ]
+    for stage, row in enumerate(matrix):
+        label = "before" if stage == 0 else f"{stage}: {names[stage - 1]}"
+        cells = " | ".join(f"{v:.2f}" for v in row)
+        lines.append(f"| {label} | {cells} | {results['abilities_mean'][stage]:.2f} |")
+    forgetting = ", ".join(f"{n} {f:.2f}" for n, f in zip(names, results["forgetting"], strict=False))
+    seconds = results["seconds"]
+    lines += [
+        "",
+        f"**AP** {results['AP']:.3f}, **BWT** {results['BWT']:+.3f}, **FWT** {results['FWT']:+.3f}; "
+        f"forgetting per task: {forgetting or '-'}; held-out abilities {results['ability_retention']:+.3f} "
+        "from before to after.",
+        "",
+        f"Time: training {seconds['train']:.0f} s, evaluation {seconds['evaluate']:.0f} s, IV extraction "
+        f"{seconds['iv']:.0f} s (this process; stages finished by an earlier run are not counted).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    with atomic_file(out / "results.md") as tmp:
+        tmp.write_text(results_markdown(results))
+    try:
+        from ivtrainer.evaluation.plotting import _pyplot, _save
+    except ImportError:  # pragma: no cover - plotting lives in the package
+        return
+    try:
+        plt = _pyplot()
+    except Exception:  # no matplotlib: the tables are the report
+        return
+    names, matrix = results["tasks"], results["accuracy_matrix"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.6 * len(matrix) + 1.5))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), ["before", *(f"after {n}" for n in names)])
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="exact match")
+    ax.set_title(f"{results['settings']['method']}: accuracy after each stage")
+    fig.tight_layout()
+    _save(fig, out / "accuracy_matrix.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    stages = range(len(matrix))
+    for j, name in enumerate(names):
+        ax.plot(stages, [row[j] for row in matrix], marker="o", label=name)
+    ax.plot(stages, results["abilities_mean"], color="black", linestyle="--", label="held-out abilities")
+    ax.set_xticks(list(stages), ["before", *names], rotation=30, ha="right")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out / "accuracy_curves.png")

@@ -1,0 +1,332 @@
+"""Continual instruction tuning: train a sequence of tasks in turn and score every task after
+every stage (what the IV papers evaluate).
+
+LoRA (the public FvForgetting code's setting): each task trains a new adapter (r 8 on q_proj and
+v_proj) on the model with the earlier tasks' adapters merged in. Full fine-tuning trains the
+weights themselves. Methods, all behind the same loop:
+
+- ``plain``: sequential fine-tuning;
+- ``replay``: plus ``replay_fraction`` of each earlier task's training rows mixed in;
+- ``kl-anchor``: ``IVGuidedConfig.recipe("kl-anchor")``, the KL terms towards the model before this
+  task, no IV;
+- ``iv-guided``: ``IVGuidedConfig.recipe("fvforgetting")`` with the task's own IV, extracted from
+  its training rows on the model before it is trained.
+
+Every stage writes ``stages/<s>/`` (scores, the adapter or the IV) before the next begins, so a
+run killed in stage 3 and started again with the same settings continues from stage 3 and ends
+with the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ivtrainer.continual.metrics import continual_scores
+from ivtrainer.continual.sequence_tasks import ORDERS, SEQUENCE_TASKS, load_sequence_task
+from ivtrainer.datasets.tasks import load_examples
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.utils.outputs import atomic_dir, atomic_file
+from ivtrainer.utils.progress import with_progress_bar
+
+__all__ = ["METHODS", "ContinualSettings", "run_sequence"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("plain", "replay", "kl-anchor", "iv-guided")
+Method = Literal["plain", "replay", "kl-anchor", "iv-guided"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualSettings:
+    """What defines a run: a resumed run must have the same (checked before any training)."""
+
+    tasks: tuple[str, ...]
+    method: Method = "iv-guided"
+    model: str = "default"
+    lora: bool = True
+    seed: int = 0
+    epochs: float = 2.0
+    learning_rate: float | None = None  # default: 5e-4 LoRA, 2e-5 full
+    batch_size: int = 8
+    n_train: int | None = None  # rows per task (default: all of its train split)
+    n_test: int | None = None  # test rows per task (default: all)
+    n_icl: int = 24  # 5-shot prompts per held-out ability
+    replay_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise InvalidInputError(
+                "the task list is empty: name at least one task (built-in or a JSON/JSONL file)"
+            )
+        if len(set(self.tasks)) != len(self.tasks):
+            raise InvalidInputError(f"a task appears twice in {list(self.tasks)}")
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method must be one of {METHODS}, not {self.method!r}")
+        if not 0 <= self.replay_fraction <= 1:
+            raise InvalidInputError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        for name in ("batch_size", "n_icl"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else (5e-4 if self.lora else 2e-5)
+
+
+def task_rows(task: str, split: str) -> list[dict[str, str]]:
+    """Rows of a built-in sequence task, or of a JSON/JSONL file of ``{"input", "output"}`` pairs
+    (prompt = the input, completion = a space and the output; 20% test, 10% validation, fixed)."""
+    if task in SEQUENCE_TASKS:
+        return load_sequence_task(task, split)  # type: ignore[arg-type]  # checked there
+    path = Path(task).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(
+            f"unknown task {task!r}: name a built-in sequence task ({sorted(SEQUENCE_TASKS)}) or a JSON/JSONL file"
+        )
+    pairs = load_examples(path)
+    random.Random(f"sequence/{path.name}").shuffle(pairs)
+    n_test, n_val = max(1, len(pairs) // 5), max(1, len(pairs) // 10)
+    if len(pairs) - n_test - n_val < 1:
+        raise InvalidInputError(f"{task}: {len(pairs)} pairs leave nothing to train on; give at least 3")
+    chosen = {
+        "test": pairs[:n_test],
+        "validation": pairs[n_test : n_test + n_val],
+        "train": pairs[n_test + n_val :],
+    }
+    return [
+        {"prompt": p["input"], "completion": " " + p["output"], "input": p["input"], "output": p["output"]}
+        for p in chosen[split]
+    ]
+
+
+def _name(task: str) -> str:
+    return task if task in SEQUENCE_TASKS else Path(task).stem
+
+
+def run_sequence(
+    tasks: Sequence[str] | None = None,
+    *,
+    out: str | os.PathLike,
+    method: Method = "iv-guided",
+    model: str = "default",
+    lora: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Train ``tasks`` in order with ``method`` and score every task (test split) and the held-out
+    abilities (5-shot ICL on the built-in word tasks) after every stage; write ``out/results.json``,
+    ``results.md`` and two plots, and return the results. ``tasks`` default to ``ORDERS["order1"]``;
+    ``settings`` are further :class:`ContinualSettings` fields. Started again on the same ``out``
+    with the same settings, it continues after the last finished stage."""
+    config = ContinualSettings(
+        tasks=tuple(tasks) if tasks is not None else tuple(ORDERS["order1"]),
+        method=method, model=model, lora=lora, seed=seed, **settings,
+    )  # fmt: skip
+    rows = {
+        t: {s: task_rows(t, s) for s in ("train", "test")} for t in config.tasks
+    }  # every task checked now
+    out = Path(out)
+    _check_resume(out, config)
+    from transformers import set_seed
+
+    from ivtrainer.modeling.loading import load_model
+
+    set_seed(config.seed)
+    current, tokenizer = load_model(config.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    times = {"train": 0.0, "evaluate": 0.0, "iv": 0.0}
+    stages: list[dict[str, Any]] = []
+    for stage in range(len(config.tasks) + 1):
+        folder = out / "stages" / str(stage)
+        if (folder / "scores.json").is_file():  # finished in an earlier run: rebuild its model
+            stages.append(json.loads((folder / "scores.json").read_text()))
+            if stage > 0:
+                current = _restore(current, folder, config)
+            continue
+        if stage > 0:
+            task = config.tasks[stage - 1]
+            logger.warning("stage %d of %d: %s (%s)", stage, len(config.tasks), _name(task), config.method)
+            with atomic_dir(folder) as tmp:
+                current = _train_stage(current, tokenizer, config, stage, rows, tmp, times, progress)
+                start = time.perf_counter()
+                scores = _evaluate(current, tokenizer, config, rows)
+                times["evaluate"] += time.perf_counter() - start
+                (tmp / "scores.json").write_text(json.dumps(scores, indent=1))
+            if not config.lora and stage > 1:  # only the latest full model is needed to continue
+                shutil.rmtree(out / "stages" / str(stage - 1) / "model", ignore_errors=True)
+        else:
+            start = time.perf_counter()
+            scores = _evaluate(current, tokenizer, config, rows)
+            times["evaluate"] += time.perf_counter() - start
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(folder / "scores.json") as tmp_file:
+                tmp_file.write_text(json.dumps(scores, indent=1))
+        stages.append(scores)
+    return _write_results(out, config, stages, times)
+
+
+def _check_resume(out: Path, config: ContinualSettings) -> None:
+    path = out / "settings.json"
+    wanted = dataclasses.asdict(config)
+    wanted["tasks"] = list(config.tasks)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+            raise InvalidInputError(
+                f"{out} holds a run with other settings ({', '.join(diff)} differ): give another --out, or the same "
+                "settings to continue it"
+            )
+        return
+    from ivtrainer.utils.outputs import check_output_dir
+
+    check_output_dir(out, inputs=[t for t in config.tasks if Path(t).expanduser().is_file()])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(wanted, indent=1))
+
+
+def _training_args(
+    cls, config: ContinualSettings, output_dir: Path, stage: int, progress: bool, **extra: Any
+):
+    return cls(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        learning_rate=config.lr,
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,  # with_progress_bar shows one bar per stage
+        seed=config.seed + stage,
+        data_seed=config.seed + stage,
+        use_cpu=not torch.cuda.is_available(),
+        **extra,
+    )
+
+
+def _train_stage(
+    current: nn.Module, tokenizer, config, stage: int, rows, folder: Path, times, progress
+) -> nn.Module:
+    """Train the stage's task on ``current``; the model after it (LoRA: the adapter merged in)."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from ivtrainer.iv_guided.iv_guided_config import RECIPES, IVGuidedConfig
+    from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer, tokenize_prompt_completion
+    from ivtrainer.iv_guided.own_task_iv import own_task_iv
+
+    task = config.tasks[stage - 1]
+    train = rows[task]["train"][: config.n_train]
+    if config.method == "replay":
+        rng = random.Random(config.seed + stage)
+        for earlier in config.tasks[: stage - 1]:
+            pool = rows[earlier]["train"][: config.n_train]
+            train = train + rng.sample(pool, round(config.replay_fraction * len(pool)))
+    pairs = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train])
+    data = tokenize_prompt_completion(pairs, tokenizer)
+    vectors = []
+    if config.method == "iv-guided":  # on the model before this task, as the public code does
+        start = time.perf_counter()
+        iv = own_task_iv(current, tokenizer, pairs, name=_name(task), seed=config.seed, progress=progress)
+        times["iv"] += time.perf_counter() - start
+        iv.save_pretrained(folder / "instruction_vector")
+        vectors = [iv]
+    set_seed(config.seed + stage)
+    student: Any = current  # a PeftModel with LoRA
+    if config.lora:  # a new adapter over the earlier ones, merged (FvForgetting's --create_new_adapter)
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        student = get_peft_model(current, lora)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    scratch = folder / "trainer"
+    if config.method in ("plain", "replay"):
+        args = _training_args(TrainingArguments, config, scratch, stage, progress)
+        trainer = Trainer(student, args, train_dataset=data, data_collator=collator)
+    else:
+        recipe = RECIPES["fvforgetting" if config.method == "iv-guided" else "kl-anchor"]
+        args = _training_args(IVGuidedConfig, config, scratch, stage, progress, **recipe)
+        trainer = IVGuidedTrainer(
+            student, args, instruction_vectors=vectors or None, train_dataset=data, data_collator=collator
+        )
+    start = time.perf_counter()
+    with_progress_bar(trainer, f"stage {stage}: {_name(task)}", disable=not progress).train()
+    times["train"] += time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    if config.lora:
+        student.save_pretrained(folder / "adapter")
+        return student.merge_and_unload()
+    student.save_pretrained(folder / "model")
+    return student
+
+
+def _restore(current: nn.Module, folder: Path, config: ContinualSettings) -> nn.Module:
+    """The model after a finished stage, from ``current`` (the model before it)."""
+    if config.lora:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(current, folder / "adapter").merge_and_unload()
+    if (folder / "model").is_dir():  # only the latest full model is kept
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder / "model")
+    return current
+
+
+def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> dict[str, Any]:
+    """Exact-match accuracy (every answer token the argmax, teacher-forced: greedy decoding's
+    answer) on each task's test rows, all tasks in one batched pass; and the held-out abilities."""
+    from ivtrainer.datasets.edits import target_predictions
+    from ivtrainer.evaluation.forgetting import icl_abilities
+
+    tests = {t: rows[t]["test"][: config.n_test] for t in config.tasks}
+    prompts = [r["prompt"] for t in config.tasks for r in tests[t]]
+    targets = [r["output"] for t in config.tasks for r in tests[t]]
+    predictions = iter(target_predictions(model, tokenizer, prompts, targets))
+    tasks = {}
+    for t in config.tasks:
+        hits = [pred == target for pred, target in (next(predictions) for _ in tests[t])]
+        tasks[_name(t)] = sum(hits) / len(hits)
+    return {"tasks": tasks, "abilities": icl_abilities(model, tokenizer, n_icl=config.n_icl)}
+
+
+def _write_results(
+    out: Path, config: ContinualSettings, stages: list[dict[str, Any]], times
+) -> dict[str, Any]:
+    from ivtrainer.continual.report import write_report
+
+    names = [_name(t) for t in config.tasks]
+    matrix = [[s["tasks"][n] for n in names] for s in stages]
+    abilities = sorted(stages[0]["abilities"])
+    before = sum(stages[0]["abilities"].values()) / len(abilities)
+    after = sum(stages[-1]["abilities"].values()) / len(abilities)
+    results = {
+        "settings": {**dataclasses.asdict(config), "tasks": names},
+        "tasks": names,
+        "accuracy_matrix": matrix,
+        **continual_scores(matrix),
+        "abilities": {a: [s["abilities"][a] for s in stages] for a in abilities},
+        "abilities_mean": [sum(s["abilities"].values()) / len(abilities) for s in stages],
+        "ability_retention": after - before,
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    with atomic_file(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    write_report(out, results)
+    return results

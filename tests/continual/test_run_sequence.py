@@ -1,0 +1,117 @@
+"""run_sequence on a tiny model: the results, every method, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from ivtrainer.continual.run_sequence import run_sequence
+from ivtrainer.continual.sequence_tasks import ORDERS, load_sequence_task
+from ivtrainer.testing import tiny_model, tiny_tokenizer
+
+FAST = {"n_train": 24, "n_test": 4, "n_icl": 2, "epochs": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_results_and_a_resumed_run_ends_the_same(tmp_path, model_dir):
+    out = tmp_path / "run"
+    results = run_sequence(ORDERS["quick"], out=out, method="plain", model=model_dir, **FAST)
+    assert results["tasks"] == ["brackets", "plural", "json"]
+    assert len(results["accuracy_matrix"]) == 4 and all(len(r) == 3 for r in results["accuracy_matrix"])
+    assert {"AP", "BWT", "FWT", "forgetting", "abilities", "ability_retention", "seconds"} <= set(results)
+    assert json.loads((out / "results.json").read_text())["accuracy_matrix"] == results["accuracy_matrix"]
+    for name in (
+        "results.md",
+        "accuracy_matrix.png",
+        "accuracy_curves.png",
+        "stages/3/adapter/adapter_model.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    assert "| 3: json |" in (out / "results.md").read_text()
+    first = load_file(out / "stages/3/adapter/adapter_model.safetensors")
+
+    shutil.rmtree(out / "stages" / "3")  # killed in stage 3
+    (out / "results.json").unlink()
+    resumed = run_sequence(ORDERS["quick"], out=out, method="plain", model=model_dir, **FAST)
+    again = load_file(out / "stages/3/adapter/adapter_model.safetensors")
+    assert first.keys() == again.keys() and all((first[k] == again[k]).all() for k in first)  # bit for bit
+    assert (
+        resumed["accuracy_matrix"] == results["accuracy_matrix"]
+        and resumed["abilities"] == results["abilities"]
+    )
+
+
+@pytest.mark.parametrize("method", ["iv-guided", "kl-anchor", "replay"])
+def test_each_method(tmp_path, model_dir, method):
+    out = tmp_path / method
+    results = run_sequence(["brackets", "plural"], out=out, method=method, model=model_dir, **FAST)
+    assert results["settings"]["method"] == method
+    has_iv = (out / "stages/2/instruction_vector/instruction_vector.json").is_file()
+    assert has_iv == (method == "iv-guided")
+    if has_iv:  # the second task's own IV, named after it
+        assert (
+            json.loads((out / "stages/2/instruction_vector/instruction_vector.json").read_text())["task"]
+            == "plural"
+        )
+        assert results["seconds"]["iv"] > 0
+
+
+def test_task_files_and_full_fine_tuning(tmp_path, model_dir):
+    task = tmp_path / "words.jsonl"
+    task.write_text("\n".join(json.dumps({"input": f"say {w}", "output": w}) for w in ["a", "b", "c"] * 10))
+    out = tmp_path / "run"
+    results = run_sequence(
+        [str(task), "brackets"], out=out, method="plain", lora=False, model=model_dir, **FAST
+    )
+    assert results["tasks"] == ["words", "brackets"]
+    assert (out / "stages/2/model").is_dir() and not (out / "stages/1/model").exists()  # only the latest kept
+
+
+@pytest.mark.parametrize(
+    ("tasks", "match"),
+    [
+        (["brackets", "nope"], "unknown task 'nope'"),
+        ([], "the task list is empty"),
+        (["brackets", "brackets"], "appears twice"),
+    ],
+)
+def test_bad_tasks_fail_before_any_training(tmp_path, model_dir, tasks, match):
+    with pytest.raises(ValueError, match=match):
+        run_sequence(tasks, out=tmp_path / "run", method="plain", model=model_dir, **FAST)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_without_the_fields_and_a_resume_with_other_settings(tmp_path, model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}))
+    with pytest.raises(ValueError, match="input"):
+        run_sequence([str(bad)], out=tmp_path / "a", model=model_dir, **FAST)
+    out = tmp_path / "run"
+    run_sequence(["brackets"], out=out, method="plain", model=model_dir, **FAST)
+    before = sorted(p.name for p in (out / "stages").iterdir())
+    with pytest.raises(ValueError, match="other settings \\(method, seed differ\\)"):
+        run_sequence(["brackets"], out=out, method="replay", seed=3, model=model_dir, **FAST)
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before
+    with pytest.raises(ValueError, match="not empty"):
+        run_sequence(["brackets"], out=tmp_path, model=model_dir, **FAST)
+
+
+def test_sequence_tasks_have_fixed_disjoint_splits():
+    for task in ORDERS["order1"] + ORDERS["order2"]:
+        splits = {s: load_sequence_task(task, s) for s in ("train", "validation", "test")}
+        inputs = {s: {r["input"] for r in rows} for s, rows in splits.items()}
+        assert not inputs["train"] & inputs["test"] and not inputs["validation"] & inputs["test"]
+        assert splits["test"] == load_sequence_task(task, "test")
+        assert all(
+            r["prompt"].endswith("Output:") and r["completion"] == " " + r["output"] for r in splits["train"]
+        )
