@@ -252,6 +252,32 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _continual(args: argparse.Namespace) -> int:
+    from ivtrainer.continual.run_sequence import QUICK, run_sequence
+    from ivtrainer.continual.sequence_tasks import ORDERS
+
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    else:
+        tasks = ORDERS["quick" if args.quick else args.order]
+    settings = dict(QUICK) if args.quick else {}
+    for name in ("epochs", "n_train", "n_test", "learning_rate", "replay_fraction", "iv_heads"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    run_sequence(
+        tasks,
+        out=args.out,
+        method=args.method,
+        model=args.model,
+        lora=not args.full,
+        seed=args.seed,
+        **settings,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
 def _extract_heads(args: argparse.Namespace) -> int:
     from ivtrainer.datasets.tasks import load_examples
     from ivtrainer.hub.push import check_push_target
@@ -328,6 +354,43 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     demo.set_defaults(func=_demo)
+
+    co = sub.add_parser(
+        "continual",
+        help="continual instruction tuning: train a task sequence in turn, score every task after every stage",
+        description="Train tasks in order (LoRA: a new adapter per task over the merged earlier ones; or --full) "
+        "with plain fine-tuning, replay, a KL anchor or IV guidance (each task's own IV, FvForgetting's recipe), "
+        "scoring every task and the held-out abilities after every stage. Writes results.json (accuracy matrix, "
+        "AP, BWT, FWT, forgetting), results.md and two plots to --out; run the same command again to continue an "
+        "interrupted run. --quick: three tasks on the default model in about 3 minutes.",
+    )
+    co.add_argument(
+        "--tasks",
+        help="comma-separated built-in sequence tasks or JSON/JSONL files of input/output pairs "
+        "(default: the built-in order, see --order)",
+    )
+    co.add_argument("--order", default="order1", choices=["order1", "order2"], help="the built-in task order")
+    co.add_argument("--method", default="iv-guided", choices=["plain", "replay", "kl-anchor", "iv-guided"])
+    co.add_argument(
+        "--out", required=True, help="output folder (a new one, or an interrupted run's to continue)"
+    )
+    co.add_argument("--quick", action="store_true", help="three tasks, small splits: about 3 minutes")
+    co.add_argument("--model", default="default", help="'default', a Hub id, a local folder or a .gguf file")
+    mode = co.add_mutually_exclusive_group()
+    mode.add_argument("--lora", action="store_true", help="LoRA r8 on q_proj, v_proj per task (the default)")
+    mode.add_argument("--full", action="store_true", help="full fine-tuning")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--epochs", type=float, help="epochs per task (default 2)")
+    co.add_argument("--n-train", type=int, help="training rows per task (default: all of its train split)")
+    co.add_argument("--n-test", type=int, help="test rows per task (default: all)")
+    co.add_argument("--learning-rate", type=float, help="default 5e-4 with LoRA, 2e-5 full")
+    co.add_argument(
+        "--replay-fraction", type=float, help="replay: share of each earlier task's rows (default 0.1)"
+    )
+    co.add_argument(
+        "--iv-heads", help="iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`)"
+    )
+    co.set_defaults(func=_continual)
 
     info = sub.add_parser(
         "info",

@@ -385,3 +385,39 @@ def test_scratch_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     with scratch_dir() as scratch:
         assert scratch.parent == tmp_path and scratch.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
+
+
+# -- continual --------------------------------------------------------------------------------------
+
+CONTINUAL_FAST = ["--n-train", "24", "--n-test", "4", "--epochs", "1", "--method", "plain"]
+
+
+def test_continual_runs_then_continues_and_refuses_bad_input(project, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = [
+        "continual",
+        "--tasks",
+        "brackets,plural",
+        "--model",
+        project / "base",
+        "--out",
+        out,
+        *CONTINUAL_FAST,
+    ]
+    code, printed, _ = _run(capsys, *args)
+    assert code == 0 and "**AP**" in printed and "| 2: plural |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert _run(capsys, *args)[0] == 0  # every stage finished: nothing retrained, the same results
+    assert json.loads((out / "results.json").read_text())["accuracy_matrix"] == results["accuracy_matrix"]
+
+    other = [a if a != "plain" else "replay" for a in args]
+    _refused(capsys, other, "holds a run with other settings (method differ)", tmp_path)
+    base = ["continual", "--model", project / "base", *CONTINUAL_FAST]
+    _refused(
+        capsys, [*base, "--tasks", "brackets,nope", "--out", tmp_path / "n"], "unknown task 'nope'", tmp_path
+    )
+    _refused(capsys, [*base, "--tasks", ",", "--out", tmp_path / "n"], "the task list is empty", tmp_path)
+    _refused(capsys, [*base, "--tasks", "brackets", "--out", project], "contains the input", project)
+    _refused(capsys, [*base, "--tasks", "brackets", "--out", project / "notes.txt"], "is a file", project)
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, [*base, "--tasks", "brackets", "--out", "."], "is the current directory", tmp_path)

@@ -40,7 +40,7 @@ from ivtrainer.errors import InvalidInputError
 from ivtrainer.utils.outputs import atomic_dir, atomic_file
 from ivtrainer.utils.progress import with_progress_bar
 
-__all__ = ["METHODS", "ContinualSettings", "run_sequence"]
+__all__ = ["METHODS", "QUICK", "ContinualSettings", "run_sequence", "task_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class ContinualSettings:
     n_test: int | None = None  # test rows per task (default: all)
     n_icl: int = 24  # 5-shot prompts per held-out ability
     replay_fraction: float = 0.1
+    iv_heads: str | None = None  # a saved head set for the own-task IVs (mean activations only)
+    iv_mean_prompts: int | None = None  # the own-task IVs' extraction sizes (default: the package's)
+    iv_cie_prompts: int = 25
+    iv_calibration_prompts: int = 64
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -115,6 +119,19 @@ def _name(task: str) -> str:
     return task if task in SEQUENCE_TASKS else Path(task).stem
 
 
+#: ``ivtrainer continual --quick``: three tasks, small splits and IV extractions (about 3 minutes on
+#: the default model, 2 CPU cores).
+QUICK: dict[str, Any] = {
+    "n_train": 64,
+    "n_test": 16,
+    "n_icl": 8,
+    "epochs": 2.0,
+    "iv_mean_prompts": 20,
+    "iv_cie_prompts": 5,
+    "iv_calibration_prompts": 16,
+}
+
+
 def run_sequence(
     tasks: Sequence[str] | None = None,
     *,
@@ -138,7 +155,7 @@ def run_sequence(
     rows = {
         t: {s: task_rows(t, s) for s in ("train", "test")} for t in config.tasks
     }  # every task checked now
-    out = Path(out)
+    out = Path(out).expanduser()
     _check_resume(out, config)
     from transformers import set_seed
 
@@ -192,9 +209,15 @@ def _check_resume(out: Path, config: ContinualSettings) -> None:
                 "settings to continue it"
             )
         return
-    from ivtrainer.utils.outputs import check_output_dir
+    from ivtrainer.utils.outputs import OutputExistsError, check_output_dir
 
-    check_output_dir(out, inputs=[t for t in config.tasks if Path(t).expanduser().is_file()])
+    inputs = [t for t in (*config.tasks, config.model) if Path(t).expanduser().exists()]
+    try:  # the rules of every --out: not an input, the home or the current directory, not a file
+        check_output_dir(out, inputs=inputs)
+    except OutputExistsError:
+        raise InvalidInputError(
+            f"--out {out} is not empty and holds no continual run (no settings.json): give a new or empty folder"
+        ) from None
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(wanted, indent=1))
@@ -243,7 +266,11 @@ def _train_stage(
     vectors = []
     if config.method == "iv-guided":  # on the model before this task, as the public code does
         start = time.perf_counter()
-        iv = own_task_iv(current, tokenizer, pairs, name=_name(task), seed=config.seed, progress=progress)
+        iv = own_task_iv(
+            current, tokenizer, pairs, name=_name(task), seed=config.seed, progress=progress,
+            heads=config.iv_heads, n_mean_prompts=config.iv_mean_prompts, n_cie_prompts=config.iv_cie_prompts,
+            n_calibration_prompts=config.iv_calibration_prompts,
+        )  # fmt: skip
         times["iv"] += time.perf_counter() - start
         iv.save_pretrained(folder / "instruction_vector")
         vectors = [iv]

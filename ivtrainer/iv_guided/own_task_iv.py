@@ -86,10 +86,12 @@ def own_task_iv(
     name: str = "training data",
     seed: int = 0,
     progress: bool | None = None,
+    **extraction: Any,
 ) -> InstructionVector:
     """The IV of the task in ``dataset``, extracted on ``model`` as it is now (the package's
     default extraction: calibrated; from a saved universal head set with ``heads=``, as the
-    public FvForgetting code does, which costs only the mean activations)."""
+    public FvForgetting code does, which costs only the mean activations). ``extraction``: more
+    :func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector` arguments."""
     from ivtrainer.utils.distributed import is_zero3_partitioned
 
     if is_zero3_partitioned(model):
@@ -99,7 +101,7 @@ def own_task_iv(
         )
     pairs = training_pairs(dataset, tokenizer)
     iv = extract_instruction_vector(
-        model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress
+        model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress, **extraction
     )
     calibration = iv.metrics.get("calibration", {})
     logger.warning(
