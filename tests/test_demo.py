@@ -154,14 +154,16 @@ def test_stages_on_tiny_models(tmp_path, model_type):
     model, tokenizer = tiny_model(model_type), tiny_tokenizer(pad_token=model_type != "gpt2")
     records = [{**r, "relation": "capital"} for r in tiny_edits(8)]
     plan = DemoPlan(
-        n_mean_prompts=4, n_cie_prompts=1, n_train_words=8, epochs=1, n_icl=2, n_test_words=3, n_edits=4
+        n_mean_prompts=4, n_cie_prompts=1, n_train_words=24, epochs=1, n_icl=2, n_test_words=3, n_edits=4
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     iv_result = stage_instruction_vector(model, tokenizer, plan, tmp_path)
     iv = iv_result.pop("iv")
     assert InstructionVector.from_pretrained(tmp_path / "instruction_vector").heads == iv.heads
     assert (tmp_path / "cie_heatmap.png").read_bytes()[:8] == PNG
-    new_task = stage_new_task(model, tokenizer, iv, records[4:], plan, tmp_path, tmp_path / "work")
+    new_task = stage_new_task(model, tokenizer, records[4:], plan, tmp_path, tmp_path / "work")
+    own = InstructionVector.from_pretrained(tmp_path / "new_task_iv")  # the new task's own IV guided it
+    assert own.task == "new task" and new_task["own_iv"]["edit_layer"] == own.edit_layer
     knowledge = stage_knowledge_update(model, tokenizer, records[:4], plan, tmp_path, tmp_path / "work")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
     assert set(new_task["scores"]) == {"before", "plain", "iv_guided"}

@@ -118,18 +118,21 @@ def estimate_seconds(
     lora_steps = plan.train_steps * (f["lora"] + f["lora_guided"])
     edit_steps = plan.edit_steps * (f["lora"] + 2 * f["full"])
     run_overhead = 1.5  # copying the model, building a Trainer, saving
-    return {
+
+    def extraction(n_calibration: int) -> float:
         # mean activations; CIE: the prefix, then a tree step of L*H copies (~1.5 L*H tokens' cost);
-        # calibration: 64 zero-shot prefixes, then ~50 settings as one-token tree rows each
-        "instruction vector": cost(
-            math.ceil(plan.n_mean_prompts / 16) + 2 * plan.n_cie_prompts + 16 + 4 * 64,
+        # calibration: zero-shot prefixes, then ~50 settings as one-token tree rows each
+        return cost(
+            math.ceil(plan.n_mean_prompts / 16) + 2 * plan.n_cie_prompts + 16 + 4 * n_calibration,
             plan.n_mean_prompts * 11 * shot
             + plan.n_cie_prompts * (11 * shot + 1.5 * n_layers * n_heads)
-            + 64 * (8 + 2.5 * 50)
-            + 400,  # the steering check
+            + n_calibration * (8 + 2.5 * 50),
         )
-        + 1.0,
+
+    return {
+        "instruction vector": extraction(64) + cost(4, 400) + 1.0,  # + the steering check
         "new task, plain vs IV-guided": 3 * evaluation
+        + extraction(32)  # the new task's own IV
         + cost(lora_steps, lora_steps * 8 * 12)
         + 2 * run_overhead,
         "knowledge update": cost(

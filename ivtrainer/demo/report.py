@@ -12,6 +12,19 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def own_iv_line(result: dict[str, Any]) -> str:
+    iv = result["own_iv"]
+    steer = (
+        f": zero-shot {_pct(iv['zero_shot_accuracy'])}% -> {_pct(iv['zero_shot_accuracy_with_iv'])}% on "
+        f"{iv['n_prompts']} training prompts"
+        if iv.get("zero_shot_accuracy") is not None
+        else ""
+    )
+    return (
+        f"the new task's own IV: {iv['n_heads']} heads, layer {iv['edit_layer']}, x{iv['strength']:g}{steer}"
+    )
+
+
 def new_task_table(result: dict[str, Any]) -> str:
     from ivtrainer.evaluation.forgetting import held_out_mean
 
@@ -95,6 +108,7 @@ def write_results(folder: Path, results: dict[str, Any]) -> None:
         iv_lines(results["instruction_vector"]).replace("\n", "\n\n") + "\n",
         "![CIE heatmap](cie_heatmap.png)\n",
         "## 2. Forgetting: plain vs IV-guided LoRA fine-tuning\n",
+        own_iv_line(results["new_task"]) + " (IVGuidedConfig's defaults: FvForgetting's recipe).\n",
         new_task_table(results["new_task"]) + "\n",
         f"{results['new_task']['n_train_words']} training words, {plan['epochs']:g} epoch(s), batch 8, "
         f"lr {plan['learning_rate']:g}; {results['new_task']['n_test_words']} test words; "

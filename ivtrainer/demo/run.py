@@ -20,6 +20,7 @@ from ivtrainer.demo.report import (
     listing,
     minutes,
     new_task_table,
+    own_iv_line,
     plot_new_task,
     write_results,
 )
@@ -123,15 +124,19 @@ def run_demo(
             echo(f"\n[1/3] Instruction vector of '{plan.iv_task}' (causal mediation over all heads)")
             with _timed(seconds, "instruction vector"):
                 iv_result = stage_instruction_vector(model, tokenizer, plan, tmp)
-            iv = iv_result.pop("iv")
+            iv_result.pop("iv")
             echo(iv_lines(iv_result))
 
-            echo("\n[2/3] LoRA fine-tuning on a new task (Q: cold -> A: [cold]), plain and IV-guided")
+            echo(
+                "\n[2/3] LoRA fine-tuning on a new task (Q: cold -> A: [cold]), plain and IV-guided "
+                "(the new task's own IV on the teacher)"
+            )
             with _timed(seconds, "new task, plain vs IV-guided"):
-                new_task = stage_new_task(model, tokenizer, iv, facts, plan, tmp, work)
+                new_task = stage_new_task(model, tokenizer, facts, plan, tmp, work)
                 plot_new_task(
                     new_task, tmp / "forgetting.png", f"{Path(str(name)).name}: before and after LoRA"
                 )
+            echo(own_iv_line(new_task))
             echo(new_task_table(new_task))
 
             echo(f"\n[3/3] Knowledge update: {len(edits)} facts changed to counterfactual ones")

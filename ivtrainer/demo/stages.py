@@ -88,14 +88,16 @@ def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dic
     }
 
 
-def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work: Path) -> dict[str, Any]:
-    """Plain LoRA vs IV-guided LoRA on the new task; held-out abilities before and after."""
+def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Path) -> dict[str, Any]:
+    """Plain LoRA vs IV-guided LoRA (FvForgetting's recipe with the new task's own IV) on the new
+    task; held-out abilities before and after."""
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
     from ivtrainer.evaluation.forgetting import evaluate_abilities, new_task_dataset, new_task_words
-    from ivtrainer.iv_guided.iv_guided_config import RECIPES, IVGuidedConfig
+    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
     from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
+    from ivtrainer.iv_guided.own_task_iv import own_task_iv
 
     train_words, test_words, _ = new_task_words()
     train_words, test_words = train_words[: plan.n_train_words], test_words[: plan.n_test_words]
@@ -106,24 +108,40 @@ def stage_new_task(model, tokenizer, iv, facts, plan: DemoPlan, out: Path, work:
         return evaluate_abilities(m, tokenizer, facts, test_words, n_icl=plan.n_icl, progress=True)
 
     scores = {"before": evaluate(model)}
+    # the paper's recipe: the new task's own IV, from its training rows, on the model before training
+    pairs = [{"input": w, "output": f"[{w}]"} for w in train_words]  # the task, without its prompt layout
+    own = own_task_iv(
+        model, tokenizer, pairs, name="new task", seed=plan.seed, progress=True,
+        n_mean_prompts=plan.n_mean_prompts, n_cie_prompts=plan.n_cie_prompts, n_calibration_prompts=32,
+    )  # fmt: skip
+    own.save_pretrained(out / "new_task_iv")
     for name in ("plain", "iv_guided"):
         set_seed(plan.seed)
         student = get_peft_model(_fresh(model), _lora_config())
         if name == "plain":
             args = _training_args(TrainingArguments, work / name, plan)
             trainer = Trainer(student, args, train_dataset=data, data_collator=collator)
-        else:  # the settings docs/demo.md's figures were made with; the own-task IV recipe is next
-            args = _training_args(IVGuidedConfig, work / name, plan, **RECIPES["kl-all"])
+        else:  # IVGuidedConfig's defaults: FvForgetting's recipe, the task's own IV on the teacher
+            args = _training_args(IVGuidedConfig, work / name, plan)
             trainer = IVGuidedTrainer(
-                student, args, instruction_vectors=[iv], train_dataset=data, data_collator=collator
+                student, args, instruction_vectors=[own], train_dataset=data, data_collator=collator
             )
         with_progress_bar(trainer, f"LoRA, {name.replace('_', '-')}").train()
         student.save_pretrained(out / "adapters" / f"new_task_{name}")
         scores[name] = evaluate(student)
         del trainer, student
+    calibration = own.metrics.get("calibration", {})
     return {
         "n_train_words": len(train_words),
         "n_test_words": len(test_words),
+        "own_iv": {
+            "edit_layer": own.edit_layer,
+            "strength": own.strength,
+            "n_heads": len(own.heads),
+            "zero_shot_accuracy": calibration.get("base_accuracy"),
+            "zero_shot_accuracy_with_iv": calibration.get("accuracy"),
+            "n_prompts": calibration.get("n_prompts"),
+        },
         "scores": scores,
         "facts": list(facts),
     }

@@ -21,7 +21,7 @@ from ivtrainer.errors import InvalidInputError, IVTrainerError
 from ivtrainer.modeling.architectures import ModelLayout, get_layout
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
-from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes
+from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes, check_prompts_fit
 from ivtrainer.steering.mediation import mean_cie, mean_head_activations
 from ivtrainer.utils.checks import finite_tensor
 
@@ -226,6 +226,7 @@ def extract_head_set(
             rng = random.Random(seed)
             clean = builder.sample(data, n_mean_prompts, n_shots, rng)
             corrupted = builder.sample(data, n_cie_prompts, n_shots, rng, shuffle_labels=True)
+            check_prompts_fit(model, [*clean, *corrupted], n_shots=n_shots)
             mean = mean_head_activations(model, layout, clean, batch_size=batch_size)
             tables.append(mean_cie(model, layout, corrupted, mean, method=method, disable=True))
     task_cie = torch.stack(tables)

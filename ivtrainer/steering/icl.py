@@ -24,6 +24,7 @@ __all__ = [
     "EncodedPrompt",
     "PromptBuilder",
     "check_extraction_sizes",
+    "check_prompts_fit",
     "first_token_accuracy",
     "last_token_forward",
 ]
@@ -169,6 +170,19 @@ def first_token_accuracy(
     logits = last_token_forward(model, prompts, batch_size=batch_size)
     answers = torch.tensor([p.answer_id for p in prompts])
     return (logits.argmax(-1) == answers).float().mean().item()
+
+
+def check_prompts_fit(model: nn.Module, prompts: Sequence[EncodedPrompt], *, n_shots: int) -> None:
+    """Refuse, before any forward, prompts longer than the model's positions (an embedding index
+    error deep inside the forward otherwise)."""
+    config = getattr(unwrap_model(model), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max((len(p.input_ids) for p in prompts), default=0) + 1  # + the answer's first token
+    if isinstance(limit, int) and longest > limit:
+        raise InvalidInputError(
+            f"the longest {n_shots}-shot prompt has {longest} tokens, more than the model's {limit} positions: "
+            "use fewer shots (n_shots, --n-shots) or shorter examples"
+        )
 
 
 #: Longest input or output accepted for extraction: k-shot prompts repeat them k + 1 times.

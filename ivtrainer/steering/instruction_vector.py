@@ -28,7 +28,7 @@ from ivtrainer.modeling.loading import model_source
 from ivtrainer.steering.calibration import HEAD_COUNTS, MIN_HITS, MIN_PAIRS, warn_unusual_strength
 from ivtrainer.steering.calibration import calibrate as calibrate_vector
 from ivtrainer.steering.head_set import HeadSet
-from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes
+from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes, check_prompts_fit
 from ivtrainer.steering.intervention import Intervention, Positions, add_to_residual
 from ivtrainer.steering.mediation import mean_cie, mean_head_activations
 from ivtrainer.steering.vector_evaluation import VectorEvaluation, evaluate_vector
@@ -508,6 +508,7 @@ def extract_instruction_vector(
     rng = random.Random(seed)
     clean = builder.sample(data, n_mean_prompts, n_shots, rng)
     corrupted = builder.sample(data, n_cie_prompts, n_shots, rng, shuffle_labels=True)
+    check_prompts_fit(model, [*clean, *corrupted], n_shots=n_shots)
     bars = None if progress is None else not progress
 
     total = layout.n_layers * layout.n_heads

@@ -338,3 +338,15 @@ def test_hub_vector_comes_from_one_commit(iv, tmp_path, monkeypatch):
     InstructionVector.from_pretrained("me/antonym-iv", revision="abc123")
     files = ["instruction_vector.json", "instruction_vector.safetensors"]
     assert calls == [("me/antonym-iv", "v1.0", files), ("me/antonym-iv", "abc123", files)]
+
+
+def test_prompts_longer_than_the_models_positions_are_refused_before_any_forward(tokenizer):
+    model = tiny_model("gpt2")  # 256 positions
+    long = [{"input": " ".join(["word"] * 40) + f" {i}", "output": f"w{i}"} for i in range(30)]
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(
+        ValueError, match=r"10-shot prompt has \d+ tokens, more than the model's 256 positions"
+    ):
+        extract_instruction_vector(model, tokenizer, long, progress=False)
+    assert calls == []
