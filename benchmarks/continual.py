@@ -52,11 +52,20 @@ def table(order: str, runs: dict[str, list[dict]], args) -> str:
     for method, results in runs.items():
         bwt = statistics.fmean(r["BWT"] for r in results)
         ratio = f"{bwt / plain_bwt:.2f}" if plain_bwt and plain_bwt < 0 else "-"
-        seconds = {k: statistics.fmean(r["seconds"][k] for r in results) for k in ("train", "evaluate", "iv")}
+        timed = [r["seconds"] for r in results if r["seconds"]]  # runs whose every stage kept its time
+        seconds = (
+            {k: statistics.fmean(t[k] for t in timed) for k in ("train", "evaluate", "iv")} if timed else None
+        )
+        time_cell = (
+            f"{seconds['train']:.0f} / {seconds['evaluate']:.0f} / {seconds['iv']:.0f}"
+            + (f" ({len(timed)} of {len(results)} runs)" if len(timed) < len(results) else "")
+            if seconds
+            else "-"
+        )
         lines.append(
             f"| {method} | {summary([r['AP'] for r in results])} | {summary([r['BWT'] for r in results])} | "
             f"{summary([r['FWT'] for r in results])} | {summary([r['ability_retention'] for r in results])} | "
-            f"{ratio} | {seconds['train']:.0f} / {seconds['evaluate']:.0f} / {seconds['iv']:.0f} |"
+            f"{ratio} | {time_cell} |"
         )
     lines += ["", "Final accuracy per task (mean over seeds):", ""]
     lines += ["| method | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]

@@ -95,7 +95,7 @@ def format_table(runs: dict[str, list[dict]], args) -> str:
 def format_output(results: dict) -> str:
     """What the first full round printed: the IV line and the two tables."""
     from ivtrainer.demo import knowledge_table, new_task_table
-    from ivtrainer.demo.report import iv_lines
+    from ivtrainer.demo.report import iv_lines, own_iv_line
 
     return "\n".join(
         [
@@ -104,6 +104,9 @@ def format_output(results: dict) -> str:
             "...",
             "[1/3] Instruction vector of 'antonym' (causal mediation over all heads)",
             iv_lines(results["instruction_vector"]),
+            "[2/3] LoRA fine-tuning on a new task (Q: cold -> A: [cold]), plain and IV-guided (the new task's own IV "
+            "on the teacher)",
+            own_iv_line(results["new_task"]),
             "```",
             "",
             new_task_table(results["new_task"]),

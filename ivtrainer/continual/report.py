@@ -28,7 +28,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         cells = " | ".join(f"{v:.2f}" for v in row)
         lines.append(f"| {label} | {cells} | {results['abilities_mean'][stage]:.2f} |")
     forgetting = ", ".join(f"{n} {f:.2f}" for n, f in zip(names, results["forgetting"], strict=False))
-    seconds = results["seconds"]
+    seconds = results["seconds"] or {}
     lines += [
         "",
         f"**AP** {results['AP']:.3f}, **BWT** {results['BWT']:+.3f}, **FWT** {results['FWT']:+.3f}; "
@@ -36,7 +36,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         "from before to after.",
         "",
         f"Time: training {seconds['train']:.0f} s, evaluation {seconds['evaluate']:.0f} s, IV extraction "
-        f"{seconds['iv']:.0f} s (this process; stages finished by an earlier run are not counted).",
+        f"{seconds['iv']:.0f} s (all stages)."
+        if seconds
+        else "Time: not recorded for every stage.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -165,7 +165,6 @@ def run_sequence(
     current, tokenizer = load_model(config.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    times = {"train": 0.0, "evaluate": 0.0, "iv": 0.0}
     stages: list[dict[str, Any]] = []
     for stage in range(len(config.tasks) + 1):
         folder = out / "stages" / str(stage)
@@ -174,6 +173,7 @@ def run_sequence(
             if stage > 0:
                 current = _restore(current, folder, config)
             continue
+        times = {"train": 0.0, "evaluate": 0.0, "iv": 0.0}  # this stage's, kept with its scores
         if stage > 0:
             task = config.tasks[stage - 1]
             logger.warning("stage %d of %d: %s (%s)", stage, len(config.tasks), _name(task), config.method)
@@ -182,6 +182,7 @@ def run_sequence(
                 start = time.perf_counter()
                 scores = _evaluate(current, tokenizer, config, rows)
                 times["evaluate"] += time.perf_counter() - start
+                scores["seconds"] = times
                 (tmp / "scores.json").write_text(json.dumps(scores, indent=1))
             if not config.lora and stage > 1:  # only the latest full model is needed to continue
                 shutil.rmtree(out / "stages" / str(stage - 1) / "model", ignore_errors=True)
@@ -189,11 +190,12 @@ def run_sequence(
             start = time.perf_counter()
             scores = _evaluate(current, tokenizer, config, rows)
             times["evaluate"] += time.perf_counter() - start
+            scores["seconds"] = times
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_file(folder / "scores.json") as tmp_file:
                 tmp_file.write_text(json.dumps(scores, indent=1))
         stages.append(scores)
-    return _write_results(out, config, stages, times)
+    return _write_results(out, config, stages)
 
 
 def _check_resume(out: Path, config: ContinualSettings) -> None:
@@ -333,9 +335,7 @@ def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> d
     return {"tasks": tasks, "abilities": icl_abilities(model, tokenizer, n_icl=config.n_icl)}
 
 
-def _write_results(
-    out: Path, config: ContinualSettings, stages: list[dict[str, Any]], times
-) -> dict[str, Any]:
+def _write_results(out: Path, config: ContinualSettings, stages: list[dict[str, Any]]) -> dict[str, Any]:
     from ivtrainer.continual.report import write_report
 
     names = [_name(t) for t in config.tasks]
@@ -351,7 +351,12 @@ def _write_results(
         "abilities": {a: [s["abilities"][a] for s in stages] for a in abilities},
         "abilities_mean": [sum(s["abilities"].values()) / len(abilities) for s in stages],
         "ability_retention": after - before,
-        "seconds": {k: round(v, 1) for k, v in times.items()},
+        # every stage's own times, whichever run it ran in (None: a stage written before they were kept)
+        "seconds": (
+            {k: round(sum(st["seconds"][k] for st in stages), 1) for k in ("train", "evaluate", "iv")}
+            if all("seconds" in st for st in stages)
+            else None
+        ),
     }
     with atomic_file(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
