@@ -83,7 +83,7 @@ def test_sft_example_runs_with_the_callback_and_with_the_kl(inputs, tmp_path):
     guided = _run("sft_with_callbacks.py", tmp_path / "sft-kl", inputs, *iv, "--kl", "true")
     assert (tmp_path / "sft" / "model.safetensors").is_file()
     assert "'iv_strength'" in plain and "'kl'" not in plain
-    assert "'kl'" in guided
+    assert "'kl_last_prompt'" in guided and "'kl_all'" in guided  # the default recipe's two KL terms
 
 
 def test_the_three_scripts_differ_only_in_trainer_config_and_extra_input():

@@ -46,34 +46,13 @@ def results_markdown(results: dict[str, Any]) -> str:
 def write_report(out: Path, results: dict[str, Any]) -> None:
     with atomic_file(out / "results.md") as tmp:
         tmp.write_text(results_markdown(results))
-    try:
-        from ivtrainer.evaluation.plotting import _pyplot, _save
-    except ImportError:  # pragma: no cover - plotting lives in the package
-        return
-    try:
-        plt = _pyplot()
-    except Exception:  # no matplotlib: the tables are the report
-        return
+    from ivtrainer.errors import MissingDependencyError
+    from ivtrainer.evaluation.plotting import plot_accuracy_curves, plot_accuracy_matrix
+
     names, matrix = results["tasks"], results["accuracy_matrix"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.6 * len(matrix) + 1.5))
-    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix)), ["before", *(f"after {n}" for n in names)])
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    fig.colorbar(image, ax=ax, label="exact match")
-    ax.set_title(f"{results['settings']['method']}: accuracy after each stage")
-    fig.tight_layout()
-    _save(fig, out / "accuracy_matrix.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    stages = range(len(matrix))
-    for j, name in enumerate(names):
-        ax.plot(stages, [row[j] for row in matrix], marker="o", label=name)
-    ax.plot(stages, results["abilities_mean"], color="black", linestyle="--", label="held-out abilities")
-    ax.set_xticks(list(stages), ["before", *names], rotation=30, ha="right")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, out / "accuracy_curves.png")
+    try:
+        title = f"{results['settings']['method']}: accuracy after each stage"
+        plot_accuracy_matrix(matrix, names, out / "accuracy_matrix.png", title=title)
+        plot_accuracy_curves(matrix, names, results["abilities_mean"], out / "accuracy_curves.png")
+    except MissingDependencyError:  # no matplotlib: the tables are the report
+        return

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_calibration", "plot_cie", "plot_scores"]
+__all__ = ["plot_accuracy_curves", "plot_accuracy_matrix", "plot_calibration", "plot_cie", "plot_scores"]
 
 
 def _pyplot():
@@ -101,5 +101,41 @@ def plot_calibration(calibration: dict, path: str | os.PathLike, *, title: str |
     )
     ax.set_title(title or default, fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy_matrix(
+    matrix: list[list[float]], tasks: list[str], path: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """A continual run's stage x task accuracy matrix (row 0: before training) as a PNG heatmap."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 0.6 * len(matrix) + 1.5))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), ["before", *(f"after {t}" for t in tasks)])
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="exact match")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(
+    matrix: list[list[float]], tasks: list[str], abilities: list[float], path: str | os.PathLike
+) -> Path:
+    """Each task's accuracy after each stage, and the held-out abilities' mean (dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    stages = range(len(matrix))
+    for j, name in enumerate(tasks):
+        ax.plot(stages, [row[j] for row in matrix], marker="o", label=name)
+    ax.plot(stages, abilities, color="black", linestyle="--", label="held-out abilities")
+    ax.set_xticks(list(stages), ["before", *tasks], rotation=30, ha="right")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -72,7 +72,12 @@ def main() -> None:
             **common, old_num_train_epochs=1, old_learning_rate=1e-2, forget_lambda=0.5, forget_method=forget
         )
     else:
-        config = IVGuidedConfig(**common, kl_weight=2.0, teacher_iv_strength=2.0)
+        # one KL term at every token, no thresholds (a per-micro-batch threshold would make the sharded
+        # run differ from the single process by design), the annealed student IV: every path active
+        config = IVGuidedConfig(
+            **common, kl_positions="all", kl_weight=2.0, kl_threshold=0.0, head_mse_weight=0.0,
+            iv_strength_start=1.0, teacher_iv_strength=2.0,
+        )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.trainer.startswith("f-learning"):
         trainer = FLearningTrainer(
