@@ -261,7 +261,16 @@ def _continual(args: argparse.Namespace) -> int:
     else:
         tasks = ORDERS["quick" if args.quick else args.order]
     settings = dict(QUICK) if args.quick else {}
-    for name in ("epochs", "n_train", "n_test", "learning_rate", "replay_fraction", "iv_heads"):
+    for name in (
+        "epochs",
+        "n_train",
+        "n_test",
+        "n_icl",
+        "icl_demos",
+        "learning_rate",
+        "replay_fraction",
+        "iv_heads",
+    ):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     run_sequence(
@@ -383,6 +392,13 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--epochs", type=float, help="epochs per task (default 2)")
     co.add_argument("--n-train", type=int, help="training rows per task (default: all of its train split)")
     co.add_argument("--n-test", type=int, help="test rows per task (default: all)")
+    co.add_argument("--n-icl", type=int, help="5-shot prompts per held-out ability (default 24)")
+    co.add_argument(
+        "--icl-demos",
+        choices=["fixed", "per-query"],
+        help="held-out abilities: the same five demonstrations before every query, computed once (default), or "
+        "drawn per query (about 4x the evaluation time)",
+    )
     co.add_argument("--learning-rate", type=float, help="default 5e-4 with LoRA, 2e-5 full")
     co.add_argument(
         "--replay-fraction", type=float, help="replay: share of each earlier task's rows (default 0.1)"

@@ -389,7 +389,7 @@ def test_scratch_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
 
 # -- continual --------------------------------------------------------------------------------------
 
-CONTINUAL_FAST = ["--n-train", "24", "--n-test", "4", "--epochs", "1", "--method", "plain"]
+CONTINUAL_FAST = ["--n-train", "24", "--n-test", "4", "--n-icl", "2", "--epochs", "1", "--method", "plain"]
 
 
 def test_continual_runs_then_continues_and_refuses_bad_input(project, tmp_path, capsys, monkeypatch):
@@ -410,8 +410,10 @@ def test_continual_runs_then_continues_and_refuses_bad_input(project, tmp_path, 
     assert _run(capsys, *args)[0] == 0  # every stage finished: nothing retrained, the same results
     assert json.loads((out / "results.json").read_text())["accuracy_matrix"] == results["accuracy_matrix"]
 
+    assert (results["settings"]["n_icl"], results["settings"]["icl_demos"]) == (2, "fixed")
     other = [a if a != "plain" else "replay" for a in args]
     _refused(capsys, other, "holds a run with other settings (method differ)", tmp_path)
+    _refused(capsys, [*args, "--icl-demos", "per-query"], "other settings (icl_demos differ)", tmp_path)
     base = ["continual", "--model", project / "base", *CONTINUAL_FAST]
     _refused(
         capsys, [*base, "--tasks", "brackets,nope", "--out", tmp_path / "n"], "unknown task 'nope'", tmp_path

@@ -29,7 +29,9 @@ from transformers.utils import logging
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.datasets.tasks import read_json_or_jsonl
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.modeling.architectures import takes_logits_to_keep
 from ivtrainer.modeling.hooks import eval_mode
+from ivtrainer.modeling.shared_prefix import shared_prefix_logits
 
 logger = logging.get_logger(__name__)
 
@@ -202,11 +204,15 @@ def target_predictions(
     *,
     batch_size: int = 32,
     desc: str | None = None,
+    shared_prefix: bool = False,
 ) -> list[tuple[list[int], list[int]]]:
     """Teacher-forced argmax at the target positions of ``prompt + " " + target`` (EasyEdit).
 
     Returns one ``(predicted ids, target ids)`` pair per prompt. Batches are right-padded, which
-    leaves every real position's logits as in an unpadded forward.
+    leaves every real position's logits as in an unpadded forward. ``shared_prefix``: the prompts
+    start with the same tokens (one task's instruction), computed once
+    (:func:`~ivtrainer.modeling.shared_prefix.shared_prefix_logits`; plain batches where the model
+    cannot).
     """
     if len(prompts) != len(targets):
         raise InvalidInputError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -219,10 +225,16 @@ def target_predictions(
         if n_prompt >= len(full):
             raise InvalidInputError(f"target {target!r} adds no tokens to prompt {prompt!r}")
         rows.append((full, n_prompt))
+    if shared_prefix:
+        wanted = [list(range(n - 1, len(full) - 1)) for full, n in rows]
+        logits = shared_prefix_logits(model, [full for full, _ in rows], wanted)
+        if logits is not None:
+            return [(lg.argmax(-1).tolist(), full[n:]) for lg, (full, n) in zip(logits, rows, strict=True)]
     # longest first, in batches of similar length: little padding, and the slowest batch (and any
     # out-of-memory error) comes first
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list[tuple[list[int], list[int]] | None] = [None] * len(rows)
+    keep = takes_logits_to_keep(model)
     with eval_mode(model):
         starts = range(0, len(rows), batch_size)
         bar = tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False, unit="batch")
@@ -235,10 +247,16 @@ def target_predictions(
                 full = rows[row][0]
                 ids[i, : len(full)] = torch.tensor(full)
                 mask[i, : len(full)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # the LM head only where a target token is predicted (a tensor of positions)
+            first = min(rows[row][1] for row in batch) - 1
+            extra = {"logits_to_keep": torch.arange(first, width - 1)} if keep else {}
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra
+            ).logits
+            shift = first if keep else 0
             for i, row in enumerate(batch):
                 full, n = rows[row]
-                pred = logits[i, n - 1 : len(full) - 1].argmax(-1).tolist()
+                pred = logits[i, n - 1 - shift : len(full) - 1 - shift].argmax(-1).tolist()
                 out[row] = (pred, full[n:])
     return out  # type: ignore[return-value]
 

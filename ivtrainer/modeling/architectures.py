@@ -10,6 +10,7 @@ also when the model is wrapped by PEFT, DDP, DeepSpeed or ``torch.compile``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ __all__ = [
     "ModelLayout",
     "get_layout",
     "register_architecture",
+    "takes_logits_to_keep",
     "unwrap_model",
 ]
 
@@ -288,3 +290,9 @@ def _prefix_in(outer: nn.Module, inner: nn.Module) -> str:
         if module is inner:
             return f"{name}."
     return ""
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` can run the LM head at chosen positions only (``logits_to_keep``,
+    an int or a tensor of positions): most transformers causal LMs, not GPT-2."""
+    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters

@@ -8,7 +8,6 @@ logits at the prompt's last token.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,7 +17,8 @@ from torch import nn
 
 from ivtrainer.datasets.tasks import Example
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.modeling.architectures import unwrap_model
+from ivtrainer.modeling.architectures import takes_logits_to_keep, unwrap_model
+from ivtrainer.modeling.shared_prefix import shared_prefix_logits
 
 __all__ = [
     "EncodedPrompt",
@@ -27,6 +27,7 @@ __all__ = [
     "check_prompts_fit",
     "first_token_accuracy",
     "last_token_forward",
+    "shared_prefix_forward",
 ]
 
 
@@ -90,11 +91,21 @@ class PromptBuilder:
         *,
         queries: Sequence[Example] | None = None,
         shuffle_labels: bool = False,
+        fixed_demos: bool = False,
     ) -> list[EncodedPrompt]:
         """``n_prompts`` prompts with ``n_shots`` demos from ``pool``; the query from ``queries``
         (default: ``pool``, never one of its own demos). ``shuffle_labels`` permutes the demos'
         outputs, so the task cannot be read off the demonstrations (Todd et al.'s corrupted prompts).
+        ``fixed_demos``: the same demos before every query (as MMLU's 5-shot uses the same five dev
+        examples for every question; needs ``queries``): the prompts then share a prefix that
+        :func:`shared_prefix_forward` computes once.
         """
+        if fixed_demos:
+            if queries is None:
+                raise InvalidInputError("fixed_demos needs queries that are not in the demonstration pool")
+            asked = {q["input"] for q in queries[:n_prompts]}
+            demos = rng.sample([d for d in pool if d["input"] not in asked], n_shots)
+            return [self.encode(demos, queries[i % len(queries)]) for i in range(n_prompts)]
         out = []
         for i in range(n_prompts):
             if queries is None:
@@ -146,7 +157,7 @@ def last_token_forward(
     positions (``logits_to_keep``), not over every token.
     """
     device = next(model.parameters()).device
-    keep = _takes_logits_to_keep(model)
+    keep = takes_logits_to_keep(model)
     out = []
     for ids, mask, last in right_padded_batches(prompts, batch_size, device):
         if on_batch is not None:
@@ -159,15 +170,30 @@ def last_token_forward(
     return torch.cat(out)
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
+@torch.no_grad()
+def shared_prefix_forward(
+    model: nn.Module, prompts: Sequence[EncodedPrompt], *, batch_size: int = 16
+) -> torch.Tensor:
+    """:func:`last_token_forward`'s logits for prompts that share a long prefix (the same
+    demonstrations before each query), that prefix computed once
+    (:func:`~ivtrainer.modeling.shared_prefix.shared_prefix_logits`; plain forwards of
+    ``batch_size`` prompts where the model cannot)."""
+    ids = [p.input_ids for p in prompts]
+    logits = shared_prefix_logits(model, ids, [[len(i) - 1] for i in ids])
+    if logits is None:
+        return last_token_forward(model, prompts, batch_size=batch_size)
+    return torch.cat(logits)
 
 
 def first_token_accuracy(
-    model: nn.Module, prompts: Sequence[EncodedPrompt], *, batch_size: int = 16
+    model: nn.Module, prompts: Sequence[EncodedPrompt], *, batch_size: int = 16, shared_prefix: bool = False
 ) -> float:
-    """Fraction of prompts whose argmax next token is the answer's first token."""
-    logits = last_token_forward(model, prompts, batch_size=batch_size)
+    """Fraction of prompts whose argmax next token is the answer's first token.
+
+    ``shared_prefix``: the prompts share their demonstrations (see :func:`shared_prefix_forward`).
+    """
+    forward = shared_prefix_forward if shared_prefix else last_token_forward
+    logits = forward(model, prompts, batch_size=batch_size)
     answers = torch.tensor([p.answer_id for p in prompts])
     return (logits.argmax(-1) == answers).float().mean().item()
 

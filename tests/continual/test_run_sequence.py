@@ -94,6 +94,12 @@ def test_bad_tasks_fail_before_any_training(tmp_path, model_dir, tasks, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_settings_fail_before_any_training(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="icl_demos must be 'fixed' or 'per-query'"):
+        run_sequence(["brackets"], out=tmp_path / "run", model=model_dir, **{**FAST, "icl_demos": "some"})
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_file_without_the_fields_and_a_resume_with_other_settings(tmp_path, model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}))
