@@ -29,6 +29,8 @@ class DemoPlan:
     iv_task: str = "antonym"
     n_mean_prompts: int = 40  # IV: clean 10-shot prompts averaged for the heads' mean outputs
     n_cie_prompts: int = 8  # IV: corrupted prompts on which every head's causal effect is measured
+    # IV: zero-shot prompts that choose the layer, strength and heads (the new task's own IV: half)
+    n_calibration_prompts: int = 64
     n_train_words: int = 256  # new task: training words (batch 8)
     epochs: float = 2.0
     learning_rate: float = 5e-4  # LoRA r8
@@ -47,6 +49,7 @@ class DemoPlan:
             **{
                 "n_mean_prompts": 24,
                 "n_cie_prompts": 6,
+                "n_calibration_prompts": 24,
                 "n_train_words": 128,
                 "epochs": 1.0,
                 "learning_rate": 1e-3,
@@ -130,9 +133,9 @@ def estimate_seconds(
         )
 
     return {
-        "instruction vector": extraction(64) + cost(4, 400) + 1.0,  # + the steering check
+        "instruction vector": extraction(plan.n_calibration_prompts) + cost(4, 400) + 1.0,  # + the check
         "new task, plain vs IV-guided": 3 * evaluation
-        + extraction(32)  # the new task's own IV
+        + extraction(plan.n_calibration_prompts // 2)  # the new task's own IV
         + cost(lora_steps, lora_steps * 8 * 12)
         + 2 * run_overhead,
         "knowledge update": cost(

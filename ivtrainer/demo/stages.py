@@ -67,6 +67,7 @@ def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dic
         plan.iv_task,
         n_mean_prompts=plan.n_mean_prompts,
         n_cie_prompts=plan.n_cie_prompts,
+        n_calibration_prompts=plan.n_calibration_prompts,
         seed=plan.seed,
     )
     iv.save_pretrained(out / "instruction_vector")
@@ -112,7 +113,7 @@ def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Pat
     pairs = [{"input": w, "output": f"[{w}]"} for w in train_words]  # the task, without its prompt layout
     own = own_task_iv(
         model, tokenizer, pairs, name="new task", seed=plan.seed, progress=True,
-        n_mean_prompts=plan.n_mean_prompts, n_cie_prompts=plan.n_cie_prompts, n_calibration_prompts=32,
+        n_mean_prompts=plan.n_mean_prompts, n_cie_prompts=plan.n_cie_prompts, n_calibration_prompts=plan.n_calibration_prompts // 2,
     )  # fmt: skip
     own.save_pretrained(out / "new_task_iv")
     for name in ("plain", "iv_guided"):
