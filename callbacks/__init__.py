@@ -2,10 +2,12 @@
 
 - :class:`IVInterventionCallback` adds instruction vectors to the model being trained, with a
   strength annealed to zero (progressive IV intervention);
-- :class:`IVKLCallback` adds the KL term towards the IV-intervened original model.
+- :class:`IVKLCallback` adds the KL term towards the IV-intervened original model;
+- :class:`LMEvalCallback` runs lm-evaluation-harness on the model being trained (``[eval]`` extra).
 """
 
 from ivtrainer.callbacks.iv_intervention import IVCallback, IVInterventionCallback
 from ivtrainer.callbacks.iv_kl import IVKLCallback
+from ivtrainer.callbacks.lm_evaluation import LMEvalCallback
 
-__all__ = ["IVCallback", "IVInterventionCallback", "IVKLCallback"]
+__all__ = ["IVCallback", "IVInterventionCallback", "IVKLCallback", "LMEvalCallback"]

@@ -14,6 +14,13 @@ from ivtrainer.version import __version__
 __all__ = ["main"]
 
 
+def _lm_eval_tasks(args: argparse.Namespace) -> int:
+    from ivtrainer.evaluation.lm_eval_tasks import lm_eval_tasks_path
+
+    print(lm_eval_tasks_path())
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from ivtrainer.modeling.architectures import get_layout
     from ivtrainer.modeling.loading import load_model
@@ -418,6 +425,15 @@ def _parser() -> argparse.ArgumentParser:
         "--model", default="default", help="'default', a Hub id, a local folder or a .gguf file"
     )
     info.set_defaults(func=_info)
+
+    lm = sub.add_parser(
+        "lm-eval-tasks",
+        help="print the folder of ivtrainer's lm-evaluation-harness tasks (for lm_eval --include_path)",
+        description="Print the folder holding the package's held-out abilities as lm-eval tasks: "
+        'lm_eval --model hf --model_args pretrained=M --include_path "$(ivtrainer lm-eval-tasks)" '
+        "--tasks ivtrainer_abilities (ivtrainer_facts_instruction: add --apply_chat_template).",
+    )
+    lm.set_defaults(func=_lm_eval_tasks)
 
     ex = sub.add_parser(
         "extract-iv",

@@ -38,6 +38,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "EDIT_FIELDS",
     "build_counterfacts",
+    "candidate_facts",
     "edit_dataset",
     "load_edits",
     "split_edits",
@@ -193,6 +194,25 @@ def _read_records(path: Path) -> list[Any]:
 
 def _candidate_relations() -> list[dict[str, Any]]:
     return json.loads((resources.files("ivtrainer") / "data" / "facts.json").read_text())["relations"]
+
+
+def candidate_facts() -> list[dict[str, str]]:
+    """Every fact that ships with the package (capitals, official languages, landmark cities,
+    currencies) as a record with ``relation``, ``subject``, ``prompt`` and ``target_old``, in one
+    fixed shuffled order (the first ``n`` mix the relations). Not filtered by what a model knows:
+    :func:`build_counterfacts` does that."""
+    facts = [
+        {
+            "relation": rel["name"],
+            "subject": subject,
+            "prompt": rel["prompt"].format(subject),
+            "target_old": obj,
+        }
+        for rel in _candidate_relations()
+        for subject, obj in rel["facts"]
+    ]
+    random.Random(0).shuffle(facts)
+    return facts
 
 
 @torch.no_grad()

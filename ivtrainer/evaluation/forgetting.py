@@ -29,15 +29,16 @@ from tqdm.auto import tqdm
 
 from ivtrainer.datasets.edits import target_predictions
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
-from ivtrainer.datasets.tasks import list_tasks, load_task
+from ivtrainer.datasets.tasks import Example, list_tasks, load_task
 from ivtrainer.modeling.hooks import eval_mode
-from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
+from ivtrainer.steering.icl import PromptBuilder, draw, first_token_accuracy
 
 __all__ = [
     "QUESTIONS",
     "evaluate_abilities",
     "held_out_mean",
     "icl_abilities",
+    "icl_examples",
     "instruction_hits",
     "new_task_dataset",
     "new_task_prompt",
@@ -128,7 +129,7 @@ def icl_abilities(
     model: nn.Module, tokenizer, *, split: str = "test", n_icl: int = 40, fixed_demos: bool = False
 ) -> dict[str, float]:
     """``icl/<task>``: 5-shot first-token accuracy on each built-in task, ``n_icl`` prompts each
-    (queries from its held-out pairs for ``split="test"``, from its demonstration pool otherwise).
+    (:func:`icl_examples`; the same prompts as the ``ivtrainer_icl_<task>`` lm-eval tasks).
 
     ``fixed_demos``: the same five demonstrations (one fixed draw per task) before every query of
     the test split, as MMLU's 5-shot does, so the shared prefix runs once: about 5x cheaper, a
@@ -137,13 +138,22 @@ def icl_abilities(
     builder = PromptBuilder(tokenizer)
     scores = {}
     for task in list_tasks():
-        rng = random.Random(task)
-        pool, held = load_task(task), load_task(task, "held_out")
-        queries = held[:n_icl] if split == "test" else None
-        fixed = fixed_demos and queries is not None
-        prompts = builder.sample(pool, n_icl, 5, rng, queries=queries, fixed_demos=fixed)
+        fixed = fixed_demos and split == "test"
+        prompts = [builder.encode(d, q) for d, q in icl_examples(task, n_icl, split=split, fixed_demos=fixed)]
         scores[f"icl/{task}"] = first_token_accuracy(model, prompts, shared_prefix=fixed)
     return scores
+
+
+def icl_examples(
+    task: str, n_icl: int, *, split: str = "test", fixed_demos: bool = False
+) -> list[tuple[list[Example], Example]]:
+    """``(demos, query)`` of the held-out-ability prompts of a built-in task: 5 demonstrations from
+    its demonstration pool, the query from its held-out pairs (``split="test"``) or from the pool
+    (``"validation"``), drawn with a generator seeded by the task's name (demonstrations drawn per
+    query: the first ``n`` prompts are the same whatever ``n_icl``)."""
+    pool, held = load_task(task), load_task(task, "held_out")
+    queries = held[:n_icl] if split == "test" else None
+    return draw(pool, n_icl, 5, random.Random(task), queries=queries, fixed_demos=fixed_demos)
 
 
 @torch.no_grad()

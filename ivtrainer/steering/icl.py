@@ -25,6 +25,7 @@ __all__ = [
     "PromptBuilder",
     "check_extraction_sizes",
     "check_prompts_fit",
+    "draw",
     "first_token_accuracy",
     "last_token_forward",
     "shared_prefix_forward",
@@ -93,35 +94,58 @@ class PromptBuilder:
         shuffle_labels: bool = False,
         fixed_demos: bool = False,
     ) -> list[EncodedPrompt]:
-        """``n_prompts`` prompts with ``n_shots`` demos from ``pool``; the query from ``queries``
-        (default: ``pool``, never one of its own demos). ``shuffle_labels`` permutes the demos'
-        outputs, so the task cannot be read off the demonstrations (Todd et al.'s corrupted prompts).
-        ``fixed_demos``: the same demos before every query (as MMLU's 5-shot uses the same five dev
-        examples for every question; needs ``queries``): the prompts then share a prefix that
-        :func:`shared_prefix_forward` computes once.
-        """
-        if fixed_demos:
-            if queries is None:
-                raise InvalidInputError("fixed_demos needs queries that are not in the demonstration pool")
-            asked = {q["input"] for q in queries[:n_prompts]}
-            demos = rng.sample([d for d in pool if d["input"] not in asked], n_shots)
-            return [self.encode(demos, queries[i % len(queries)]) for i in range(n_prompts)]
-        out = []
-        for i in range(n_prompts):
-            if queries is None:
-                chosen = rng.sample(range(len(pool)), n_shots + 1)
-                query, demos = pool[chosen[0]], [pool[j] for j in chosen[1:]]
-            else:
-                query = queries[i % len(queries)]
-                candidates = [d for d in pool if d["input"] != query["input"]]
-                demos = rng.sample(candidates, n_shots)
-            if shuffle_labels and n_shots > 1:
-                outputs = [d["output"] for d in demos]
-                while outputs == [d["output"] for d in demos] and len(set(outputs)) > 1:
-                    rng.shuffle(outputs)
-                demos = [{"input": d["input"], "output": o} for d, o in zip(demos, outputs, strict=True)]
-            out.append(self.encode(demos, query))
-        return out
+        """``n_prompts`` prompts with ``n_shots`` demos from ``pool``, tokenised (see :func:`draw`)."""
+        drawn = draw(
+            pool,
+            n_prompts,
+            n_shots,
+            rng,
+            queries=queries,
+            shuffle_labels=shuffle_labels,
+            fixed_demos=fixed_demos,
+        )
+        return [self.encode(demos, query) for demos, query in drawn]
+
+
+def draw(
+    pool: Sequence[Example],
+    n_prompts: int,
+    n_shots: int,
+    rng: random.Random,
+    *,
+    queries: Sequence[Example] | None = None,
+    shuffle_labels: bool = False,
+    fixed_demos: bool = False,
+) -> list[tuple[list[Example], Example]]:
+    """``(demos, query)`` of ``n_prompts`` prompts: ``n_shots`` demos from ``pool``; the query from
+    ``queries`` (default: ``pool``, never one of its own demos). ``shuffle_labels`` permutes the
+    demos' outputs, so the task cannot be read off the demonstrations (Todd et al.'s corrupted
+    prompts). ``fixed_demos``: the same demos before every query (as MMLU's 5-shot uses the same
+    five dev examples for every question; needs ``queries``): the prompts then share a prefix that
+    :func:`shared_prefix_forward` computes once.
+    """
+    if fixed_demos:
+        if queries is None:
+            raise InvalidInputError("fixed_demos needs queries that are not in the demonstration pool")
+        asked = {q["input"] for q in queries[:n_prompts]}
+        demos = rng.sample([d for d in pool if d["input"] not in asked], n_shots)
+        return [(demos, queries[i % len(queries)]) for i in range(n_prompts)]
+    out = []
+    for i in range(n_prompts):
+        if queries is None:
+            chosen = rng.sample(range(len(pool)), n_shots + 1)
+            query, demos = pool[chosen[0]], [pool[j] for j in chosen[1:]]
+        else:
+            query = queries[i % len(queries)]
+            candidates = [d for d in pool if d["input"] != query["input"]]
+            demos = rng.sample(candidates, n_shots)
+        if shuffle_labels and n_shots > 1:
+            outputs = [d["output"] for d in demos]
+            while outputs == [d["output"] for d in demos] and len(set(outputs)) > 1:
+                rng.shuffle(outputs)
+            demos = [{"input": d["input"], "output": o} for d, o in zip(demos, outputs, strict=True)]
+        out.append((demos, query))
+    return out
 
 
 def right_padded_batches(

@@ -1,0 +1,147 @@
+"""lm-evaluation-harness on a model in memory: the trained model itself (PEFT included), no
+second copy, its train/eval mode and the tokenizer's padding restored afterwards.
+
+:func:`evaluate_lm` runs ``lm_eval.simple_evaluate`` with lm-eval's ``HFLM`` wrapping the model and
+returns flat scores (``<task>/<metric>``); :func:`task_manager` always includes the package's own
+tasks (:mod:`ivtrainer.evaluation.lm_eval_tasks`); :func:`check_tasks` refuses unknown names with
+close ones. ``LMEvalCallback`` runs it during training.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ivtrainer.errors import InvalidInputError, MissingDependencyError
+from ivtrainer.evaluation.lm_eval_tasks import documents_for, lm_eval_tasks_path
+from ivtrainer.modeling.architectures import unwrap_model
+
+__all__ = ["check_tasks", "evaluate_lm", "flat_scores", "task_manager"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'ivtrainer[eval]'"
+
+
+def task_manager(include_path: str | Path | Sequence[str | Path] | None = None):
+    """lm-eval's ``TaskManager`` over its own tasks, ivtrainer's and ``include_path``'s (built once
+    per process and folder list: indexing lm-eval's ~15,000 task configs takes seconds)."""
+    if include_path is None:
+        extra: Sequence[str | Path] = []
+    else:
+        extra = [include_path] if isinstance(include_path, (str, Path)) else include_path
+    return _task_manager((str(lm_eval_tasks_path()), *(str(Path(p).expanduser().resolve()) for p in extra)))
+
+
+@functools.cache
+def _task_manager(paths: tuple[str, ...]):
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise MissingDependencyError(f"lm-eval is not installed: {INSTALL_HINT}") from None
+    for path in paths[1:]:
+        if not Path(path).is_dir():
+            raise InvalidInputError(f"include_path {path} is not a folder of lm-eval task configs")
+    return TaskManager(include_path=list(paths))
+
+
+def check_tasks(tasks: str | Sequence[str], manager) -> list[str]:
+    """The task names as a list; unknown ones refused with the closest known names."""
+    names = (
+        [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    )
+    names = [n for n in names if n]
+    if not names:
+        raise InvalidInputError("no lm-eval task given: name at least one, e.g. ivtrainer_abilities")
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; `lm_eval ls tasks` lists them"
+            raise InvalidInputError(f"unknown lm-eval task {name!r}{hint}")
+    return names
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse what lm-eval's ``HFLM`` cannot wrap in memory."""
+    from transformers import PreTrainedModel
+
+    from ivtrainer.utils.distributed import is_zero3_partitioned
+
+    bare = unwrap_model(model)
+    if not isinstance(bare, PreTrainedModel) or not hasattr(bare, "generate"):
+        raise InvalidInputError(
+            f"lm-eval can only evaluate a transformers causal LM (or a PEFT model of one), not {type(bare).__name__}"
+        )
+    if is_zero3_partitioned(model):
+        raise InvalidInputError(
+            "lm-eval cannot evaluate a ZeRO-3-partitioned model in memory (each process holds a shard): use ZeRO-2 "
+            "for runs with an lm-eval callback, or run `lm_eval` on the saved model afterwards"
+        )
+
+
+def evaluate_lm(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    apply_chat_template: bool = False,
+    manager=None,
+) -> dict[str, float]:
+    """``lm_eval.simple_evaluate`` on ``model`` as it is in memory; flat ``<task>/<metric>`` scores
+    (see :func:`flat_scores`). ``limit``: documents per task (lm-eval's ``--limit``)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    check_model(model)
+    manager = manager or task_manager()
+    # what HFLM changes (eval mode, the pad token) is put back: the model is being trained
+    training = model.training
+    pad_token, padding_side = tokenizer.pad_token, tokenizer.padding_side
+    lm_logger = logging.getLogger("lm_eval")
+    level = lm_logger.level
+    lm_logger.setLevel(logging.ERROR)  # HFLM warns that a model instance skips its loading options
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        with documents_for(tokenizer):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                apply_chat_template=apply_chat_template,
+                log_samples=False,
+                bootstrap_iters=0,
+                verbosity="ERROR",
+            )
+    finally:
+        lm_logger.setLevel(level)
+        model.train(training)
+        tokenizer.pad_token, tokenizer.padding_side = pad_token, padding_side
+    return flat_scores(results)
+
+
+def flat_scores(results: dict[str, Any]) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` from ``simple_evaluate``'s output (tasks and groups; the
+    filter is added when it is not ``none``; standard errors left out)."""
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            skipped = "stderr" in metric or metric == "sample_len" or isinstance(value, bool)
+            if skipped or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            name = f"{task}/{metric}" + (f"/{filter_name}" if filter_name and filter_name != "none" else "")
+            out[name] = float(value)
+    return out
