@@ -3,6 +3,7 @@
     python benchmarks/forgetting.py [--seeds 0 1 2] [--methods lora full] [--json out.json] [--plot out.png]
         [--write-readme]
     python benchmarks/forgetting.py --sweep --seeds 0 --methods lora [--write-readme]   # chooses TUNED
+    python benchmarks/forgetting.py --seeds 0 1 2 --methods lora --settings 'own IV' [--write-readme]
 
 New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot accuracy 0), on words
 of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
@@ -20,6 +21,8 @@ also uses), measured before and after fine-tuning:
 Forgetting = score before - score after, averaged over the held-out measures. Plain and IV-guided
 runs share everything (data, steps, learning rate, seed); IV-guided adds the instruction vectors
 of two built-in tasks (antonym, country_capital; extracted once on the original model, 10 heads).
+``--settings 'own IV'``: the paper's recipe instead, IVGuidedConfig's defaults (FvForgetting's)
+with the new task's own IV, extracted once from its training words on the original model.
 
 Settings are chosen on a validation split, never on the test split: ``--sweep`` trains LoRA
 (seed 0) with each of SWEEP's IVGuidedConfig settings and scores ICL prompts whose queries come
@@ -58,6 +61,7 @@ from ivtrainer.evaluation.forgetting import (
 )
 from ivtrainer.evaluation.plotting import plot_scores
 from ivtrainer.iv_guided.iv_guided_config import RECIPES
+from ivtrainer.iv_guided.own_task_iv import own_task_iv
 
 CACHE = Path(__file__).parent / ".cache"
 IV_TASKS = ("antonym", "country_capital")
@@ -76,6 +80,11 @@ SWEEP: dict[str, dict] = {
     "no student IV": {"iv_strength_start": 0.0},
 }
 TUNED: dict = {"iv_strength_start": 0.0}  # `--sweep` result: the KL to the IV-intervened teacher alone
+# The test run's IV-guided settings (`--settings`): "IV-guided" is the documented one above (the
+# kl-all recipe, the IVs of two other abilities); "own IV" is the paper's recipe: IVGuidedConfig's
+# defaults (FvForgetting's) with the new task's own IV, extracted from its training words.
+OWN_IV = "own IV"
+TEST_SETTINGS: dict[str, dict] = {"IV-guided": TUNED, OWN_IV: {}}
 
 
 def evaluate(model, tok, facts, words, split: str = "test") -> dict[str, float]:
@@ -94,8 +103,20 @@ def instruction_vectors(model, tok) -> list[InstructionVector]:
     return out
 
 
-def train(method: str, guided: dict | None, seed: int, train_words, ivs, epochs: float):
-    """Plain fine-tuning (``guided=None``) or IV-guided with these IVGuidedConfig settings."""
+def own_iv(model, tok, train_words) -> InstructionVector:
+    """The new task's own IV on the original model (as ``ivtrainer demo``), cached."""
+    folder = CACHE / "forgetting-iv-own-task"
+    if not (folder / "instruction_vector.json").is_file():
+        pairs = [{"input": w, "output": f"[{w}]"} for w in train_words]  # the task, without its prompt layout
+        own_task_iv(model, tok, pairs, name="new task", n_mean_prompts=50, n_cie_prompts=10).save_pretrained(
+            folder
+        )
+    return InstructionVector.from_pretrained(folder)
+
+
+def train(method: str, guided: dict | None, seed: int, train_words, ivs, epochs: float, own=None):
+    """Plain fine-tuning (``guided=None``) or IV-guided with these IVGuidedConfig settings (on the
+    kl-all recipe with ``ivs``; with ``own``: the package's defaults and that IV)."""
     set_seed(seed)
     model, tok = load_default_model()
     if method == "lora":
@@ -117,10 +138,11 @@ def train(method: str, guided: dict | None, seed: int, train_words, ivs, epochs:
     data, collator = new_task_dataset(train_words, tok), DataCollatorForSeq2Seq(tok, padding=True)
     start = time.perf_counter()
     if guided is not None:
+        recipe = {} if own is not None else RECIPES["kl-all"]  # kl-all: the settings its figures used
         trainer = IVGuidedTrainer(
             model,
-            IVGuidedConfig(**common, **{**RECIPES["kl-all"], **guided}),  # the settings its figures used
-            instruction_vectors=ivs,
+            IVGuidedConfig(**common, **{**recipe, **guided}),
+            instruction_vectors=[own] if own is not None else ivs,
             train_dataset=data,
             data_collator=collator,
         )
@@ -140,6 +162,14 @@ def main() -> None:
         action="store_true",
         help="compare the SWEEP settings on the validation split (chooses TUNED) instead of the test run",
     )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["IV-guided"],
+        choices=sorted(TEST_SETTINGS),
+        help="the test run's IV-guided settings (README block 'forgetting' for the default, "
+        "'forgetting-own-iv' otherwise)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--from-json", type=Path, help="render the table (and plot) of an earlier run's --json, train nothing"
@@ -151,6 +181,7 @@ def main() -> None:
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         args.sweep = results["split"] == "validation"
+        args.settings = list(results["settings"]) if not args.sweep else args.settings
         report(results, args)
         return
 
@@ -160,17 +191,20 @@ def main() -> None:
     split = "validation" if args.sweep else "test"
     facts, words = (facts_validation, validation_words) if args.sweep else (facts_test, test_words)
     ivs = instruction_vectors(model, tok)
+    own = own_iv(model, tok, train_words) if OWN_IV in args.settings and not args.sweep else None
     before = evaluate(model, tok, facts, words, split)
     print("before:", json.dumps(before), flush=True)
     del model
-    settings = SWEEP if args.sweep else {"IV-guided": TUNED}
+    settings = SWEEP if args.sweep else {k: TEST_SETTINGS[k] for k in args.settings}
     results: dict = {"split": split, "before": before, "settings": settings, "runs": {}}
     for method in args.methods:
         for label, guided in [("plain", None), *settings.items()]:
             name = f"{method} {label}"
             results["runs"][name] = []
             for seed in args.seeds:
-                m, t, seconds = train(method, guided, seed, train_words, ivs, args.epochs)
+                m, t, seconds = train(
+                    method, guided, seed, train_words, ivs, args.epochs, own if label == OWN_IV else None
+                )
                 scores = evaluate(m, t, facts, words, split)
                 scores["train_seconds"] = seconds
                 results["runs"][name].append(scores)
@@ -189,7 +223,10 @@ def report(results: dict, args) -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from _readme import replace_block
 
-        replace_block("forgetting-sweep" if args.sweep else "forgetting", table)
+        default = list(getattr(args, "settings", ["IV-guided"])) == ["IV-guided"]
+        replace_block(
+            "forgetting-sweep" if args.sweep else "forgetting" if default else "forgetting-own-iv", table
+        )
 
 
 def _summary(results: dict) -> dict[str, dict[str, float]]:
@@ -228,6 +265,8 @@ def format_table(results: dict, args) -> str:
         )
     command = f"python benchmarks/forgetting.py {'--sweep ' if args.sweep else ''}--seeds {' '.join(map(str, args.seeds))}"
     command += f" --methods {' '.join(args.methods)}"
+    if not args.sweep and list(args.settings) != ["IV-guided"]:
+        command += f" --settings {' '.join(repr(x) if ' ' in x else x for x in args.settings)}"
     lines.append(
         f"\n`{command}`: {results['split']} split; means over seeds {', '.join(map(str, args.seeds))} "
         "(forgetting: range over seeds); accuracies in %."

@@ -173,3 +173,42 @@ def test_the_lm_eval_cli_runs_the_shipped_tasks_offline(default_model, tmp_path)
     acc = json.loads(saved.read_text())["results"]["ivtrainer_icl_antonym"]["acc,none"]
     model, tokenizer = default_model  # the documents knew the tokenizer from --model_args: exact scores
     assert acc == pytest.approx(icl_abilities(model, tokenizer, n_icl=8)["icl/antonym"])
+
+
+@pytest.mark.parametrize("kind", ["iv-guided", "f-learning", "sft"])
+def test_callback_on_the_package_trainers_and_sft(kind, tmp_path, tokenizer, data):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from ivtrainer import FLearningConfig, FLearningTrainer, IVGuidedConfig, IVGuidedTrainer
+
+    common = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, report_to="none",
+        save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    model, rows = tiny_model("llama"), data.select(range(8))
+    if kind == "iv-guided":  # a KL anchor: the teacher pass runs, no IV needed
+        config = IVGuidedConfig.recipe("kl-anchor", **common)
+        trainer = IVGuidedTrainer(
+            model, config, train_dataset=rows, data_collator=collator(), processing_class=tokenizer
+        )
+    elif kind == "f-learning":  # the callback sees the learning phase: its start is after the subtraction
+        config = FLearningConfig(**common, old_num_train_epochs=1, old_learning_rate=1e-3)
+        trainer = FLearningTrainer(
+            model,
+            config,
+            train_dataset=rows,
+            old_dataset=rows,
+            data_collator=collator(),
+            processing_class=tokenizer,
+        )
+    else:
+        pairs = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(8)])
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(**common), train_dataset=pairs, processing_class=tokenizer
+        )
+    trainer.add_callback(LMEvalCallback("ivtrainer_icl_antonym", limit=2, every=2, trainer=trainer))
+    trainer.train()
+    steps = [e["step"] for e in trainer.state.log_history if "lm_eval/ivtrainer_icl_antonym/acc" in e]
+    assert steps == [0, 2]
+    assert trainer.model.training
