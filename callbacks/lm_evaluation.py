@@ -96,19 +96,19 @@ class LMEvalCallback(TrainerCallback):
                 e for e in json.loads(saved.read_text())["evaluations"] if e["step"] <= state.global_step
             ]
         if self.at_start and state.global_step == 0:
-            self._evaluate(args, state, model)
+            self._evaluate(args, state, control, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if isinstance(self.every, int) and state.global_step % self.every == 0:
-            self._evaluate(args, state, model)
+            self._evaluate(args, state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if self.every == "epoch":
-            self._evaluate(args, state, model)
+            self._evaluate(args, state, control, model)
 
     # -- evaluation --------------------------------------------------------------------------------
 
-    def _evaluate(self, args, state, model) -> None:
+    def _evaluate(self, args, state, control, model) -> None:
         import time
 
         from accelerate import PartialState
@@ -136,7 +136,9 @@ class LMEvalCallback(TrainerCallback):
             self._write(Path(args.output_dir))
             logs = {f"lm_eval/{k}": v for k, v in scores.items()}
             if self.trainer is not None:
+                should_log = control.should_log  # Trainer.log clears it: the step's own log must still happen
                 self.trainer.log(logs)
+                control.should_log = should_log
             else:
                 state.log_history.append({**logs, "step": state.global_step, "epoch": state.epoch or 0.0})
         PartialState().wait_for_everyone()  # the other processes wait for the main one

@@ -105,9 +105,12 @@ def evaluate_lm(
 
     check_model(model)
     manager = manager or task_manager()
-    # what HFLM changes (eval mode, the pad token) is put back: the model is being trained
+    # what HFLM and simple_evaluate change (eval mode, the pad token, the global random generators:
+    # lm-eval seeds them) is put back: the model is being trained, and training must go on as if
+    # nothing had run
     training = model.training
     pad_token, padding_side = tokenizer.pad_token, tokenizer.padding_side
+    generators = _random_states()
     lm_logger = logging.getLogger("lm_eval")
     level = lm_logger.level
     lm_logger.setLevel(logging.ERROR)  # HFLM warns that a model instance skips its loading options
@@ -129,7 +132,31 @@ def evaluate_lm(
         lm_logger.setLevel(level)
         model.train(training)
         tokenizer.pad_token, tokenizer.padding_side = pad_token, padding_side
+        _set_random_states(generators)
     return flat_scores(results)
+
+
+def _random_states() -> tuple[Any, ...]:
+    import random
+
+    import numpy as np
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_random_states(states: tuple[Any, ...]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state_all(states[3])
 
 
 def flat_scores(results: dict[str, Any]) -> dict[str, float]:

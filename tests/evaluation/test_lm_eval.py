@@ -77,6 +77,12 @@ def test_callback_on_a_peft_run_logs_writes_and_restores(tmp_path, tokenizer, da
     assert model.training  # the Trainer's mode, restored after each evaluation
     logged = [e for e in trainer.state.log_history if "lm_eval/ivtrainer_icl_antonym/acc" in e]
     assert [e["step"] for e in logged] == [0, 2, 4]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # every step's own log
     saved = json.loads((tmp_path / "run" / "lm_eval.json").read_text())
     assert [e["step"] for e in saved["evaluations"]] == [0, 2, 4]
     assert set(saved["evaluations"][0]["scores"]) == {
@@ -212,3 +218,21 @@ def test_callback_on_the_package_trainers_and_sft(kind, tmp_path, tokenizer, dat
     steps = [e["step"] for e in trainer.state.log_history if "lm_eval/ivtrainer_icl_antonym/acc" in e]
     assert steps == [0, 2]
     assert trainer.model.training
+
+
+def test_training_goes_on_as_if_no_evaluation_had_run(tmp_path, tokenizer, data):
+    """lm-eval seeds the global random generators; the callback puts them back, so dropout (here
+    LoRA's) draws the same masks with and without it."""
+
+    def losses(with_callback: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = get_peft_model(
+            tiny_model("llama"), LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"])
+        )
+        trainer = _trainer(tmp_path / str(with_callback), model, tokenizer, data, num_train_epochs=2, seed=0)
+        if with_callback:
+            trainer.add_callback(LMEvalCallback("ivtrainer_icl_antonym", limit=2, every=1, trainer=trainer))
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    assert losses(True) == losses(False)
