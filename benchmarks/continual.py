@@ -1,7 +1,7 @@
 """Continual instruction tuning on the default model: plain, replay, KL anchor and IV-guided, seeds.
 
     python benchmarks/continual.py [--order order1] [--seeds 0 1 2] [--methods plain replay kl-anchor iv-guided]
-                                   [--n-train 128] [--epochs 2] [--write-readme]
+                                   [--n-train 128] [--epochs 2] [--time-seeds 1 2] [--write-readme]
 
 Each (method, seed) is one ``ivtrainer.continual.run_sequence`` run of the order's five tasks
 (LoRA, a new adapter per task over the merged earlier ones) in
@@ -10,7 +10,8 @@ continues every run where it stopped (``--resume`` is implicit). Every method ru
 package defaults (``IVGuidedConfig.recipe``: nothing tuned, on validation or elsewhere); the
 iv-guided runs extract each task's own IV before training it, with the extraction sizes below.
 Prints and (``--write-readme``) writes the table of means over seeds (ranges in brackets), a
-PNG of the accuracy curves, and the time split between training, evaluation and IV extraction.
+PNG of the accuracy curves, and the time split between training, evaluation and IV extraction
+(each stage keeps its own times; ``--time-seeds``: only the seeds that ran on a quiet machine).
 """
 
 from __future__ import annotations
@@ -39,25 +40,29 @@ def summary(values: list[float]) -> str:
 def table(order: str, runs: dict[str, list[dict]], args) -> str:
     tasks = next(iter(runs.values()))[0]["tasks"]
     seeds = " ".join(map(str, args.seeds))
+    timed = "" if args.time_seeds == args.seeds else f" --time-seeds {' '.join(map(str, args.time_seeds))}"
     lines = [
         f"SmolLM2-135M-Instruct, LoRA r8 (q, v) per task, tasks {', '.join(tasks)} ({order}), {args.n_train} training "
-        f"rows per task, {args.epochs:g} epochs, seeds {seeds}; exact match on 48 test rows per task "
-        f"(`python benchmarks/continual.py --order {order} --seeds {seeds} --write-readme`). Means over seeds, "
-        "[min, max]:",
+        f"rows per task, {args.epochs:g} epochs, seeds {seeds}; exact match on 48 test rows per task, held-out "
+        "abilities with fixed demonstrations "
+        f"(`python benchmarks/continual.py --order {order} --seeds {seeds}{timed} --write-readme`). Means over seeds, "
+        f"[min, max]; times: mean over seeds {' '.join(map(str, args.time_seeds))}:",
         "",
-        "| method | AP | BWT | FWT | held-out abilities, change | BWT / plain's | time: train / evaluate / IV, s |",
+        "| method | AP | BWT | FWT | held-out abilities, change | BWT / plain's | time: train / evaluate / IV, s (all / train) |",
         "| --- | --- | --- | --- | --- | ---: | --- |",
     ]
     plain_bwt = statistics.fmean(r["BWT"] for r in runs["plain"]) if "plain" in runs else None
     for method, results in runs.items():
         bwt = statistics.fmean(r["BWT"] for r in results)
         ratio = f"{bwt / plain_bwt:.2f}" if plain_bwt and plain_bwt < 0 else "-"
-        timed = [r["seconds"] for r in results if r["seconds"]]  # runs whose every stage kept its time
+        # runs whose every stage kept its time, of the seeds timed on a quiet machine
+        timed = [r["seconds"] for r in results if r["seconds"] and r["settings"]["seed"] in args.time_seeds]
         seconds = (
             {k: statistics.fmean(t[k] for t in timed) for k in ("train", "evaluate", "iv")} if timed else None
         )
         time_cell = (
-            f"{seconds['train']:.0f} / {seconds['evaluate']:.0f} / {seconds['iv']:.0f}"
+            f"{seconds['train']:.0f} / {seconds['evaluate']:.0f} / {seconds['iv']:.0f} "
+            f"({(seconds['train'] + seconds['evaluate'] + seconds['iv']) / seconds['train']:.2f}x)"
             + (f" ({len(timed)} of {len(results)} runs)" if len(timed) < len(results) else "")
             if seconds
             else "-"
@@ -108,8 +113,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["plain", "replay", "kl-anchor", "iv-guided"])
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument(
+        "--time-seeds", nargs="*", type=int, help="seeds whose times the table shows (default: all)"
+    )
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
+    args.time_seeds = args.seeds if args.time_seeds is None else args.time_seeds
 
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed by seed: a partial benchmark already compares every method
