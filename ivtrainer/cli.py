@@ -268,6 +268,8 @@ def _continual(args: argparse.Namespace) -> int:
     else:
         tasks = ORDERS["quick" if args.quick else args.order]
     settings = dict(QUICK) if args.quick else {}
+    if args.lm_eval_tasks:
+        settings["lm_eval_tasks"] = tuple(t.strip() for t in args.lm_eval_tasks.split(",") if t.strip())
     for name in (
         "epochs",
         "n_train",
@@ -277,6 +279,7 @@ def _continual(args: argparse.Namespace) -> int:
         "learning_rate",
         "replay_fraction",
         "iv_heads",
+        "lm_eval_limit",
     ):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -406,6 +409,12 @@ def _parser() -> argparse.ArgumentParser:
         help="held-out abilities: the same five demonstrations before every query, computed once (default), or "
         "drawn per query (about 4x the evaluation time)",
     )
+    co.add_argument(
+        "--lm-eval-tasks",
+        help="comma-separated lm-evaluation-harness tasks scored after every stage too (pip install "
+        "'ivtrainer[eval]'), e.g. ivtrainer_abilities or hellaswag,arc_easy",
+    )
+    co.add_argument("--lm-eval-limit", type=int, help="lm-eval: documents per task (default: all)")
     co.add_argument("--learning-rate", type=float, help="default 5e-4 with LoRA, 2e-5 full")
     co.add_argument(
         "--replay-fraction", type=float, help="replay: share of each earlier task's rows (default 0.1)"

@@ -40,6 +40,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         if seconds
         else "Time: not recorded for every stage.",
     ]
+    if results.get("lm_eval"):
+        lines += ["", "| lm-eval | before | after | change |", "| --- | ---: | ---: | ---: |"]
+        for name, values in results["lm_eval"].items():
+            lines.append(f"| {name} | {values[0]:.3f} | {values[-1]:.3f} | {values[-1] - values[0]:+.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -71,6 +71,10 @@ class ContinualSettings:
     iv_mean_prompts: int | None = None  # the own-task IVs' extraction sizes (default: the package's)
     iv_cie_prompts: int = 25
     iv_calibration_prompts: int = 64
+    # general abilities with lm-evaluation-harness after every stage (`[eval]` extra), next to the
+    # built-in ones: lm-eval task names, and lm-eval's --limit (documents per task)
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -88,6 +92,14 @@ class ContinualSettings:
         for name in ("batch_size", "n_icl"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be >= 1")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise InvalidInputError(f"lm_eval_limit must be >= 1, got {self.lm_eval_limit}")
+        if self.lm_eval_tasks:
+            from ivtrainer.evaluation.lm_eval_harness import check_tasks, task_manager
+
+            object.__setattr__(
+                self, "lm_eval_tasks", tuple(check_tasks(list(self.lm_eval_tasks), task_manager()))
+            )
 
     @property
     def lr(self) -> float:
@@ -203,12 +215,18 @@ def run_sequence(
     return _write_results(out, config, stages)
 
 
+# What a run made before a setting existed did instead of that setting's default.
+_BEFORE_THE_FIELD: dict[str, Any] = {"icl_demos": "per-query"}
+
+
 def _check_resume(out: Path, config: ContinualSettings) -> None:
     path = out / "settings.json"
-    wanted = dataclasses.asdict(config)
-    wanted["tasks"] = list(config.tasks)
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as saved: tuples are lists
     if path.is_file():
         saved = json.loads(path.read_text())
+        for field in dataclasses.fields(config):  # settings added since that run was made
+            saved.setdefault(field.name, _BEFORE_THE_FIELD.get(field.name, field.default))
+        saved = json.loads(json.dumps(saved))
         if saved != wanted:
             diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
             raise InvalidInputError(
@@ -337,10 +355,15 @@ def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> d
         )
         tasks[_name(t)] = sum(pred == target for pred, target in predictions) / len(test)
     fixed = config.icl_demos == "fixed"
-    return {
+    scores = {
         "tasks": tasks,
         "abilities": icl_abilities(model, tokenizer, n_icl=config.n_icl, fixed_demos=fixed),
     }
+    if config.lm_eval_tasks:
+        from ivtrainer.evaluation.lm_eval_harness import evaluate_lm
+
+        scores["lm_eval"] = evaluate_lm(model, tokenizer, config.lm_eval_tasks, limit=config.lm_eval_limit)
+    return scores
 
 
 def _write_results(out: Path, config: ContinualSettings, stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -359,6 +382,18 @@ def _write_results(out: Path, config: ContinualSettings, stages: list[dict[str, 
         "abilities": {a: [s["abilities"][a] for s in stages] for a in abilities},
         "abilities_mean": [sum(s["abilities"].values()) / len(abilities) for s in stages],
         "ability_retention": after - before,
+        # lm-eval's scores after every stage, and their change from before to after
+        **(
+            {
+                "lm_eval": {k: [s["lm_eval"][k] for s in stages] for k in sorted(stages[0]["lm_eval"])},
+                "lm_eval_retention": {
+                    k: stages[-1]["lm_eval"][k] - stages[0]["lm_eval"][k]
+                    for k in sorted(stages[0]["lm_eval"])
+                },
+            }
+            if config.lm_eval_tasks
+            else {}
+        ),
         # every stage's own times, whichever run it ran in (None: a stage written before they were kept)
         "seconds": (
             {k: round(sum(st["seconds"][k] for st in stages), 1) for k in ("train", "evaluate", "iv")}

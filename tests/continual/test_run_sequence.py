@@ -124,3 +124,34 @@ def test_sequence_tasks_have_fixed_disjoint_splits():
         assert all(
             r["prompt"].endswith("Output:") and r["completion"] == " " + r["output"] for r in splits["train"]
         )
+
+
+def test_lm_eval_tasks_after_every_stage(tmp_path, model_dir):
+    out = tmp_path / "run"
+    results = run_sequence(
+        ["brackets"], out=out, method="plain", model=model_dir, lm_eval_tasks=("ivtrainer_icl_antonym",),
+        lm_eval_limit=2, **FAST,
+    )  # fmt: skip
+    assert list(results["lm_eval"]) == ["ivtrainer_icl_antonym/acc"]
+    assert len(results["lm_eval"]["ivtrainer_icl_antonym/acc"]) == 2  # before, after stage 1
+    assert "| ivtrainer_icl_antonym/acc |" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="unknown lm-eval task 'hellaswg'; did you mean hellaswag"):
+        run_sequence(["brackets"], out=tmp_path / "b", model=model_dir, lm_eval_tasks=("hellaswg",), **FAST)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_run_made_before_a_setting_existed(tmp_path, model_dir):
+    """Settings added later match their default, except where older runs did something else
+    (held-out abilities drawn per query before icl_demos existed)."""
+    out = tmp_path / "run"
+    run_sequence(["brackets"], out=out, method="plain", model=model_dir, **FAST)
+    settings = json.loads((out / "settings.json").read_text())
+    for name in ("lm_eval_tasks", "lm_eval_limit"):
+        del settings[name]
+    (out / "settings.json").write_text(json.dumps(settings))
+    run_sequence(["brackets"], out=out, method="plain", model=model_dir, **FAST)  # continues
+    del settings["icl_demos"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"other settings \(icl_demos differ\)"):
+        run_sequence(["brackets"], out=out, method="plain", model=model_dir, **FAST)
+    run_sequence(["brackets"], out=out, method="plain", model=model_dir, icl_demos="per-query", **FAST)
