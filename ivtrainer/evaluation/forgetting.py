@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ivtrainer.datasets.edits import target_predictions
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
-from ivtrainer.datasets.tasks import Example, list_tasks, load_task
+from ivtrainer.datasets.tasks import Example, list_tasks, load_examples, load_task
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.steering.icl import PromptBuilder, draw, first_token_accuracy
 
@@ -38,6 +40,7 @@ __all__ = [
     "evaluate_abilities",
     "held_out_mean",
     "icl_abilities",
+    "icl_ability",
     "icl_examples",
     "instruction_hits",
     "new_task_dataset",
@@ -86,6 +89,9 @@ def evaluate_abilities(
     split: str = "test",
     n_icl: int = 40,
     progress: bool = False,
+    abilities: Mapping[str, Any] | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_limit: int | None = None,
 ) -> dict[str, float]:
     """Accuracies (0-1): ``icl/<task>`` for each built-in task, ``facts/completion``,
     ``facts/instruction`` (only if the tokenizer has a chat template) and ``new_task``.
@@ -93,10 +99,27 @@ def evaluate_abilities(
     ``split="test"`` takes the ICL queries from each task's held-out pairs; ``"validation"`` from
     its demonstration pool (choose settings there). ``facts`` are edit records (``prompt``,
     ``subject``, ``target_old``, ``relation``), e.g. from :func:`~ivtrainer.build_counterfacts`.
+
+    Your own abilities too: ``abilities`` maps a name to input/output pairs (a JSON/JSONL file, a
+    ``datasets.Dataset``, a list of dicts: :func:`~ivtrainer.datasets.tasks.load_examples`), scored
+    as the built-in ones (``icl/<name>``, :func:`icl_ability`); ``lm_eval_tasks`` are
+    lm-evaluation-harness tasks (``lm_eval/<task>/<metric>``, ``[eval]`` extra; ``lm_eval_limit``
+    documents each). Both count in :func:`held_out_mean` only through the ICL mean (yours) or not
+    at all (lm-eval's, whose metrics differ by task).
     """
+    own = {
+        name: load_examples(source, source=name) for name, source in (abilities or {}).items()
+    }  # checked first
     scores: dict[str, float] = {}
     with tqdm(total=4, desc="evaluating", unit="part", disable=not progress, leave=False) as bar:
         scores.update(icl_abilities(model, tokenizer, split=split, n_icl=n_icl))
+        for name, pairs in own.items():
+            scores[f"icl/{name}"] = icl_ability(model, tokenizer, pairs, name=name, split=split, n_icl=n_icl)
+        if lm_eval_tasks:
+            from ivtrainer.evaluation.lm_eval_harness import evaluate_lm
+
+            lm = evaluate_lm(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit)
+            scores.update({f"lm_eval/{k}": v for k, v in lm.items()})
         bar.update()
         completion = target_predictions(
             model, tokenizer, [f["prompt"] for f in facts], [f["target_old"] for f in facts]
@@ -142,6 +165,26 @@ def icl_abilities(
         prompts = [builder.encode(d, q) for d, q in icl_examples(task, n_icl, split=split, fixed_demos=fixed)]
         scores[f"icl/{task}"] = first_token_accuracy(model, prompts, shared_prefix=fixed)
     return scores
+
+
+def icl_ability(
+    model: nn.Module, tokenizer, pairs: Sequence[Example], *, name: str, split: str = "test", n_icl: int = 40
+) -> float:
+    """5-shot first-token accuracy on your own input/output pairs, as on a built-in task: a fixed
+    shuffle (seeded by ``name``) puts two thirds in the demonstration pool and one third held out,
+    the queries of ``split="test"``."""
+    if len(pairs) < 9:
+        raise InvalidInputError(
+            f"ability {name!r} has {len(pairs)} pairs: give at least 9 (5 demonstrations, queries held out)"
+        )
+    pairs = list(pairs)
+    random.Random(f"ability/{name}").shuffle(pairs)
+    cut = len(pairs) * 2 // 3
+    pool, held = pairs[:cut], pairs[cut:]
+    queries = held[:n_icl] if split == "test" else None
+    builder = PromptBuilder(tokenizer)
+    drawn = draw(pool, n_icl, 5, random.Random(name), queries=queries)
+    return first_token_accuracy(model, [builder.encode(d, q) for d, q in drawn])
 
 
 def icl_examples(

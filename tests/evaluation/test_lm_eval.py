@@ -236,3 +236,23 @@ def test_training_goes_on_as_if_no_evaluation_had_run(tmp_path, tokenizer, data)
         return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
     assert losses(True) == losses(False)
+
+
+def test_evaluate_abilities_takes_your_own_abilities_and_lm_eval_tasks(tmp_path, tokenizer):
+    from ivtrainer.evaluation.forgetting import evaluate_abilities, held_out_mean
+    from ivtrainer.testing import tiny_edits
+
+    pairs = [{"input": f"w{i}", "output": f"W{i}"} for i in range(30)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    model, facts = tiny_model("llama"), [{**e, "relation": "capital"} for e in tiny_edits(2)]
+    scores = evaluate_abilities(
+        model, tokenizer, facts, ["cold"], n_icl=4, abilities={"mine": tmp_path / "mine.jsonl", "listed": pairs},
+        lm_eval_tasks=["ivtrainer_icl_antonym"], lm_eval_limit=2,
+    )  # fmt: skip
+    assert {"icl/mine", "icl/listed", "lm_eval/ivtrainer_icl_antonym/acc", "icl/antonym"} <= set(scores)
+    assert 0 <= held_out_mean(scores) <= 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}))
+    with pytest.raises(InvalidInputError, match="has no 'input' field"):
+        evaluate_abilities(model, tokenizer, facts, ["cold"], abilities={"bad": tmp_path / "bad.jsonl"})
+    with pytest.raises(InvalidInputError, match="ability 'few' has 3 pairs"):
+        evaluate_abilities(model, tokenizer, facts, ["cold"], abilities={"few": pairs[:3]})
