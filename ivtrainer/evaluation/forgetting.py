@@ -107,9 +107,7 @@ def evaluate_abilities(
     documents each). Both count in :func:`held_out_mean` only through the ICL mean (yours) or not
     at all (lm-eval's, whose metrics differ by task).
     """
-    own = {
-        name: load_examples(source, source=name) for name, source in (abilities or {}).items()
-    }  # checked first
+    own = {name: _ability_pairs(name, source) for name, source in (abilities or {}).items()}  # checked first
     scores: dict[str, float] = {}
     with tqdm(total=4, desc="evaluating", unit="part", disable=not progress, leave=False) as bar:
         scores.update(icl_abilities(model, tokenizer, split=split, n_icl=n_icl))
@@ -173,11 +171,7 @@ def icl_ability(
     """5-shot first-token accuracy on your own input/output pairs, as on a built-in task: a fixed
     shuffle (seeded by ``name``) puts two thirds in the demonstration pool and one third held out,
     the queries of ``split="test"``."""
-    if len(pairs) < 9:
-        raise InvalidInputError(
-            f"ability {name!r} has {len(pairs)} pairs: give at least 9 (5 demonstrations, queries held out)"
-        )
-    pairs = list(pairs)
+    pairs = _ability_pairs(name, pairs)
     random.Random(f"ability/{name}").shuffle(pairs)
     cut = len(pairs) * 2 // 3
     pool, held = pairs[:cut], pairs[cut:]
@@ -185,6 +179,15 @@ def icl_ability(
     builder = PromptBuilder(tokenizer)
     drawn = draw(pool, n_icl, 5, random.Random(name), queries=queries)
     return first_token_accuracy(model, [builder.encode(d, q) for d, q in drawn])
+
+
+def _ability_pairs(name: str, source: Any) -> list[Example]:
+    pairs = load_examples(source, source=name)
+    if len(pairs) < 9:
+        raise InvalidInputError(
+            f"ability {name!r} has {len(pairs)} pairs: give at least 9 (5 demonstrations, queries held out)"
+        )
+    return pairs
 
 
 def icl_examples(
