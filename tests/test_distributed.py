@@ -58,8 +58,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(assets: Path, trainer: str, out: Path, zero: str | Path | None = None, fail: bool = False):
+def _run(assets: Path, trainer: str, out: Path, zero: str | Path | None = None, fail: bool = False, extra=()):
     script = [str(SCRIPT), "--trainer", trainer, "--model", str(assets / "model"), "--iv", str(assets / "iv")]
+    script += list(extra)
     if zero is None:
         command = [sys.executable, *script, "--batch", "4", "--out", str(out)]
     else:
@@ -146,3 +147,15 @@ def test_a_model_that_cannot_be_copied_under_zero3_gets_a_clear_error():
 
     with pytest.raises(ValueError, match="can only copy a transformers model"):
         zero3_copy(nn.Sequential(nn.Linear(2, 2)), "the KL teacher; or pass teacher=")
+
+
+def test_lm_eval_callback_under_zero2_and_refused_under_zero3(assets, single):
+    """The main process evaluates while the other waits: training goes on exactly as without the
+    callback; under ZeRO-3 (the model sharded) it is refused before the first step."""
+    out = _run(assets, "iv-lora", assets / "zero2-lm-eval", "zero2", extra=["--lm-eval"])
+    got, want = (json.loads((f / "losses.json").read_text()) for f in (out, single("iv-lora")))
+    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), rtol=1e-5, atol=1e-7)
+    saved = json.loads((out / "run" / "lm_eval.json").read_text())
+    assert [e["step"] for e in saved["evaluations"]] == [0, 2]
+    stderr = _run(assets, "iv-full", assets / "zero3-lm-eval", "zero3", fail=True, extra=["--lm-eval"])
+    assert "lm-eval cannot evaluate a ZeRO-3-partitioned model in memory" in stderr

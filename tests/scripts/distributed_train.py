@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lm-eval", action="store_true", help="an LMEvalCallback every 2 steps")
     args = parser.parse_args()
 
     from accelerate import PartialState
@@ -100,7 +101,12 @@ def main() -> None:
             instruction_vectors=InstructionVector.from_pretrained(args.iv),
             train_dataset=new,
             data_collator=collator,
+            processing_class=tok if args.lm_eval else None,  # LMEvalCallback needs the tokenizer
         )
+    if args.lm_eval:
+        from ivtrainer.callbacks import LMEvalCallback
+
+        trainer.add_callback(LMEvalCallback("ivtrainer_icl_antonym", limit=2, every=2, trainer=trainer))
     trainer.train()
     trainer.save_model(str(args.out / "model"))
     if trainer.is_world_process_zero():
