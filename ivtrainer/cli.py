@@ -254,7 +254,10 @@ def _analyze(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ivtrainer.demo import DemoPlan, run_demo
 
-    plan = (DemoPlan.quick if args.quick else DemoPlan)(seed=args.seed, iv_task=args.task)
+    lm_eval = tuple(t.strip() for t in (args.lm_eval_tasks or "").split(",") if t.strip())
+    plan = (DemoPlan.quick if args.quick else DemoPlan)(
+        seed=args.seed, iv_task=args.task, lm_eval_tasks=lm_eval, lm_eval_limit=args.lm_eval_limit
+    )
     run_demo(args.model, args.out, plan=plan, quick=args.quick, overwrite=args.overwrite)
     return 0
 
@@ -371,6 +374,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes")
     demo.add_argument("--task", default="antonym", help="the built-in task whose IV guides training")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--lm-eval-tasks",
+        help="lm-evaluation-harness tasks scored with the held-out abilities in stage 2 (pip install "
+        "'ivtrainer[eval]'), e.g. ivtrainer_abilities or hellaswag",
+    )
+    demo.add_argument(
+        "--lm-eval-limit", type=int, default=50, help="lm-eval: documents per task (default 50)"
+    )
     demo.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     demo.set_defaults(func=_demo)
 

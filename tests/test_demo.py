@@ -44,6 +44,15 @@ def test_unknown_task_refused_before_loading(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_unknown_lm_eval_task_refused_before_loading(tmp_path, capsys):
+    out, model = str(tmp_path / "o"), str(tmp_path / "m")
+    assert (
+        main(["demo", "--lm-eval-tasks", "ivtrainer_abilities,hellaswg", "--out", out, "--model", model]) == 2
+    )
+    assert "unknown lm-eval task 'hellaswg'; did you mean hellaswag" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_model_that_knows_no_facts(tmp_path, tokenizer):
     """A model the demo cannot use says why, and leaves neither --out nor a temporary folder."""
     folder = tmp_path / "tiny"

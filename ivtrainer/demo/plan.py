@@ -42,6 +42,8 @@ class DemoPlan:
     edit_batch_size: int = 8
     forget_lambda: float = 1.0  # benchmarks/knowledge_update.py's validation choice for LoRA->FT
     seed: int = 0
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval tasks scored with the held-out abilities (stage 2)
+    lm_eval_limit: int | None = 50  # documents per lm-eval task
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoPlan:

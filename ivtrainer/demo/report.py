@@ -54,6 +54,19 @@ def new_task_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def lm_eval_table(result: dict[str, Any]) -> str:
+    """The lm-eval scores of stage 2 (``--lm-eval-tasks``), before and after; "" without them."""
+    scores = result["scores"]
+    names = sorted(k for k in scores["before"] if k.startswith("lm_eval/"))
+    if not names:
+        return ""
+    lines = ["| lm-eval | before | plain | IV-guided |", "|---|---:|---:|---:|"]
+    for name in names:
+        cells = " | ".join(_pct(scores[run].get(name)) for run in ("before", "plain", "iv_guided"))
+        lines.append(f"| {name.removeprefix('lm_eval/')} | {cells} |")
+    return "\n".join(lines)
+
+
 def knowledge_table(result: dict[str, Any]) -> str:
     scores = result["scores"]
     lines = [

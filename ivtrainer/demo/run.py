@@ -18,6 +18,7 @@ from ivtrainer.demo.report import (
     iv_lines,
     knowledge_table,
     listing,
+    lm_eval_table,
     minutes,
     new_task_table,
     own_iv_line,
@@ -88,6 +89,10 @@ def run_demo(
     target = check_output_folder(out, overwrite, model_name)
     if plan.iv_task not in list_tasks():
         raise IVTrainerError(f"unknown task {plan.iv_task!r}; built-in tasks: {', '.join(list_tasks())}")
+    if plan.lm_eval_tasks:  # names checked (and lm-eval found) before any work
+        from ivtrainer.evaluation.lm_eval_harness import check_tasks, task_manager
+
+        check_tasks(list(plan.lm_eval_tasks), task_manager())
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     shown = "the default model" if model_name == DEFAULT_MODEL else model_name
@@ -138,6 +143,8 @@ def run_demo(
                 )
             echo(own_iv_line(new_task))
             echo(new_task_table(new_task))
+            if table := lm_eval_table(new_task):
+                echo(table)
 
             echo(f"\n[3/3] Knowledge update: {len(edits)} facts changed to counterfactual ones")
             with _timed(seconds, "knowledge update"):

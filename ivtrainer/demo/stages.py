@@ -106,7 +106,10 @@ def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Pat
     collator = _collator(tokenizer)
 
     def evaluate(m):
-        return evaluate_abilities(m, tokenizer, facts, test_words, n_icl=plan.n_icl, progress=True)
+        return evaluate_abilities(
+            m, tokenizer, facts, test_words, n_icl=plan.n_icl, progress=True,
+            lm_eval_tasks=plan.lm_eval_tasks, lm_eval_limit=plan.lm_eval_limit,
+        )  # fmt: skip
 
     scores = {"before": evaluate(model)}
     # the paper's recipe: the new task's own IV, from its training rows, on the model before training
