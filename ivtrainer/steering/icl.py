@@ -84,27 +84,11 @@ class PromptBuilder:
         return EncodedPrompt(prompt_ids, answer_id)
 
     def sample(
-        self,
-        pool: Sequence[Example],
-        n_prompts: int,
-        n_shots: int,
-        rng: random.Random,
-        *,
-        queries: Sequence[Example] | None = None,
-        shuffle_labels: bool = False,
-        fixed_demos: bool = False,
+        self, pool: Sequence[Example], n_prompts: int, n_shots: int, rng: random.Random, **options: Any
     ) -> list[EncodedPrompt]:
-        """``n_prompts`` prompts with ``n_shots`` demos from ``pool``, tokenised (see :func:`draw`)."""
-        drawn = draw(
-            pool,
-            n_prompts,
-            n_shots,
-            rng,
-            queries=queries,
-            shuffle_labels=shuffle_labels,
-            fixed_demos=fixed_demos,
-        )
-        return [self.encode(demos, query) for demos, query in drawn]
+        """``n_prompts`` prompts with ``n_shots`` demos from ``pool``, tokenised; ``options`` are
+        :func:`draw`'s (``queries``, ``shuffle_labels``, ``fixed_demos``)."""
+        return [self.encode(demos, query) for demos, query in draw(pool, n_prompts, n_shots, rng, **options)]
 
 
 def draw(
