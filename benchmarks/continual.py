@@ -48,7 +48,7 @@ def table(order: str, runs: dict[str, list[dict]], args) -> str:
         f"(`python benchmarks/continual.py --order {order} --seeds {seeds}{timed} --write-readme`). Means over seeds, "
         f"[min, max]; times: mean over seeds {' '.join(map(str, args.time_seeds))}:",
         "",
-        "| method | AP | BWT | FWT | held-out abilities, change | BWT / plain's | time: train / evaluate / IV, s (all / train) |",
+        "| method | AP | BWT | FWT | held-out abilities, change | BWT / plain's | time: train / evaluate / IV, s (all / train + IV) |",
         "| --- | --- | --- | --- | --- | ---: | --- |",
     ]
     plain_bwt = statistics.fmean(r["BWT"] for r in runs["plain"]) if "plain" in runs else None
@@ -62,7 +62,7 @@ def table(order: str, runs: dict[str, list[dict]], args) -> str:
         )
         time_cell = (
             f"{seconds['train']:.0f} / {seconds['evaluate']:.0f} / {seconds['iv']:.0f} "
-            f"({(seconds['train'] + seconds['evaluate'] + seconds['iv']) / seconds['train']:.2f}x)"
+            f"({(seconds['train'] + seconds['evaluate'] + seconds['iv']) / (seconds['train'] + seconds['iv']):.2f}x)"
             + (f" ({len(timed)} of {len(results)} runs)" if len(timed) < len(results) else "")
             if seconds
             else "-"
