@@ -32,6 +32,7 @@ from ivtrainer.datasets.edits import target_predictions
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.datasets.tasks import Example, list_tasks, load_examples, load_task
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.evaluation.ability_prompts import QUESTIONS, icl_examples
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.steering.icl import PromptBuilder, draw, first_token_accuracy
 
@@ -47,14 +48,6 @@ __all__ = [
     "new_task_prompt",
     "new_task_words",
 ]
-
-# The built-in counterfactual relations asked as chat instructions.
-QUESTIONS = {
-    "capital": "What is the capital city of {}? Answer with one word.",
-    "language": "What is the official language of {}? Answer with one word.",
-    "landmark_city": "In which city is the {}? Answer with one word.",
-    "currency": "What is the currency of {}? Answer with one word.",
-}
 
 
 def new_task_words() -> tuple[list[str], list[str], list[str]]:
@@ -188,18 +181,6 @@ def _ability_pairs(name: str, source: Any) -> list[Example]:
             f"ability {name!r} has {len(pairs)} pairs: give at least 9 (5 demonstrations, queries held out)"
         )
     return pairs
-
-
-def icl_examples(
-    task: str, n_icl: int, *, split: str = "test", fixed_demos: bool = False
-) -> list[tuple[list[Example], Example]]:
-    """``(demos, query)`` of the held-out-ability prompts of a built-in task: 5 demonstrations from
-    its demonstration pool, the query from its held-out pairs (``split="test"``) or from the pool
-    (``"validation"``), drawn with a generator seeded by the task's name (demonstrations drawn per
-    query: the first ``n`` prompts are the same whatever ``n_icl``)."""
-    pool, held = load_task(task), load_task(task, "held_out")
-    queries = held[:n_icl] if split == "test" else None
-    return draw(pool, n_icl, 5, random.Random(task), queries=queries, fixed_demos=fixed_demos)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
         --include_path "$(ivtrainer lm-eval-tasks)" --tasks ivtrainer_abilities
 
 - ``ivtrainer_icl_<task>`` for the six built-in word tasks: the 5-shot prompts of
-  :func:`~ivtrainer.evaluation.forgetting.icl_examples` (40 per task, demonstrations drawn per
+  :func:`~ivtrainer.evaluation.ability_prompts.icl_examples` (40 per task, demonstrations drawn per
   query), scored by the greedy first token (Todd et al.'s first-token accuracy);
 - ``ivtrainer_facts_completion``: every fact that ships with the package
   (:func:`~ivtrainer.datasets.edits.candidate_facts`, 306) as a plain completion, greedy first token;
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ivtrainer.datasets.edits import candidate_facts
-from ivtrainer.evaluation.forgetting import QUESTIONS, icl_examples
+from ivtrainer.evaluation.ability_prompts import QUESTIONS, icl_examples
 from ivtrainer.steering.icl import PromptBuilder
 
 __all__ = [
