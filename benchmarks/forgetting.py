@@ -4,6 +4,7 @@
         [--write-readme]
     python benchmarks/forgetting.py --sweep --seeds 0 --methods lora [--write-readme]   # chooses TUNED
     python benchmarks/forgetting.py --seeds 0 1 2 --methods lora --settings 'own IV' [--write-readme]
+    python benchmarks/forgetting.py ... --lm-eval-tasks ivtrainer_abilities,arc_easy [--lm-eval-limit 100]
 
 New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot accuracy 0), on words
 of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
@@ -87,8 +88,12 @@ OWN_IV = "own IV"
 TEST_SETTINGS: dict[str, dict] = {"IV-guided": TUNED, OWN_IV: {}}
 
 
+# `--lm-eval-tasks`: lm-evaluation-harness tasks scored next to the held-out abilities (not in the mean)
+LM_EVAL: dict = {"lm_eval_tasks": (), "lm_eval_limit": None}
+
+
 def evaluate(model, tok, facts, words, split: str = "test") -> dict[str, float]:
-    return evaluate_abilities(model, tok, facts, words, split=split, n_icl=40)
+    return evaluate_abilities(model, tok, facts, words, split=split, n_icl=40, **LM_EVAL)
 
 
 def instruction_vectors(model, tok) -> list[InstructionVector]:
@@ -170,6 +175,11 @@ def main() -> None:
         help="the test run's IV-guided settings (README block 'forgetting' for the default, "
         "'forgetting-own-iv' otherwise)",
     )
+    parser.add_argument(
+        "--lm-eval-tasks",
+        help="comma-separated lm-eval tasks scored too (a table of their own; pip install 'ivtrainer[eval]')",
+    )
+    parser.add_argument("--lm-eval-limit", type=int, help="lm-eval: documents per task (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--from-json", type=Path, help="render the table (and plot) of an earlier run's --json, train nothing"
@@ -185,6 +195,12 @@ def main() -> None:
         report(results, args)
         return
 
+    if args.lm_eval_tasks:  # checked before any work
+        from ivtrainer.evaluation.lm_eval_harness import check_tasks, task_manager
+
+        LM_EVAL.update(
+            lm_eval_tasks=check_tasks(args.lm_eval_tasks, task_manager()), lm_eval_limit=args.lm_eval_limit
+        )
     model, tok = load_default_model()
     facts_validation, facts_test = split_edits(build_counterfacts(model, tok))
     train_words, test_words, validation_words = new_task_words()
@@ -265,12 +281,26 @@ def format_table(results: dict, args) -> str:
         )
     command = f"python benchmarks/forgetting.py {'--sweep ' if args.sweep else ''}--seeds {' '.join(map(str, args.seeds))}"
     command += f" --methods {' '.join(args.methods)}"
+    if getattr(args, "lm_eval_tasks", None):
+        command += f" --lm-eval-tasks {args.lm_eval_tasks}" + (
+            f" --lm-eval-limit {args.lm_eval_limit}" if args.lm_eval_limit else ""
+        )
     if not args.sweep and list(args.settings) != ["IV-guided"]:
         command += f" --settings {' '.join(repr(x) if ' ' in x else x for x in args.settings)}"
     lines.append(
         f"\n`{command}`: {results['split']} split; means over seeds {', '.join(map(str, args.seeds))} "
         "(forgetting: range over seeds); accuracies in %."
     )
+    lm_names = sorted(k for k in base if k.startswith("lm_eval/"))
+    if lm_names:  # lm-eval's scores, in a table of their own (their metrics differ by task)
+        lines += [
+            "",
+            "| lm-eval | before | " + " | ".join(summary) + " |",
+            "|---|" + "---:|" * (len(summary) + 1),
+        ]
+        for name in lm_names:
+            cells = " | ".join(f"{100 * s[name]:.1f}" for s in summary.values())
+            lines.append(f"| {name.removeprefix('lm_eval/')} | {100 * base[name]:.1f} | {cells} |")
     return "\n".join(lines)
 
 
