@@ -192,6 +192,7 @@ def main() -> None:
         results = json.loads(args.from_json.read_text())
         args.sweep = results["split"] == "validation"
         args.settings = list(results["settings"]) if not args.sweep else args.settings
+        args.methods = list(dict.fromkeys(name.split(" ")[0] for name in results["runs"]))  # as run
         report(results, args)
         return
 
