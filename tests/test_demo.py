@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from ivtrainer.cli import main
 from ivtrainer.demo import DemoPlan, estimate_seconds, knowledge_table, new_task_table, run_demo
+from ivtrainer.demo.report import lm_eval_table, write_results
 from ivtrainer.errors import IVTrainerError
 from ivtrainer.testing import tiny_model
 from ivtrainer.utils.outputs import MARKER
@@ -162,9 +164,13 @@ def test_stages_on_tiny_models(tmp_path, model_type):
 
     model, tokenizer = tiny_model(model_type), tiny_tokenizer(pad_token=model_type != "gpt2")
     records = [{**r, "relation": "capital"} for r in tiny_edits(8)]
-    plan = DemoPlan(
-        n_mean_prompts=4, n_cie_prompts=1, n_train_words=24, epochs=1, n_icl=2, n_test_words=3, n_edits=4
+    lm_eval = (
+        {"lm_eval_tasks": ("ivtrainer_icl_antonym",), "lm_eval_limit": 2} if model_type == "llama" else {}
     )
+    plan = DemoPlan(
+        n_mean_prompts=4, n_cie_prompts=1, n_train_words=24, epochs=1, n_icl=2, n_test_words=3, n_edits=4,
+        **lm_eval,
+    )  # fmt: skip
     before = {k: v.clone() for k, v in model.state_dict().items()}
     iv_result = stage_instruction_vector(model, tokenizer, plan, tmp_path)
     iv = iv_result.pop("iv")
@@ -181,3 +187,14 @@ def test_stages_on_tiny_models(tmp_path, model_type):
         adapter = PeftModel.from_pretrained(tiny_model(model_type), tmp_path / "adapters" / name)
         assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapter.named_parameters())  # trained
     assert new_task_table(new_task).count("\n") == 4 and knowledge_table(knowledge).count("\n") == 4
+
+    # results.md: every table, the lm-eval one (when asked for) as a table of its own
+    results = {
+        "model": model_type, "quick": True, "plan": dataclasses.asdict(plan), "instruction_vector": iv_result,
+        "new_task": new_task, "knowledge_update": knowledge, "seconds": {"total": 1.0},
+    }  # fmt: skip
+    write_results(tmp_path, results)
+    markdown = (tmp_path / "results.md").read_text()
+    assert new_task_table(new_task) in markdown and knowledge_table(knowledge) in markdown
+    assert (f"\n\n{lm_eval_table(new_task)}\n" in markdown) == bool(lm_eval)
+    assert bool(lm_eval_table(new_task)) == bool(lm_eval)

@@ -127,6 +127,11 @@ def write_results(folder: Path, results: dict[str, Any]) -> None:
         f"lr {plan['learning_rate']:g}; {results['new_task']['n_test_words']} test words; "
         f"{plan['n_icl']} 5-shot prompts per ICL task; {plan['n_facts']} known facts.\n",
         "![held-out abilities](forgetting.png)\n",
+        *(
+            [f"lm-eval tasks (at most {plan['lm_eval_limit'] or 'all'} documents each):\n", table + "\n"]
+            if (table := lm_eval_table(results["new_task"]))
+            else []
+        ),
         "## 3. Knowledge update: plain FT vs F-Learning\n",
         knowledge_table(results["knowledge_update"]) + "\n",
         f"{results['knowledge_update']['n_edits']} edits, {plan['edit_epochs']:g} epochs at batch "

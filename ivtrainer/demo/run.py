@@ -144,7 +144,7 @@ def run_demo(
             echo(own_iv_line(new_task))
             echo(new_task_table(new_task))
             if table := lm_eval_table(new_task):
-                echo(table)
+                echo(f"\n{table}")  # a table of its own (Markdown merges adjacent ones)
 
             echo(f"\n[3/3] Knowledge update: {len(edits)} facts changed to counterfactual ones")
             with _timed(seconds, "knowledge update"):

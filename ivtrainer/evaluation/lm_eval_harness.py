@@ -9,11 +9,12 @@ close ones. ``LMEvalCallback`` runs it during training.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def evaluate_lm(
     lm_logger.setLevel(logging.ERROR)  # HFLM warns that a model instance skips its loading options
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        with documents_for(tokenizer):
+        with documents_for(tokenizer), _no_run_metadata():
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(tasks),
@@ -134,6 +135,24 @@ def evaluate_lm(
         tokenizer.pad_token, tokenizer.padding_side = pad_token, padding_side
         _set_random_states(generators)
     return flat_scores(results)
+
+
+@contextlib.contextmanager
+def _no_run_metadata() -> Iterator[None]:
+    """Skip the environment report ``simple_evaluate`` attaches to its results: only the scores are
+    read here, and the report costs ~1 s of subprocesses per evaluation (``pip list``, ``git``; the
+    latter prints "fatal: not a git repository" into a training log outside a checkout)."""
+    import lm_eval.evaluator as evaluator
+
+    names = [n for n in ("get_git_commit_hash", "add_env_info") if hasattr(evaluator, n)]
+    saved = {n: getattr(evaluator, n) for n in names}
+    try:
+        for name in names:
+            setattr(evaluator, name, lambda *args, **kwargs: None)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(evaluator, name, function)
 
 
 def _random_states() -> tuple[Any, ...]:

@@ -256,3 +256,18 @@ def test_evaluate_abilities_takes_your_own_abilities_and_lm_eval_tasks(tmp_path,
         evaluate_abilities(model, tokenizer, facts, ["cold"], abilities={"bad": tmp_path / "bad.jsonl"})
     with pytest.raises(InvalidInputError, match="ability 'few' has 3 pairs"):
         evaluate_abilities(model, tokenizer, facts, ["cold"], abilities={"few": pairs[:3]})
+
+
+def test_no_environment_report_outside_a_git_checkout(tmp_path, monkeypatch, capfd, tokenizer, manager):
+    """lm-eval's run metadata (git, pip: ~1 s a call) is skipped: outside a git checkout its
+    `git describe` printed "fatal: not a git repository" into the training log. Its functions are
+    put back afterwards."""
+    import lm_eval.evaluator
+
+    originals = (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path
+    scores = evaluate_lm(tiny_model("llama"), tokenizer, ["ivtrainer_icl_antonym"], limit=2, manager=manager)
+    assert "ivtrainer_icl_antonym/acc" in scores
+    assert "fatal" not in capfd.readouterr().err
+    assert (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info) == originals
