@@ -12,7 +12,9 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import json
 import math
+import os
 import weakref
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -29,7 +31,14 @@ from torch import nn
 from transformers.utils import logging
 
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, kl_positions, kl_term
+from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, SparseTeacher, kl_positions, kl_term
+from ivtrainer.iv_guided.precomputed_teacher import (
+    CACHE_FOLDER,
+    TeacherStore,
+    model_fingerprint,
+    precompute_teacher,
+    vectors_fingerprint,
+)
 from ivtrainer.iv_guided.schedules import Schedule
 from ivtrainer.modeling.architectures import get_layout
 from ivtrainer.modeling.hooks import eval_mode, hooks, is_peft_model, record_head_outputs, stop_before
@@ -74,7 +83,15 @@ class IVKLCallback(IVCallback):
             pass: no extra forward) or ``"without_iv"`` (FvForgetting's: a second pass without the
             IVs, ending at the deepest head; the KL's pass is used when no IV is added before a head).
         teacher: ``"auto"``: a PEFT model's own base (adapters disabled, no copy in memory), else a
-            frozen copy made when training begins; or pass a module.
+            frozen copy made when training begins; or pass a module. ``"precomputed"``: the
+            same teacher run once over the training set before the first step and stored (see
+            :mod:`ivtrainer.iv_guided.precomputed_teacher`): no teacher forward per step and no
+            reference copy; the training dataset must be map-style and its collator deterministic.
+        teacher_top_k: with ``teacher="precomputed"``, how many of the teacher's most likely tokens
+            are stored at each position other than the last prompt token (whose whole
+            distribution is stored); the rest is one bucket (its total mass).
+        teacher_cache_dir: where the precomputed teacher is stored (default
+            ``<output_dir>/_ivtrainer_teacher``, which ``push_to_hub`` does not upload).
 
     The teacher is fixed when the Trainer is built (``on_init_end``), so a run resumed from a
     checkpoint keeps the original model as its teacher. The teacher pass runs with the student's
@@ -100,6 +117,8 @@ class IVKLCallback(IVCallback):
         head_mse_reference: Literal["with_iv", "without_iv"] = "with_iv",
         iv_weights: Sequence[float] | None = None,
         teacher: str | nn.Module = "auto",
+        teacher_top_k: int = 64,
+        teacher_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         for name, value in (
             ("teacher_strength", teacher_strength),
@@ -137,7 +156,13 @@ class IVKLCallback(IVCallback):
         self.teacher_strength, self.direction, self.temperature = teacher_strength, direction, temperature
         self.head_mse_weight, self.head_mse_threshold = head_mse_weight, head_mse_threshold
         self.head_mse_reference = head_mse_reference
-        self.teacher = teacher
+        if not isinstance(teacher, nn.Module) and teacher not in ("auto", "precomputed"):
+            raise InvalidInputError(f"teacher must be 'auto', 'precomputed' or a module, not {teacher!r}")
+        if isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, int) or teacher_top_k < 1:
+            raise InvalidInputError(f"teacher_top_k must be a whole number >= 1, got {teacher_top_k!r}")
+        self.teacher, self.teacher_top_k, self.teacher_cache_dir = teacher, teacher_top_k, teacher_cache_dir
+        self._store: TeacherStore | None = None
+        self._model_fingerprint: str | None = None  # the model before training, for the stored teacher
         self.kl_weights = [t.weight(0, 1) for t in self.terms]
         self._model: nn.Module | None = None
         self._reference: nn.Module | None = None
@@ -157,6 +182,11 @@ class IVKLCallback(IVCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _check_supported(args, model, self.teacher)
+        if self.teacher == "precomputed":
+            if model is not None and self._model_fingerprint is None:
+                # now, before a resumed run loads its checkpoint into the model
+                self._model_fingerprint = model_fingerprint(model)
+            return
         # the teacher is the model *before* fine-tuning: copied now, before a resumed run loads
         # its checkpoint into the model
         if model is not None and not self._reference_ready:
@@ -177,7 +207,9 @@ class IVKLCallback(IVCallback):
             made = _TEACHERS[model].get(str(args.output_dir))
             self._reference = made() if made is not None else None
             self._reference_ready = self._reference is not None
-        if not self._reference_ready:
+        if self.teacher == "precomputed":
+            self._prepare_store(args, state, model, kwargs.get("train_dataloader"))
+        elif not self._reference_ready:
             if state.global_step > 0 and not is_peft_model(model) and not isinstance(self.teacher, nn.Module):
                 raise InvalidInputError(
                     "IVKLCallback was added after the Trainer was built, and training resumes from a checkpoint: "
@@ -257,9 +289,10 @@ class IVKLCallback(IVCallback):
         self._student_heads = None
 
     def release(self) -> None:
-        """Drop the frozen reference copy (full fine-tuning) to free its memory."""
+        """Drop the frozen reference copy (full fine-tuning) or the stored teacher to free memory."""
         self.close()
         self._reference, self._reference_ready, self._reference_engine = None, False, None
+        self._store = None
 
     def _update(self, state) -> None:
         self.kl_weights = [t.weight(state.global_step, state.max_steps) for t in self.terms]
@@ -271,12 +304,10 @@ class IVKLCallback(IVCallback):
     # -- the teacher -------------------------------------------------------------------------------
 
     def _make_reference(self, model: nn.Module) -> nn.Module | None:
-        """None: the teacher is ``model`` itself with its adapters disabled (PEFT)."""
+        """None: the teacher is ``model`` itself with its adapters disabled (PEFT), or stored."""
         if isinstance(self.teacher, nn.Module):
             return self.teacher
-        if self.teacher != "auto":
-            raise InvalidInputError(f"teacher must be 'auto' or a module, not {self.teacher!r}")
-        if is_peft_model(model):
+        if is_peft_model(model) or self.teacher == "precomputed":
             return None
         if is_zero3_partitioned(model):
             reference = zero3_copy(model, "the KL teacher; or pass teacher=, or train LoRA adapters").eval()
@@ -305,7 +336,8 @@ class IVKLCallback(IVCallback):
         heads_here = self.head_mse_weight > 0 and (not with_iv or not self._separate_head_pass())
         with contextlib.ExitStack() as stack:
             if self._reference is None:  # the same modules: adapters and student IVs off
-                stack.enter_context(module.disable_adapter())  # type: ignore[operator]  # a PeftModel
+                if is_peft_model(module):
+                    stack.enter_context(module.disable_adapter())  # type: ignore[operator]  # a PeftModel
                 stack.enter_context(suspend_interventions(module))
             stack.enter_context(eval_mode(teacher))
             if with_iv and self.pairs:
@@ -345,6 +377,72 @@ class IVKLCallback(IVCallback):
         columns = mask.any(0).nonzero().squeeze(1)
         return columns if 0 < columns.numel() < mask.shape[1] else None
 
+    def _live_teacher(self, module: nn.Module, input_ids, attention_mask, prompt_end, columns):
+        """The teacher's logits (at ``columns``) and, with the head term, each IV head's teacher
+        output at ``prompt_end``'s positions (from the pass without the IVs when that is the
+        reference): what the stored teacher holds too."""
+        logits, heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end, columns)
+        if self.head_mse_weight > 0 and self._separate_head_pass():
+            _, heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end, None, with_iv=False)
+        if heads is None:
+            return logits, None
+        rows, cols = prompt_end.nonzero(as_tuple=True)
+        return logits, {(layer, head): heads[layer][rows, cols, head] for layer, head in self._heads()}
+
+    def _heads(self) -> list[tuple[int, int]]:
+        """The IV heads the head term compares, in order (a head in two IVs counted twice)."""
+        return (
+            [(layer, head) for iv in self.vectors for layer, head in iv.heads]
+            if self.head_mse_weight > 0
+            else []
+        )
+
+    def _stored_heads(self, stored: torch.Tensor | None, prompt_end: torch.Tensor):
+        if stored is None:
+            return None
+        rows = prompt_end.nonzero(as_tuple=True)[0]
+        return {h: stored[rows, i] for i, h in enumerate(self._heads())}
+
+    def _prepare_store(self, args, state, model: nn.Module, dataloader) -> None:
+        """The stored teacher for this run: reused when its fingerprint matches, else computed now
+        (before the first step, from the model as it is: the model before training)."""
+        if self._store is not None:
+            return
+        if dataloader is None:
+            raise InvalidInputError(
+                "teacher='precomputed' needs the Trainer's training dataloader (a train_dataset)"
+            )
+        if self._model_fingerprint is None:
+            if state.global_step > 0 and not is_peft_model(model):
+                raise InvalidInputError(
+                    "IVKLCallback(teacher='precomputed') was added after the Trainer was built, and training resumes "
+                    "from a checkpoint: the model is no longer the model before fine-tuning, so its teacher cannot be "
+                    "computed from it. Pass the callback in Trainer(callbacks=[...])"
+                )
+            self._model_fingerprint = model_fingerprint(model)
+        settings = {
+            "teacher_strength": self.teacher_strength, "head_mse_reference": self.head_mse_reference,
+            "separate_head_pass": self.head_mse_weight > 0 and self._separate_head_pass(),
+        }  # fmt: skip
+        fingerprint = {
+            "model": self._model_fingerprint,
+            "instruction_vectors": vectors_fingerprint(self.pairs, self._heads()),
+            "teacher": json.dumps(settings, sort_keys=True),
+        }
+        cache = self.teacher_cache_dir or os.path.join(args.output_dir, CACHE_FOLDER)
+
+        def teacher(input_ids, attention_mask, prompt_end):
+            return self._live_teacher(model, input_ids, attention_mask, prompt_end, None)
+
+        self._store = precompute_teacher(
+            cache, dataloader.dataset, dataloader.collate_fn, teacher, fingerprint=fingerprint,
+            positions=[t.positions for t in self.terms], top_k=self.teacher_top_k, temperature=self.temperature,
+            heads=self._heads(), batch_size=args.per_device_eval_batch_size,
+            device=next(model.parameters()).device, progress=not args.disable_tqdm,
+            # a resumed full fine-tuning: the model is trained, only the stored teacher can serve
+            compute=state.global_step == 0 or is_peft_model(model), prune=self.teacher_cache_dir is None,
+        )  # fmt: skip
+
     # -- the loss ----------------------------------------------------------------------------------
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -373,18 +471,20 @@ class IVKLCallback(IVCallback):
         # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
         # same modules, and the student's recording hooks would overwrite them with the teacher's
         student_heads = dict(self._student_heads) if self._student_heads is not None else None
-        self._busy = True
-        try:
-            columns = self._columns(module, torch.stack(masks).any(0))
-            teacher_logits, teacher_heads = self._teacher_pass(
-                module, input_ids, attention_mask, prompt_end, columns
-            )
-            if self.head_mse_weight > 0 and self._separate_head_pass():
-                _, teacher_heads = self._teacher_pass(
-                    module, input_ids, attention_mask, prompt_end, None, with_iv=False
+        columns = None
+        teacher_logits: torch.Tensor | SparseTeacher
+        if self._store is not None:
+            teacher_logits, stored_heads = self._store.batch(input_ids, attention_mask, labels)
+            teacher_heads = self._stored_heads(stored_heads, prompt_end)
+        else:
+            self._busy = True
+            try:
+                columns = self._columns(module, torch.stack(masks).any(0))
+                teacher_logits, teacher_heads = self._live_teacher(
+                    module, input_ids, attention_mask, prompt_end, columns
                 )
-        finally:
-            self._busy = False
+            finally:
+                self._busy = False
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
         self._device, self._global_items = output.loss.device, num_items is not None and self._tokens_across
         self._sums["ce"] += output.loss.detach() * scale  # a tensor: no device sync per step
@@ -419,13 +519,14 @@ class IVKLCallback(IVCallback):
     def _head_mse(self, student_heads, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
         """Per head, the squared error at each row's last prompt token averaged over the head's
         dimensions, summed over rows and normalised like the CE; a head whose mean over the rows is
-        not above ``head_mse_threshold`` adds nothing to this micro-batch."""
+        not above ``head_mse_threshold`` adds nothing to this micro-batch. ``teacher_heads``: each
+        head's teacher output at ``prompt_end``'s positions, in row order."""
         rows, cols = prompt_end.nonzero(as_tuple=True)
         total: Any = student_heads[next(iter(student_heads))].new_zeros((), dtype=torch.float32)
         for iv in self.vectors:
             for layer, head in iv.heads:
                 s = student_heads[layer][rows, cols, head].float()
-                t = teacher_heads[layer][rows, cols, head].float()
+                t = teacher_heads[(layer, head)].float()
                 per_row = ((s - t) ** 2).mean(-1)
                 if float(per_row.detach().mean()) > self.head_mse_threshold:
                     total = total + per_row.sum()
@@ -445,8 +546,14 @@ class IVKLCallback(IVCallback):
                 "head_mse_threshold": self.head_mse_threshold,
                 "head_mse_reference": self.head_mse_reference,
                 "iv_weights": self.weights,
+                **(
+                    {"teacher": self.teacher, "teacher_top_k": self.teacher_top_k}
+                    if isinstance(self.teacher, str)
+                    else {}
+                ),
+                "teacher_cache_dir": None if self.teacher_cache_dir is None else str(self.teacher_cache_dir),
             },
-            "attributes": {"kl_weights": self.kl_weights},
+            "attributes": {"kl_weights": self.kl_weights, "_model_fingerprint": self._model_fingerprint},
         }
 
 

@@ -157,6 +157,21 @@ class IVGuidedConfig(TrainingArguments):
         choices=["with_iv", "without_iv"],
     )
 
+    teacher: Literal["live", "precomputed"] = _field(
+        "live",
+        "live: the teacher runs at every step (a PEFT model's base with adapters off, else a frozen copy); "
+        "precomputed: it runs once over the training set before the first step and is stored under output_dir "
+        "(no reference model, no teacher forward per step; top-k away from the last prompt token).",
+        choices=["live", "precomputed"],
+    )
+    teacher_top_k: int = _field(
+        64,
+        "With teacher precomputed: the teacher's top-k tokens stored per position (the rest is one bucket).",
+    )
+    teacher_cache_dir: str | None = _field(
+        None, "With teacher precomputed: where it is stored (default <output_dir>/_ivtrainer_teacher)."
+    )
+
     @classmethod
     def recipe(cls, name: str, **overrides: Any) -> IVGuidedConfig:
         """A config with a named recipe's values, then ``overrides`` (``output_dir=`` etc.):
@@ -219,6 +234,14 @@ class IVGuidedConfig(TrainingArguments):
             raise InvalidInputError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if min(self.head_mse_weight, self.head_mse_threshold) < 0:
             raise InvalidInputError("head_mse_weight and head_mse_threshold must be >= 0")
+        if self.teacher not in ("live", "precomputed"):
+            raise InvalidInputError(f"teacher must be 'live' or 'precomputed', not {self.teacher!r}")
+        if (
+            isinstance(self.teacher_top_k, bool)
+            or not isinstance(self.teacher_top_k, int)
+            or self.teacher_top_k < 1
+        ):
+            raise InvalidInputError(f"teacher_top_k must be a whole number >= 1, got {self.teacher_top_k!r}")
         super().__post_init__()
 
     def iv_schedule_obj(self) -> Schedule:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
@@ -45,6 +46,9 @@ def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors) -> list:
             head_mse_threshold=args.head_mse_threshold,
             head_mse_reference=args.head_mse_reference,
             iv_weights=args.iv_weights,
+            teacher="precomputed" if args.teacher == "precomputed" else "auto",
+            teacher_top_k=args.teacher_top_k,
+            teacher_cache_dir=args.teacher_cache_dir,
         )
     )
     return callbacks
@@ -205,9 +209,11 @@ def tokenize_prompt_completion(dataset, tokenizer, *, add_eos: bool = True):
 def _check_labels(dataset, collator) -> None:
     """One collated example must carry labels: the IV goes before the first label and the KL is
     masked by them."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # checked on the first batch instead
+        return
     try:
         example = dataset[0]
-    except Exception:  # an IterableDataset: checked on the first batch instead
+    except Exception:  # no rows to index: checked on the first batch instead
         return
     batch = collator([example])
     if batch.get("labels") is None:

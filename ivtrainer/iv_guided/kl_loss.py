@@ -23,7 +23,16 @@ from ivtrainer.iv_guided.schedules import Schedule
 from ivtrainer.steering.intervention import last_prompt_positions
 from ivtrainer.utils.checks import finite_number
 
-__all__ = ["KL_DIRECTIONS", "KL_POSITIONS", "KLTerm", "kl_positions", "kl_term", "token_kl"]
+__all__ = [
+    "KL_DIRECTIONS",
+    "KL_POSITIONS",
+    "KLTerm",
+    "SparseTeacher",
+    "kl_positions",
+    "kl_term",
+    "token_kl",
+    "top_k_log_probs",
+]
 
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 KL_POSITIONS = ("last_prompt", "answer", "all")
@@ -114,9 +123,76 @@ def token_kl(
     raise InvalidInputError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
 
 
+@dataclasses.dataclass
+class SparseTeacher:
+    """The teacher's log-probabilities (at the KL's temperature) at some positions of a batch, as
+    stored by the precomputed teacher: the whole distribution at ``full_positions``, the top-k
+    entries and the log of the remaining mass at ``top_positions`` (flat ``row * seq + column``
+    indices, each sorted).
+
+    At a top-k position the KL is taken between the two distributions coarsened to the stored
+    tokens plus one bucket for all the others (the teacher's tail mass against the student's): exact
+    on the stored support, a lower bound of the full KL (the tail's inner shape is not stored), and
+    its gradient is the gradient of that coarsened KL.
+    """
+
+    temperature: float
+    full_positions: torch.Tensor  # (n_full,)
+    full: torch.Tensor  # (n_full, vocab) log-probs
+    top_positions: torch.Tensor  # (n_top,)
+    top_values: torch.Tensor  # (n_top, k) log-probs
+    top_indices: torch.Tensor  # (n_top, k) token ids
+    top_tail: torch.Tensor  # (n_top,) log of the mass outside the top k
+
+    def log_probs(self, positions: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """Float32 ``(n, vocab)`` teacher log-probabilities at flat ``positions``, given the
+        student's log-probabilities there: a top-k position's tail gets the student's own shape
+        scaled to the teacher's tail mass, which makes the KL over the vocabulary equal the
+        coarsened KL (and its gradient the coarsened KL's)."""
+        out = torch.empty_like(student)
+        found = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        for stored in (self.full_positions, self.top_positions):
+            if stored.numel() == 0:
+                continue
+            slot = torch.searchsorted(stored, positions).clamp_(max=stored.numel() - 1)
+            here = stored[slot] == positions
+            if not bool(here.any()):
+                continue
+            found |= here
+            if stored is self.full_positions:
+                out[here] = self.full[slot[here]].float()
+            else:
+                out[here] = top_k_log_probs(
+                    student[here],
+                    self.top_values[slot[here]].float(),
+                    self.top_indices[slot[here]].long(),
+                    self.top_tail[slot[here]].float(),
+                )
+        if not bool(found.all()):
+            raise InvalidInputError("the precomputed teacher has no distribution at a position the KL covers")
+        return out
+
+
+# the teacher's tail mass is floored here (log space): a tail that underflowed to 0 would make the
+# reverse KL infinite for any student mass outside the stored tokens
+_MIN_LOG_TAIL = -60.0
+
+
+def top_k_log_probs(
+    student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor
+) -> torch.Tensor:
+    """Full-vocabulary teacher log-probabilities from its top-k ``values`` at ``indices`` and the
+    log of its remaining mass ``tail``: outside the top k, the student's log-probabilities
+    ``student`` shifted so that they hold the teacher's tail mass (see :class:`SparseTeacher`)."""
+    outside = student.scatter(-1, indices, -math.inf)
+    student_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
+    shift = tail.clamp(min=_MIN_LOG_TAIL).unsqueeze(-1) - student_tail
+    return (student + shift).scatter_(-1, indices, values)
+
+
 def kl_term(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     mask: torch.Tensor,
     *,
     direction: Literal["forward", "reverse", "jsd"] = "reverse",
@@ -137,7 +213,13 @@ def kl_term(
     shapes match), which then hold garbage: for callers that drop them right after.
     ``teacher_columns``: the sequence positions ``teacher_logits`` cover (dim 1) when the teacher
     was run with ``logits_to_keep=teacher_columns``; they must include every position in ``mask``.
+    ``teacher_logits`` may instead be a :class:`SparseTeacher` (the precomputed teacher), whose
+    temperature must be ``temperature``.
     """
+    if isinstance(teacher_logits, SparseTeacher) and teacher_logits.temperature != temperature:
+        raise InvalidInputError(
+            f"the stored teacher's temperature is {teacher_logits.temperature:g}, the KL's {temperature:g}"
+        )
     if direction not in KL_DIRECTIONS:
         raise InvalidInputError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
     if not bool(mask.any()):
@@ -208,12 +290,15 @@ class _FusedKL(torch.autograd.Function):
         overwrite,
     ):
         vocab = student_logits.shape[-1]
-        student, teacher = student_logits.detach().reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        sparse = teacher_logits if isinstance(teacher_logits, SparseTeacher) else None
+        student = student_logits.detach().reshape(-1, vocab)
+        teacher = student if sparse is not None else teacher_logits.reshape(-1, vocab)
         n = index.numel()
         everything = n == student.shape[0] and teacher.shape[0] == n
         # the gradient may go into the teacher's logits, each chunk once it is read: no new buffer
         in_teacher = (
             overwrite
+            and sparse is None
             and teacher_logits.is_contiguous()
             and teacher.shape == student.shape
             and teacher.dtype == student.dtype
@@ -228,7 +313,10 @@ class _FusedKL(torch.autograd.Function):
             else:
                 s_in, t_in = student[rows], teacher[teacher_index[start : start + chunk]]
             s = F.log_softmax(s_in.float() / temperature, dim=-1)
-            t = F.log_softmax(t_in.float() / temperature, dim=-1)
+            if sparse is not None:
+                t = sparse.log_probs(index[start : start + chunk], s)
+            else:
+                t = F.log_softmax(t_in.float() / temperature, dim=-1)
             value, g = _kl_and_grad(s, t, direction, temperature)
             total += value.sum()
             if in_teacher and not everything:

@@ -1,0 +1,539 @@
+"""The precomputed teacher of IV-guided training (``IVGuidedConfig(teacher="precomputed")``).
+
+Before the first step, one no-grad pass of the teacher (the model before training with the IVs
+added: the live teacher's very computation) over the training set stores what the loss needs at
+the KL positions: the whole distribution at each row's last prompt token, the top-k
+log-probabilities + token ids + the log of the remaining mass at the other positions, and the IV
+heads' outputs at the last prompt token when the head term is on. Every step then reads its rows
+back instead of running the teacher, so no reference model is needed at train time.
+
+Rows are matched by content: a row's key is a hash of its attended tokens and labels, so
+shuffling, padding side, batch composition and multi-process sampling do not matter; a row the
+store has not seen is an error, never a silently wrong teacher.
+
+The store lives in ``<output_dir>/_ivtrainer_teacher/<fingerprint>/`` (memory-mapped ``.npy``
+files and ``meta.json``; the leading underscore keeps ``Trainer.push_to_hub`` from uploading it).
+The fingerprint covers the data (the row keys), the model's weights (sampled), the IVs and the
+settings, so a rerun or a resumed run reuses it and any change recomputes it. It is written under
+a temporary name and renamed when complete: a killed precompute leaves nothing that is read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.iv_guided.kl_loss import SparseTeacher, kl_positions
+from ivtrainer.modeling.hooks import is_peft_model
+from ivtrainer.steering.intervention import last_prompt_positions
+from ivtrainer.utils.distributed import gathered
+
+__all__ = [
+    "CACHE_FOLDER",
+    "TeacherStore",
+    "model_fingerprint",
+    "precompute_teacher",
+    "row_keys",
+    "stored_masks",
+    "vectors_fingerprint",
+]
+
+logger = logging.get_logger(__name__)
+
+CACHE_FOLDER = "_ivtrainer_teacher"
+FORMAT = 1
+_ARRAYS = (
+    "keys",
+    "offsets",
+    "columns",
+    "full",
+    "full_column",
+    "top_values",
+    "top_indices",
+    "top_tail",
+    "heads",
+)
+
+#: ``teacher(input_ids, attention_mask, prompt_end) -> (logits, {(layer, head): (rows, head_dim)} | None)``:
+#: the live teacher's pass; head outputs at ``prompt_end``'s positions, in row order.
+TeacherPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]
+
+
+# -- matching rows ----------------------------------------------------------------------------------------
+
+
+def _attended(attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+
+def row_keys(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+) -> np.ndarray:
+    """One ``uint64`` per row: a hash of its attended tokens and their labels (the IV's position
+    depends on the labels), the same whatever the padding around them."""
+    attended = _attended(attention_mask, labels).cpu().numpy()
+    ids, lab = input_ids.cpu().numpy().astype(np.int64), labels.cpu().numpy().astype(np.int64)
+    keys = np.empty(len(ids), dtype=np.uint64)
+    for i, row in enumerate(attended):
+        digest = hashlib.blake2b(ids[i][row].tobytes(), digest_size=8)
+        digest.update(lab[i][row].tobytes())
+        keys[i] = int.from_bytes(digest.digest(), "little")
+    return keys
+
+
+def stored_masks(
+    positions: Sequence[str], labels: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(full, top)`` bool masks of what is stored for ``positions``' KL terms: the whole
+    distribution at the last prompt token (when a term covers it), the top-k at every other
+    position some term covers."""
+    full = (
+        last_prompt_positions(labels)
+        if "last_prompt" in positions
+        else torch.zeros_like(labels, dtype=torch.bool)
+    )
+    covered = torch.zeros_like(full)
+    for which in positions:
+        covered |= kl_positions(which, labels, attention_mask)  # type: ignore[arg-type]  # checked by KLTerm
+    return full, covered & ~full
+
+
+def _starts(attended: torch.Tensor) -> torch.Tensor:
+    """Each row's first attended column, after checking that its attended tokens are contiguous
+    (the stored columns are relative to it)."""
+    counts = attended.sum(1)
+    first = attended.int().argmax(1)
+    last = attended.shape[1] - 1 - attended.flip(1).int().argmax(1)
+    if bool(((counts > 0) & (last - first + 1 != counts)).any()):
+        raise InvalidInputError(
+            "a training row's attention mask has holes (packed or padding-free batches): the precomputed teacher "
+            "matches whole rows, so it cannot serve such batches; use packing with padding, or the live teacher"
+        )
+    return first
+
+
+# -- fingerprints -------------------------------------------------------------------------------------------
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the weights the teacher uses: every parameter's name, shape, dtype, sum and 16
+    evenly spaced values (a PEFT model's adapters left out: its teacher runs with them off)."""
+    skip: tuple[str, ...] = ()
+    if is_peft_model(model):
+        skip = tuple(f".{name}." for name in getattr(model, "peft_config", {}))
+    h = hashlib.blake2b(digest_size=16)
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if skip and any(s in f"{name}." for s in skip):
+            continue
+        with gathered(param):
+            data = param.detach()
+            flat = data.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu().numpy()
+            total = float(torch.sum(data, dtype=torch.float64))
+        h.update(f"{name}:{tuple(data.shape)}:{data.dtype}:{total!r}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()
+
+
+def vectors_fingerprint(pairs: Sequence[tuple[int, torch.Tensor]], heads: Sequence[tuple[int, int]]) -> str:
+    """A hash of what the teacher adds (each IV's layer and scaled vector) and the heads compared."""
+    parts: list[Any] = [[list(h) for h in heads]]
+    for layer, vector in pairs:
+        parts += [layer, vector.detach().float().cpu().numpy().tobytes()]
+    return _digest(*parts)
+
+
+# -- the store --------------------------------------------------------------------------------------------
+
+
+class DamagedStoreError(Exception):
+    """A store folder whose files do not match its ``meta.json`` (truncated, missing, edited)."""
+
+
+@dataclasses.dataclass
+class TeacherStore:
+    """A finished store: its arrays memory-mapped, one part per process that wrote it."""
+
+    folder: Path
+    meta: dict[str, Any]
+    parts: list[dict[str, np.ndarray]]
+    keys: np.ndarray  # sorted row keys over all parts
+    where: np.ndarray  # (n, 2): part and row of each sorted key
+
+    @classmethod
+    def load(cls, folder: Path) -> TeacherStore:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            parts = []
+            for p, info in enumerate(meta["parts"]):
+                arrays = {}
+                for name in _ARRAYS:
+                    path = folder / f"{name}-{p}.npy"
+                    if not path.exists():
+                        continue
+                    array = np.load(path, mmap_mode="r")
+                    if list(array.shape) != info["shapes"][name]:
+                        raise DamagedStoreError(
+                            f"{path.name} has shape {array.shape}, meta.json says {info['shapes'][name]}"
+                        )
+                    arrays[name] = array
+                if set(arrays) != set(info["shapes"]):
+                    raise DamagedStoreError(f"part {p} lacks {sorted(set(info['shapes']) - set(arrays))}")
+                parts.append(arrays)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a truncated .npy fails to map
+            raise DamagedStoreError(str(exc)) from exc
+        keys = np.concatenate([part["keys"] for part in parts]) if parts else np.zeros(0, np.uint64)
+        where = np.concatenate(
+            [np.stack([np.full(len(part["keys"]), p), np.arange(len(part["keys"]))], 1) for p, part in enumerate(parts)]
+        ) if parts else np.zeros((0, 2), np.int64)  # fmt: skip
+        order = np.argsort(keys, kind="stable")
+        return cls(folder, meta, parts, keys[order], where[order])
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.iterdir())
+
+    def batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> tuple[SparseTeacher, torch.Tensor | None]:
+        """The stored teacher for a training batch: its distributions as a
+        :class:`~ivtrainer.iv_guided.kl_loss.SparseTeacher` over the batch's flat positions, and
+        the heads' outputs at each row's last prompt token ``(batch, heads, head_dim)`` (None
+        without the head term)."""
+        device, seq = labels.device, labels.shape[1]
+        keys = row_keys(input_ids, attention_mask, labels)
+        slot = np.searchsorted(self.keys, keys).clip(max=max(len(self.keys) - 1, 0))
+        missing = np.flatnonzero(self.keys[slot] != keys) if len(self.keys) else np.arange(len(keys))
+        if len(missing):
+            raise InvalidInputError(
+                f"a training row (batch row {int(missing[0])}) is not in the precomputed teacher {self.folder}: the "
+                "training data differs from what was precomputed (a collator that changes rows at random, data "
+                "changed during training, or rows packed per batch); use the live teacher for such data"
+            )
+        starts = _starts(_attended(attention_mask, labels)).cpu().numpy()
+        full_pos, full, top_pos, values, indices, tail, heads = [], [], [], [], [], [], []
+        for b, (p, r) in enumerate(self.where[slot]):
+            part = self.parts[p]
+            base = b * seq + int(starts[b])
+            if "full" in part and part["full_column"][r] >= 0:
+                full_pos.append(base + int(part["full_column"][r]))
+                full.append(part["full"][r])
+            lo, hi = int(part["offsets"][r]), int(part["offsets"][r + 1])
+            if hi > lo:
+                top_pos.append(base + part["columns"][lo:hi].astype(np.int64))
+                values.append(part["top_values"][lo:hi])
+                indices.append(part["top_indices"][lo:hi])
+                tail.append(part["top_tail"][lo:hi])
+            if "heads" in part:
+                heads.append(part["heads"][r])
+        vocab, k = self.meta["vocab"], self.meta["top_k"]
+
+        def tensor(chunks, shape, dtype=None):
+            array = np.concatenate(chunks) if chunks else np.zeros(shape, dtype or np.float32)
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+        sparse = SparseTeacher(
+            temperature=self.meta["temperature"],
+            full_positions=torch.tensor(full_pos, dtype=torch.long, device=device),
+            full=torch.from_numpy(np.stack(full)).to(device)
+            if full
+            else torch.zeros((0, vocab), device=device),
+            top_positions=tensor(top_pos, (0,), np.int64).long(),
+            top_values=tensor(values, (0, k)),
+            top_indices=tensor(indices, (0, k), np.int32).long(),
+            top_tail=tensor(tail, (0,)),
+        )
+        return sparse, (torch.from_numpy(np.stack(heads)).to(device) if heads else None)
+
+
+# -- computing it -----------------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _from_main(value: Any) -> Any:
+    """``value`` as the main process has it, on every process."""
+    if _distributed()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _describe_change(old: dict[str, str], new: dict[str, str]) -> str:
+    changed = [name for name in new if old.get(name) != new[name]]
+    return ", ".join(changed) or "the format"
+
+
+def precompute_teacher(
+    cache_dir: str | os.PathLike,
+    dataset,
+    collate_fn,
+    teacher: TeacherPass,
+    *,
+    fingerprint: dict[str, str],
+    positions: Sequence[str],
+    top_k: int,
+    temperature: float,
+    heads: Sequence[tuple[int, int]] = (),
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    compute: bool = True,
+    prune: bool = True,
+) -> TeacherStore:
+    """The store for ``dataset`` (rows as the Trainer's ``collate_fn`` makes them), reused from
+    ``cache_dir`` when its fingerprint matches, else computed with ``teacher`` and written there.
+
+    ``fingerprint``: the model's, the IVs' and the settings' hashes (the data's is added here).
+    Multi-process: every process computes its share of the rows into one folder (which must be on
+    a file system they all see), and all of them read the whole store. ``compute=False``: the
+    store must exist (a resumed full fine-tuning, whose model is no longer the teacher).
+    ``prune``: remove the stores of other fingerprints in ``cache_dir`` (the default folder under
+    ``output_dir`` belongs to one run; a shared one is left alone).
+    """
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        raise InvalidInputError(
+            "teacher='precomputed' needs a map-style training dataset (rows it can count and read twice), not "
+            f"{type(dataset).__name__}: pass a datasets.Dataset, or use the live teacher for streamed data"
+        )
+    if top_k < 1:
+        raise InvalidInputError(f"teacher_top_k must be >= 1, got {top_k}")
+    rank, world = _distributed()
+    device = torch.device(device)
+    # what every row stores, from its collated form alone (cheap: no forward)
+    keys, n_top, has_full = [], [], []
+    for batch in _batches(dataset, collate_fn, range(len(dataset)), batch_size):
+        labels = batch.get("labels")
+        if labels is None:
+            raise InvalidInputError("teacher='precomputed' needs labels in the training batches")
+        if "position_ids" in batch or any(k.startswith("cu_seq_lens") for k in batch):
+            raise InvalidInputError(
+                "the training batches are packed without padding (position_ids in the batch): their rows depend on "
+                "how examples are batched, so the precomputed teacher cannot match them; use packing with padding "
+                "(trl: padding_free=False) or the live teacher"
+            )
+        attention_mask = batch.get("attention_mask")
+        _starts(_attended(attention_mask, labels))
+        keys.append(row_keys(batch["input_ids"], attention_mask, labels))
+        full, top = stored_masks(positions, labels, attention_mask)
+        n_top.append(top.sum(1).numpy())
+        has_full.append(full.any(1).numpy())
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    counts, fulls = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (n_top, has_full))
+    settings = {
+        "format": FORMAT, "positions": sorted(positions), "top_k": top_k, "temperature": temperature,
+        "heads": [list(h) for h in heads],
+    }  # fmt: skip
+    components = {**fingerprint, "settings": _digest(settings), "data": _digest(np.sort(all_keys).tobytes())}
+    name = _digest(components)[:20]
+    root = Path(cache_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"teacher cache {root} is a file: give a folder (teacher_cache_dir)")
+    folder = root / name
+
+    # the main process decides: reuse a complete store, or compute a new one (the others follow)
+    decision = None
+    if rank == 0:
+        decision = "compute"
+        if folder.is_dir():
+            try:
+                TeacherStore.load(folder)
+                decision = "reuse"
+            except DamagedStoreError as exc:
+                logger.warning("teacher cache %s is damaged (%s): recomputing it", folder, exc)
+                shutil.rmtree(folder, ignore_errors=True)
+    decision = _from_main(decision)
+    if decision == "compute" and not compute:
+        raise InvalidInputError(
+            f"the precomputed teacher of this run is missing or stale in {root} (resuming full fine-tuning: the "
+            "model has been trained, so the teacher cannot be computed from it again). Restore the folder the first "
+            "run wrote, or start the run over"
+        )
+    if decision == "compute" and rank == 0:
+        for old in sorted(root.glob("*/meta.json")) if root.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                changed = _describe_change(json.loads(old.read_text()).get("fingerprint", {}), components)
+                logger.warning(
+                    "teacher cache %s is stale (%s changed)%s", old.parent, changed,
+                    ": removed" if prune else "; kept (a shared teacher_cache_dir)",
+                )  # fmt: skip
+                if prune:
+                    shutil.rmtree(old.parent, ignore_errors=True)
+        # what a killed precompute left (any of them, in a folder of this run's own)
+        for left in root.glob(".*.tmp") if prune and root.is_dir() else [root / f".{name}.tmp"]:
+            shutil.rmtree(left, ignore_errors=True)
+        tmp = root / f".{name}.tmp"
+        tmp.mkdir(parents=True)
+    if decision == "reuse":
+        store = TeacherStore.load(folder)
+        if rank == 0:
+            logger.warning(
+                "precomputed teacher reused: %s (%d rows, %.1f MB)",
+                folder,
+                len(store.keys),
+                store.n_bytes / 1e6,
+            )
+        return store
+
+    tmp = root / f".{name}.tmp"
+    _barrier()
+    start = time.perf_counter()
+    mine = np.arange(rank, len(all_keys), world)
+    shapes = _write_part(
+        tmp, rank, dataset, collate_fn, teacher, mine, counts, fulls, all_keys,
+        positions=positions, top_k=top_k, temperature=temperature, heads=heads, batch_size=batch_size,
+        device=device, progress=progress and rank == 0,
+        n_batches=math.ceil(math.ceil(len(all_keys) / world) / batch_size),
+    )  # fmt: skip
+    all_shapes = [shapes]
+    if world > 1:
+        all_shapes = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(all_shapes, shapes)
+    if rank == 0:
+        vocab = next(s["vocab"] for s in all_shapes if s.get("vocab"))
+        meta = {
+            **settings, "vocab": vocab, "fingerprint": components, "rows": len(all_keys),
+            "parts": [{"shapes": s["shapes"]} for s in all_shapes],
+            "seconds": round(time.perf_counter() - start, 2),
+        }  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, folder)
+    _barrier()
+    store = TeacherStore.load(folder)
+    if rank == 0:
+        mass = [
+            float(np.exp(part["top_tail"]).mean()) for part in store.parts if len(part.get("top_tail", ()))
+        ]
+        logger.warning(
+            "precomputed teacher: %d rows in %.1f s, %.1f MB at %s (%.0f bytes a row); top-%d tail mass %s",
+            len(all_keys), time.perf_counter() - start, store.n_bytes / 1e6, folder,
+            store.n_bytes / max(len(all_keys), 1), top_k, f"{np.mean(mass):.4f} on average" if mass else "n/a",
+        )  # fmt: skip
+    return store
+
+
+def _batches(dataset, collate_fn, rows: Sequence[int], batch_size: int):
+    for start in range(0, len(rows), batch_size):
+        yield collate_fn([dataset[int(i)] for i in rows[start : start + batch_size]])
+
+
+def _write_part(
+    folder: Path, rank: int, dataset, collate_fn, teacher: TeacherPass, rows: np.ndarray, counts: np.ndarray,
+    fulls: np.ndarray, keys: np.ndarray, *, positions: Sequence[str], top_k: int, temperature: float,
+    heads: Sequence[tuple[int, int]], batch_size: int, device: torch.device, progress: bool, n_batches: int,
+) -> dict[str, Any]:  # fmt: skip
+    """This process's rows into ``<name>-<rank>.npy`` files; returns their shapes (and the vocabulary size)."""
+    from tqdm.auto import tqdm
+
+    offsets = np.concatenate([[0], np.cumsum(counts[rows])]).astype(np.int64)
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        arrays[name] = np.lib.format.open_memmap(
+            folder / f"{name}-{rank}.npy", mode="w+", dtype=dtype, shape=shape
+        )
+        return arrays[name]
+
+    array("keys", (len(rows),), np.uint64)[:] = keys[rows]
+    array("offsets", offsets.shape, np.int64)[:] = offsets
+    vocab = None
+    filled, position = 0, 0
+    order = list(rows)
+    bar = tqdm(total=n_batches, desc="precomputing the teacher", disable=not progress)
+    for step in range(n_batches):
+        chunk = order[step * batch_size : (step + 1) * batch_size]
+        # under ZeRO-3 every process runs the same number of forwards: a process out of rows
+        # repeats its last batch and stores nothing
+        batch = collate_fn([dataset[int(i)] for i in (chunk or order[-1:] or [0])])
+        labels = batch["labels"].to(device)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        input_ids = batch["input_ids"].to(device)
+        prompt_end = last_prompt_positions(labels)
+        logits, head_outputs = teacher(input_ids, attention_mask, prompt_end)
+        bar.update()
+        if not chunk:
+            continue
+        log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+        del logits
+        if vocab is None:
+            vocab = log_probs.shape[-1]
+            if top_k >= vocab:
+                raise InvalidInputError(
+                    f"teacher_top_k ({top_k}) must be smaller than the vocabulary ({vocab})"
+                )
+            n = int(offsets[-1])
+            array("columns", (n,), np.int32)
+            array("top_values", (n, top_k), np.float32)
+            array("top_indices", (n, top_k), np.int32)
+            array("top_tail", (n,), np.float32)
+            if "last_prompt" in positions:
+                array("full", (len(rows), vocab), np.float16)
+                array("full_column", (len(rows),), np.int32)[:] = -1
+            if heads:
+                head_dim = next(iter(head_outputs.values())).shape[-1]  # type: ignore[union-attr]
+                array("heads", (len(rows), len(heads), head_dim), np.float32)
+        full, top = stored_masks(positions, labels, attention_mask)
+        starts = _starts(_attended(attention_mask, labels))
+        selected = top.nonzero(as_tuple=True)
+        picked = log_probs[selected]
+        values, indices = picked.topk(top_k, dim=-1)
+        tail = torch.logsumexp(picked.scatter(-1, indices, -math.inf), dim=-1)
+        n = picked.shape[0]
+        arrays["columns"][position : position + n] = (selected[1] - starts[selected[0]]).cpu().numpy()
+        arrays["top_values"][position : position + n] = values.cpu().numpy()
+        arrays["top_indices"][position : position + n] = indices.cpu().numpy()
+        arrays["top_tail"][position : position + n] = tail.cpu().numpy()
+        position += n
+        if "full" in arrays:
+            rows_with, cols = full.nonzero(as_tuple=True)
+            target = filled + rows_with.cpu().numpy()
+            arrays["full"][target] = log_probs[rows_with, cols].to(torch.float16).cpu().numpy()
+            arrays["full_column"][target] = (cols - starts[rows_with]).cpu().numpy()
+        if "heads" in arrays and head_outputs is not None:
+            rows_with = prompt_end.any(1).nonzero().squeeze(1)
+            stacked = torch.stack([head_outputs[tuple(h)] for h in heads], 1)  # (rows, heads, head_dim)
+            arrays["heads"][filled + rows_with.cpu().numpy()] = stacked.float().cpu().numpy()
+        filled += len(chunk)
+    bar.close()
+    if position != offsets[-1]:  # the collated rows differ from the counting pass: a random collator
+        raise InvalidInputError(
+            "the training rows changed between two passes of the collator (it changes rows at random): the "
+            "precomputed teacher needs a deterministic collator; use the live teacher"
+        )
+    for a in arrays.values():
+        a.flush()
+    return {"vocab": vocab, "shapes": {name: list(a.shape) for name, a in arrays.items()}}

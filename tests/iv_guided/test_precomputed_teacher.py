@@ -1,0 +1,303 @@
+"""The precomputed teacher: the KL against stored top-k distributions, the store (row matching,
+fingerprints, damage) and training with it (the live teacher's gradients, no reference copy)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForSeq2Seq, TrainerCallback
+
+from ivtrainer import IVGuidedTrainer
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.iv_guided.kl_loss import SparseTeacher, kl_term
+from ivtrainer.iv_guided.precomputed_teacher import CACHE_FOLDER, stored_masks
+from ivtrainer.steering.intervention import last_prompt_positions
+from ivtrainer.testing import intercept_hub_upload, tiny_model, tiny_tokenizer
+from tests.utils import collator, guided_config
+
+VOCAB = 320  # the tiny models'
+# every path of the loss active from step 0: two KL terms, no thresholds, the head term
+TERMS = dict(
+    kl_positions=["last_prompt", "all"], kl_weight=[3.0, 1.0], kl_threshold=0.0, teacher_iv_strength=4.0,
+    head_mse_weight=0.5, head_mse_threshold=0.0,
+)  # fmt: skip
+
+
+def _one_step(tmp_path, iv, data, model, **kw):
+    """The trainer and minus the gradient of one SGD step (lr 1)."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = guided_config(
+        tmp_path, optim="sgd", learning_rate=1.0, max_steps=1, lr_scheduler_type="constant", **(TERMS | kw)
+    )
+    trainer = IVGuidedTrainer(
+        model, config, instruction_vectors=iv, train_dataset=data.select(range(4)), data_collator=collator()
+    )
+    trainer.train()
+    return trainer, {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
+
+
+def _model(peft: bool):
+    model = tiny_model("llama", seed=1)
+    return (
+        get_peft_model(model, LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM"))
+        if peft
+        else model
+    )
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward", "jsd"])
+def test_the_top_k_kl_is_the_kl_of_the_coarsened_distributions(direction):
+    """Stored top-k + tail bucket: value and gradient equal the KL between both distributions
+    coarsened to the k tokens plus one bucket (autograd on that formula); a whole stored
+    distribution gives the exact KL."""
+    torch.manual_seed(0)
+    b, s, v, t, k = 2, 5, 50, 2.0, 5
+    student = torch.randn(b, s, v, requires_grad=True)
+    teacher = F.log_softmax(torch.randn(b, s, v) * 2 / t, -1).reshape(-1, v)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, 3:] = False
+    where = mask.reshape(-1).nonzero().squeeze(1)
+    full, top = where[:2], where[2:]
+    values, indices = teacher[top].topk(k, -1)
+    tail = torch.logsumexp(teacher[top].scatter(-1, indices, -torch.inf), -1)
+    stored = SparseTeacher(t, full, teacher[full], top, values, indices, tail)
+
+    value = kl_term(student, stored, mask, direction=direction, temperature=t)
+    (grad,) = torch.autograd.grad(value, student)
+    log_p = F.log_softmax(student / t, -1).reshape(-1, v)
+    total = 0.0
+    for position in where.tolist():
+        if position in full.tolist():
+            p, q = log_p[position], teacher[position]
+        else:
+            row = top.tolist().index(position)
+            outside = torch.ones(v, dtype=torch.bool)
+            outside[indices[row]] = False
+            p = torch.cat([log_p[position][indices[row]], torch.logsumexp(log_p[position][outside], 0)[None]])
+            q = torch.cat([values[row], tail[row : row + 1]])
+        if direction == "reverse":
+            total = total + (p.exp() * (p - q)).sum()
+        elif direction == "forward":
+            total = total + (q.exp() * (q - p)).sum()
+        else:
+            m = torch.logaddexp(p, q) - np.log(2.0)
+            total = total + 0.5 * ((p.exp() * (p - m)).sum() + (q.exp() * (q - m)).sum())
+    expected = total / where.numel()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(value.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-8)
+
+    whole = SparseTeacher(t, where, teacher[where], top[:0], values[:0], indices[:0], tail[:0])
+    logits = teacher.reshape(b, s, v) * t  # logits whose softmax at temperature t is the teacher
+    torch.testing.assert_close(
+        kl_term(student, whole, mask, direction=direction, temperature=t),
+        kl_term(student, logits, mask, direction=direction, temperature=t),
+    )
+
+
+@pytest.mark.parametrize("peft", [False, True])
+@pytest.mark.parametrize("positions", [["last_prompt", "all"], ["answer"]])
+def test_training_with_the_stored_teacher_equals_the_live_teacher(tmp_path, iv, data, peft, positions):
+    """With k = vocabulary - 1 the stored teacher is the live one up to float16 storage at the last
+    prompt token: the same gradients (KL terms and the head term), and no reference copy."""
+    n = len(positions)
+    kw = dict(kl_positions=positions, kl_weight=[3.0, 1.0][:n])
+    _, live = _one_step(tmp_path / "live", iv, data, _model(peft), **kw)
+    trainer, stored = _one_step(
+        tmp_path / "stored", iv, data, _model(peft), teacher="precomputed", teacher_top_k=VOCAB - 1, **kw
+    )
+    _, no_kl = _one_step(tmp_path / "none", iv, data, _model(peft), **kw | {"kl_weight": [0.0] * n})
+    for name, grad in live.items():
+        torch.testing.assert_close(stored[name], grad, rtol=1e-3, atol=2e-5, msg=name)
+    assert max(float((live[k] - no_kl[k]).abs().max()) for k in live) > 1e-4  # the KL mattered
+    callback = trainer.iv_callbacks[-1]
+    assert callback.reference is None and callback._store is not None
+    assert (tmp_path / "stored" / "run" / CACHE_FOLDER / callback._store.folder.name / "meta.json").is_file()
+
+
+def test_full_fine_tuning_holds_no_reference_copy(tmp_path, iv, data):
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["reference"] = trainer.iv_callbacks[-1].reference
+
+    trainer = IVGuidedTrainer(
+        tiny_model("llama"), guided_config(tmp_path, teacher="precomputed", **TERMS), instruction_vectors=iv,
+        train_dataset=data, data_collator=collator(), callbacks=[Spy()],
+    )  # fmt: skip
+    trainer.train()
+    assert "reference" in seen and seen["reference"] is None
+    live = IVGuidedTrainer(
+        tiny_model("llama"), guided_config(tmp_path / "live", **TERMS), instruction_vectors=iv,
+        train_dataset=data, data_collator=collator(),
+    )  # fmt: skip
+    assert live.iv_callbacks[-1].reference is not None  # what the stored teacher saves
+
+
+def test_rows_are_matched_whatever_the_padding_side_and_order(tmp_path, iv, data):
+    trainer, _ = _one_step(tmp_path, iv, data, tiny_model("llama"), teacher="precomputed", teacher_top_k=16)
+    store = trainer.iv_callbacks[-1]._store
+    rows = [data[i] for i in range(4)]
+    tokenizer = tiny_tokenizer()
+
+    def stored(batch_rows, side):
+        tokenizer.padding_side = side
+        batch = DataCollatorForSeq2Seq(tokenizer, padding=True)(batch_rows)
+        sparse, heads = store.batch(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        full, top = stored_masks(["last_prompt", "all"], batch["labels"], batch["attention_mask"])
+        # the stored positions are where this batch's last prompt tokens and attended tokens are
+        assert torch.equal(full, last_prompt_positions(batch["labels"]))
+        assert torch.equal(sparse.full_positions, full.reshape(-1).nonzero()[:, 0])
+        assert torch.equal(sparse.top_positions, top.reshape(-1).nonzero()[:, 0])
+        return sparse, heads
+
+    right, right_heads = stored(rows, "right")
+    left, left_heads = stored(rows[::-1], "left")
+    tokenizer.padding_side = "right"
+    torch.testing.assert_close(left.full, right.full.flip(0))
+    torch.testing.assert_close(left_heads, right_heads.flip(0))
+    assert torch.equal(left.top_values.sort(0).values, right.top_values.sort(0).values)
+
+    changed = DataCollatorForSeq2Seq(tokenizer, padding=True)(rows)
+    changed["input_ids"][0, 1] += 1
+    with pytest.raises(InvalidInputError, match="not in the precomputed teacher"):
+        store.batch(changed["input_ids"], changed["attention_mask"], changed["labels"])
+
+
+def test_the_store_is_reused_and_recomputed_when_anything_changes(tmp_path, iv, data, caplog):
+    def run(model_seed=1, rows=range(4), **kw):
+        caplog.clear()
+        model = tiny_model("llama", seed=model_seed)
+        config = guided_config(tmp_path, teacher="precomputed", max_steps=1, **(TERMS | kw))
+        trainer = IVGuidedTrainer(
+            model, config, instruction_vectors=iv, train_dataset=data.select(rows), data_collator=collator()
+        )
+        with caplog.at_level(logging.WARNING, logger="ivtrainer"):
+            trainer.train()
+        folders = sorted(p.name for p in (tmp_path / "run" / CACHE_FOLDER).iterdir())
+        return caplog.text, folders, trainer.state.log_history[0]["loss"]
+
+    text, first, loss = run()
+    assert "precomputed teacher: 4 rows" in text and len(first) == 1
+    text, again, loss_again = run()
+    assert "precomputed teacher reused" in text and again == first and loss_again == loss
+    for change, kw in [
+        ("data", {"rows": range(1, 5)}),
+        ("model", {"model_seed": 2}),
+        ("teacher", {"teacher_iv_strength": 2.0}),
+        ("settings", {"teacher_top_k": 8}),
+    ]:
+        text, folders, _ = run(**kw)  # each run changes one thing against the run before
+        stale = re.search(r"is stale \((.*) changed\): removed", text)
+        assert stale and change in stale.group(1).split(", "), (change, text)
+        assert len(folders) == 1 and folders != first
+    # a damaged store (a killed copy, a truncated file) is found and computed again
+    text, first, loss = run()
+    (tmp_path / "run" / CACHE_FOLDER / first[0] / "top_values-0.npy").write_bytes(b"\x93NUMPY")
+    text, again, loss_again = run()
+    assert "is damaged" in text and "precomputed teacher: 4 rows" in text
+    assert again == first and loss_again == loss
+    # what a killed precompute leaves (a temporary folder) is never read, and removed next time
+    (tmp_path / "run" / CACHE_FOLDER / f".{first[0]}.tmp").mkdir()
+    text, _, _ = run(rows=range(2, 6))
+    assert not (tmp_path / "run" / CACHE_FOLDER / f".{first[0]}.tmp").exists()
+
+
+@pytest.mark.parametrize("restore", [False, True])  # restore_callback_states_from_checkpoint
+def test_a_resumed_full_fine_tuning_reuses_the_store(tmp_path, iv, data, restore):
+    """The model before training is the teacher: a resumed run (whose model is trained) reads the
+    first run's store, and ends where an uninterrupted run does; without the store it is refused."""
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    def trainer(out, callbacks=()):
+        config = guided_config(
+            tmp_path, output_dir=str(out), per_device_train_batch_size=2, save_strategy="steps", save_steps=1,
+            teacher="precomputed", restore_callback_states_from_checkpoint=restore, **TERMS,
+        )  # fmt: skip
+        return IVGuidedTrainer(
+            tiny_model("llama", seed=5), config, instruction_vectors=iv, train_dataset=data,
+            data_collator=collator(), callbacks=list(callbacks),
+        )  # fmt: skip
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "run", [Crash()]).train()
+    resumed = trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "gone", [Crash()]).train()
+    for item in (tmp_path / "gone" / CACHE_FOLDER).iterdir():
+        for file in item.iterdir():
+            file.unlink()
+        item.rmdir()
+    with pytest.raises(InvalidInputError, match="missing or stale"):
+        trainer(tmp_path / "gone").train(resume_from_checkpoint=True)
+
+
+def test_bad_input_is_refused_before_training(tmp_path, iv, data):
+    with pytest.raises(InvalidInputError, match="teacher must be 'live' or 'precomputed'"):
+        guided_config(tmp_path, teacher="cached")
+    with pytest.raises(InvalidInputError, match="teacher_top_k must be a whole number >= 1"):
+        guided_config(tmp_path, teacher="precomputed", teacher_top_k=0)
+
+    def trainer(dataset=data, data_collator=None, **kw):
+        model = tiny_model("llama")
+        config = guided_config(tmp_path, teacher="precomputed", **(TERMS | kw))
+        return model, IVGuidedTrainer(
+            model,
+            config,
+            instruction_vectors=iv,
+            train_dataset=dataset,
+            data_collator=data_collator or collator(),
+        )
+
+    (tmp_path / "a_file").write_text("")
+    for kw, message in [
+        ({"teacher_cache_dir": str(tmp_path / "a_file")}, "is a file"),
+        ({"teacher_top_k": VOCAB}, "smaller than the vocabulary"),
+        ({"dataset": data.to_iterable_dataset(), "max_steps": 1}, "map-style"),
+        ({"data_collator": _with_position_ids}, "packed without padding"),
+    ]:
+        model, built = trainer(**kw)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(InvalidInputError, match=message):
+            built.train()
+        assert all(
+            torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+        )  # no step taken
+
+
+def _with_position_ids(rows):
+    batch = collator()(rows)
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    return batch
+
+
+def test_push_to_hub_leaves_the_store_out(tmp_path, iv, data, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    config = guided_config(tmp_path, hub_model_id="someone/stored-teacher", teacher="precomputed", **TERMS)
+    trainer = IVGuidedTrainer(
+        model, config, instruction_vectors=iv, train_dataset=data, data_collator=collator()
+    )
+    trainer.train()
+    assert any((tmp_path / "run" / CACHE_FOLDER).iterdir())
+    with intercept_hub_upload("someone/stored-teacher") as sent:
+        trainer.push_to_hub()
+    assert "adapter_model.safetensors" in sent["files"]
+    assert not [f for f in sent["files"] if CACHE_FOLDER in f]
