@@ -5,6 +5,7 @@
     python benchmarks/forgetting.py --sweep --seeds 0 --methods lora [--write-readme]   # chooses TUNED
     python benchmarks/forgetting.py --seeds 0 1 2 --methods lora --settings 'own IV' [--write-readme]
     python benchmarks/forgetting.py ... --lm-eval-tasks ivtrainer_abilities,arc_easy [--lm-eval-limit 100]
+    python benchmarks/forgetting.py --seeds 0 1 2 --methods lora --settings IV-guided 'own IV' --precomputed-k 16 64
 
 New task: a made-up output format, ``Q: cold\\nA:`` -> `` [cold]`` (zero-shot accuracy 0), on words
 of the built-in tasks: 256 training words, 100 test words. Scored as EasyEdit-style exact match:
@@ -24,6 +25,8 @@ runs share everything (data, steps, learning rate, seed); IV-guided adds the ins
 of two built-in tasks (antonym, country_capital; extracted once on the original model, 10 heads).
 ``--settings 'own IV'``: the paper's recipe instead, IVGuidedConfig's defaults (FvForgetting's)
 with the new task's own IV, extracted once from its training words on the original model.
+``--precomputed-k K ...``: each chosen setting also with ``teacher="precomputed"`` and
+``teacher_top_k=K`` (the stored teacher's quality against the live one).
 
 Settings are chosen on a validation split, never on the test split: ``--sweep`` trains LoRA
 (seed 0) with each of SWEEP's IVGuidedConfig settings and scores ICL prompts whose queries come
@@ -176,6 +179,14 @@ def main() -> None:
         "'forgetting-own-iv' otherwise)",
     )
     parser.add_argument(
+        "--precomputed-k",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also run each setting with the precomputed teacher storing these top-k (README block "
+        "'forgetting-precomputed')",
+    )
+    parser.add_argument(
         "--lm-eval-tasks",
         help="comma-separated lm-eval tasks scored too (a table of their own; pip install 'ivtrainer[eval]')",
     )
@@ -191,7 +202,10 @@ def main() -> None:
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         args.sweep = results["split"] == "validation"
-        args.settings = list(results["settings"]) if not args.sweep else args.settings
+        args.settings = (
+            [k for k in results["settings"] if ", precomputed" not in k] if not args.sweep else args.settings
+        )
+        args.precomputed_k = results.get("precomputed_k", [])
         args.methods = list(dict.fromkeys(name.split(" ")[0] for name in results["runs"]))  # as run
         report(results, args)
         return
@@ -209,18 +223,35 @@ def main() -> None:
     facts, words = (facts_validation, validation_words) if args.sweep else (facts_test, test_words)
     ivs = instruction_vectors(model, tok)
     own = own_iv(model, tok, train_words) if OWN_IV in args.settings and not args.sweep else None
+    if args.sweep and args.precomputed_k:
+        raise SystemExit("--precomputed-k goes with the test run's --settings, not --sweep")
     before = evaluate(model, tok, facts, words, split)
     print("before:", json.dumps(before), flush=True)
     del model
     settings = SWEEP if args.sweep else {k: TEST_SETTINGS[k] for k in args.settings}
-    results: dict = {"split": split, "before": before, "settings": settings, "runs": {}}
+    for label, values in list(settings.items()):
+        for k in args.precomputed_k:
+            settings[f"{label}, precomputed top-{k}"] = {
+                **values,
+                "teacher": "precomputed",
+                "teacher_top_k": k,
+            }
+    results: dict = {
+        "split": split, "before": before, "settings": settings, "precomputed_k": args.precomputed_k, "runs": {},
+    }  # fmt: skip
     for method in args.methods:
         for label, guided in [("plain", None), *settings.items()]:
             name = f"{method} {label}"
             results["runs"][name] = []
             for seed in args.seeds:
                 m, t, seconds = train(
-                    method, guided, seed, train_words, ivs, args.epochs, own if label == OWN_IV else None
+                    method,
+                    guided,
+                    seed,
+                    train_words,
+                    ivs,
+                    args.epochs,
+                    own if label.startswith(OWN_IV) else None,
                 )
                 scores = evaluate(m, t, facts, words, split)
                 scores["train_seconds"] = seconds
@@ -241,9 +272,8 @@ def report(results: dict, args) -> None:
         from _readme import replace_block
 
         default = list(getattr(args, "settings", ["IV-guided"])) == ["IV-guided"]
-        replace_block(
-            "forgetting-sweep" if args.sweep else "forgetting" if default else "forgetting-own-iv", table
-        )
+        block = "forgetting-sweep" if args.sweep else "forgetting" if default else "forgetting-own-iv"
+        replace_block("forgetting-precomputed" if getattr(args, "precomputed_k", []) else block, table)
 
 
 def _summary(results: dict) -> dict[str, dict[str, float]]:
@@ -288,6 +318,8 @@ def format_table(results: dict, args) -> str:
         )
     if not args.sweep and list(args.settings) != ["IV-guided"]:
         command += f" --settings {' '.join(repr(x) if ' ' in x else x for x in args.settings)}"
+    if getattr(args, "precomputed_k", []):
+        command += f" --precomputed-k {' '.join(map(str, args.precomputed_k))}"
     lines.append(
         f"\n`{command}`: {results['split']} split; means over seeds {', '.join(map(str, args.seeds))} "
         "(forgetting: range over seeds); accuracies in %."

@@ -1,13 +1,18 @@
-"""Cost of IV-guided training on SmolLM2-135M: step time and peak memory, IV-guided / plain.
+"""Cost of IV-guided training on SmolLM2-135M: step time and peak memory, IV-guided / plain, with
+the live and the precomputed teacher.
 
-    python benchmarks/iv_guided_cost.py [--steps 8] [--rounds 3] [--json out.json]
+    python benchmarks/iv_guided_cost.py [--steps 6] [--rounds 3] [--teachers live precomputed] [--json out.json]
 
-Both runs train the same model on the same batches (8 rows x 64 tokens, answer tokens labelled)
-with the same optimizer; IV-guided adds the annealed IV and the KL term, over all positions (the
-default, the most expensive) and at the last prompt token only (``--positions``). Each measurement is a fresh process, plain and IV-guided alternating,
-``--rounds`` times; step time is the median over the timed steps (after one warm-up step) and
-peak memory the process's VmHWM minus that of a process that loaded the same model and stopped.
-LoRA (rank 8 on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning.
+All runs train the same model on the same batches (8 rows x 64 tokens, the last 16 labelled) with
+the same optimizer. IV-guided runs use ``IVGuidedConfig``'s defaults (FvForgetting's recipe: KL at
+the last prompt token x20 and at every token x0.1, the head term against the teacher without the
+IV), ``--positions all``; or the KL at the last prompt token alone (``last_prompt``). Each
+measurement is a fresh process (and a fresh output folder: no stored teacher is reused), the
+modes alternating, ``--rounds`` times; step time is the median over the timed steps (after one
+warm-up step), peak memory the process's VmHWM minus that of a process that loaded the same model
+and stopped, the precompute pass the time from ``on_train_begin`` to the first step. LoRA (rank 8
+on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning. ``--disk`` also states the
+stored teacher's bytes per example for each position choice and ``--top-k`` value.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import sys
 from pathlib import Path
 
 _CHILD = r"""
-import json, statistics, sys, time, torch
+import json, statistics, sys, tempfile, time, torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, DataCollatorForSeq2Seq
 from datasets import Dataset
 from ivtrainer import IVGuidedConfig, IVGuidedTrainer, InstructionVector, load_default_model
 
-mode, method, steps, iv_dir, positions = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+mode, method, steps, iv_dir, positions, top_k = sys.argv[1:7]
+steps, top_k = int(steps), int(top_k)
 
 def peak_kib():
     for line in open("/proc/self/status"):
@@ -45,25 +51,35 @@ for _ in range(8 * (steps + 1)):
     ids = torch.randint(100, 40000, (64,), generator=g).tolist()
     rows.append({"input_ids": ids, "attention_mask": [1] * 64, "labels": [-100] * 48 + ids[48:]})
 data = Dataset.from_list(rows)
-times = []
+times, begin = [], {}
 
 class Timer(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kw):
+        begin["t"] = time.perf_counter()
     def on_step_begin(self, args, state, control, **kw):
         self.t = time.perf_counter()
+        begin.setdefault("first_step", self.t)
     def on_step_end(self, args, state, control, **kw):
         times.append(time.perf_counter() - self.t)
 
-common = dict(output_dir="/tmp/ivtrainer-cost", per_device_train_batch_size=8, max_steps=steps + 1, report_to="none",
-              save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1000, learning_rate=1e-4)
+common = dict(output_dir=tempfile.mkdtemp(prefix="ivtrainer-cost-"), per_device_train_batch_size=8,
+              max_steps=steps + 1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+              logging_steps=1000, learning_rate=1e-4)
 collator = DataCollatorForSeq2Seq(tok, padding=True)
 if mode == "plain":
     trainer = Trainer(model, TrainingArguments(**common), train_dataset=data, data_collator=collator, callbacks=[Timer()])
 else:
     iv = InstructionVector.from_pretrained(iv_dir)
-    trainer = IVGuidedTrainer(model, IVGuidedConfig(**common, kl_positions=positions), instruction_vectors=iv,
-                              train_dataset=data, data_collator=collator, callbacks=[Timer()])
+    kl = {} if positions == "all" else {"kl_positions": [positions], "kl_weight": [20.0], "kl_threshold": [0.1]}
+    config = IVGuidedConfig(**common, **kl, teacher=mode, teacher_top_k=top_k)
+    trainer = IVGuidedTrainer(model, config, instruction_vectors=iv, train_dataset=data, data_collator=collator,
+                              callbacks=[Timer()])
 trainer.train()
-out = {"step_s": statistics.median(times[1:]), "peak_kib": peak_kib()}
+out = {"step_s": statistics.median(times[1:]), "peak_kib": peak_kib(),
+       "begin_s": begin["first_step"] - begin["t"], "rows": len(rows)}
+if mode == "precomputed":
+    store = trainer.iv_callbacks[-1]._store
+    out["bytes_per_row"] = store.n_bytes / len(store.keys)
 if mode == "plain":  # what one extra no-grad forward of the batch costs: the floor of the teacher pass
     batch = collator(rows[:8])
     model.eval()
@@ -78,9 +94,9 @@ print(json.dumps(out))
 """
 
 
-def child(mode: str, method: str, steps: int, iv_dir: str, positions: str = "all") -> dict:
+def child(mode: str, method: str, steps: int, iv_dir: str, positions: str = "all", top_k: int = 64) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode, method, str(steps), iv_dir, positions],
+        [sys.executable, "-c", _CHILD, mode, method, str(steps), iv_dir, positions, str(top_k)],
         check=True,
         capture_output=True,
         text=True,
@@ -90,11 +106,18 @@ def child(mode: str, method: str, steps: int, iv_dir: str, positions: str = "all
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["lora", "full"])
     parser.add_argument(
+        "--teachers", nargs="+", default=["live", "precomputed"], choices=["live", "precomputed"]
+    )
+    parser.add_argument(
         "--positions", nargs="+", default=["all", "last_prompt"], choices=["all", "answer", "last_prompt"]
+    )
+    parser.add_argument("--top-k", type=int, default=64, help="teacher_top_k of the precomputed runs")
+    parser.add_argument(
+        "--disk", type=int, nargs="*", default=[], help="also state the bytes per example for these k"
     )
     parser.add_argument("--iv", default="benchmarks/.cache/iv-antonym", help="an IV folder (made if missing)")
     parser.add_argument("--json", type=Path)
@@ -108,46 +131,63 @@ def main() -> None:
             args.iv
         )
     baseline = statistics.median(child("baseline", "-", 0, args.iv)["peak_kib"] for _ in range(args.rounds))
-    results = {}
+    results: dict = {"methods": {}, "disk": {}}
     for method in args.methods:
-        modes = ["plain", *args.positions]
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        modes = [("plain", "-"), *((t, p) for p in args.positions for t in args.teachers)]
+        runs: dict[tuple[str, str], list[dict]] = {m: [] for m in modes}
         for _ in range(args.rounds):
-            for mode in modes:
-                runs[mode].append(
-                    child("plain" if mode == "plain" else "iv", method, args.steps, args.iv, mode)
+            for teacher, positions in modes:
+                runs[teacher, positions].append(
+                    child(teacher, method, args.steps, args.iv, positions, args.top_k)
                 )
-        step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in modes}
-        total = {m: statistics.median(r["peak_kib"] for r in runs[m]) for m in modes}
-        forward = statistics.median(r["forward_s"] for r in runs["plain"])
-        results[method] = {
-            "step_s": step,
-            "forward_s": forward,
-            "floor_ratio": (step["plain"] + forward) / step["plain"],
-            "peak_total_mib": {m: v / 1024 for m, v in total.items()},
-            "by_positions": {},
-        }
-        print(
-            f"{method}: plain step {step['plain']:.2f} s; one no-grad forward {forward:.2f} s -> a teacher pass "
-            f"alone makes it {results[method]['floor_ratio']:.2f}x",
-            flush=True,
-        )
-        for positions in args.positions:
+        plain = runs["plain", "-"]
+        step_plain = statistics.median(r["step_s"] for r in plain)
+        peak_plain = statistics.median(r["peak_kib"] for r in plain)
+        forward = statistics.median(r["forward_s"] for r in plain)
+        steps_per_epoch = plain[0]["rows"] // 8
+        out = results["methods"][method] = {
+            "step_s": step_plain, "forward_s": forward, "peak_mib": peak_plain / 1024,
+            "steps_per_epoch": steps_per_epoch, "modes": {},
+        }  # fmt: skip
+        print(f"{method}: plain step {step_plain:.2f} s, one no-grad forward {forward:.2f} s", flush=True)
+        for teacher, positions in modes[1:]:
+            rs = runs[teacher, positions]
+            step = statistics.median(r["step_s"] for r in rs)
+            peak = statistics.median(r["peak_kib"] for r in rs)
+            begin = statistics.median(r["begin_s"] for r in rs) - statistics.median(
+                r["begin_s"] for r in plain
+            )
             r = {
-                "step_ratio": step[positions] / step["plain"],
-                "step_ratios_per_round": [
-                    i["step_s"] / p["step_s"] for p, i in zip(runs["plain"], runs[positions], strict=True)
-                ],
-                "peak_ratio": (total[positions] - baseline) / (total["plain"] - baseline),
-                "peak_total_ratio": total[positions] / total["plain"],
+                "step_s": step,
+                "step_ratio": step / step_plain,
+                "step_ratios_per_round": [i["step_s"] / p["step_s"] for p, i in zip(plain, rs, strict=True)],
+                "peak_mib": peak / 1024,
+                "peak_ratio": peak / peak_plain,
+                "peak_ratio_above_model": (peak - baseline) / (peak_plain - baseline),
+                "precompute_s": max(begin, 0.0) if teacher == "precomputed" else 0.0,
             }
-            results[method]["by_positions"][positions] = r
+            r["precompute_over_epoch_of_forwards"] = r["precompute_s"] / (steps_per_epoch * forward)
+            r["total_ratio"] = {
+                e: (r["precompute_s"] + e * steps_per_epoch * step) / (e * steps_per_epoch * step_plain)
+                for e in (1, 3, 10)
+            }
+            if "bytes_per_row" in rs[0]:
+                r["bytes_per_row"] = rs[0]["bytes_per_row"]
+            out["modes"][f"{teacher}:{positions}"] = r
             print(
-                f"  KL at {positions}: step {step[positions]:.2f} s -> {r['step_ratio']:.2f}x (rounds "
-                f"{', '.join(f'{x:.2f}' for x in r['step_ratios_per_round'])}); whole-process peak "
-                f"{total['plain'] / 1024:.0f} vs {total[positions] / 1024:.0f} MiB -> {r['peak_total_ratio']:.2f}x; "
-                f"{r['peak_ratio']:.2f}x above the loaded model",
+                f"  {teacher} teacher, KL at {positions}: step {step:.2f} s -> {r['step_ratio']:.2f}x (rounds "
+                f"{', '.join(f'{x:.2f}' for x in r['step_ratios_per_round'])}); peak {r['peak_ratio']:.3f}x; "
+                f"precompute {r['precompute_s']:.1f} s ({r['precompute_over_epoch_of_forwards']:.2f}x an epoch of "
+                f"forwards); total 1/3/10 epochs {', '.join(f'{v:.2f}x' for v in r['total_ratio'].values())}",
                 flush=True,
+            )
+    for positions in args.positions if args.disk else []:
+        for k in args.disk:
+            results["disk"][f"{positions}:{k}"] = child("precomputed", "lora", 1, args.iv, positions, k)[
+                "bytes_per_row"
+            ]
+            print(
+                f"  stored teacher, {positions}, k={k}: {results['disk'][f'{positions}:{k}']:.0f} bytes per example"
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -159,27 +199,54 @@ def main() -> None:
 
 
 def format_table(results: dict, args) -> str:
+    names = {"lora": "LoRA r8 (q_proj, v_proj)", "full": "full fine-tuning"}
+    kl = {
+        "all": "last prompt x20 + all x0.1 (default)",
+        "last_prompt": "last prompt x20",
+        "answer": "answer x20",
+    }
     lines = [
-        "| training | KL positions | step, plain | step, IV-guided | ratio (per round) | floor: + one no-grad forward "
-        "| peak memory, IV-guided / plain |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| training | KL | teacher | step | / plain (per round) | peak memory / plain | precompute pass "
+        "| whole run / plain: 1, 3, 10 epochs |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for method, m in results.items():
-        for positions, r in m["by_positions"].items():
+    for method, m in results["methods"].items():
+        lines.append(
+            f"| {names[method]} | - | none (plain) | {m['step_s']:.2f} s | 1 | 1 ({m['peak_mib']:.0f} MiB) | - | 1 |"
+        )
+        for mode, r in m["modes"].items():
+            teacher, positions = mode.split(":")
             rounds = ", ".join(f"{x:.2f}" for x in r["step_ratios_per_round"])
+            pre = (
+                f"{r['precompute_s']:.1f} s ({r['precompute_over_epoch_of_forwards']:.2f}x an epoch of forwards)"
+                if teacher == "precomputed"
+                else "-"
+            )
+            teacher_name = f"precomputed, top-{args.top_k}" if teacher == "precomputed" else "live"
             lines.append(
-                f"| {'LoRA r8 (q_proj, v_proj)' if method == 'lora' else 'full fine-tuning'} | {positions} | "
-                f"{m['step_s']['plain']:.2f} s | {m['step_s'][positions]:.2f} s | {r['step_ratio']:.2f}x ({rounds}) | "
-                f"{m['floor_ratio']:.2f}x | {r['peak_total_ratio']:.2f}x whole process "
-                f"({m['peak_total_mib']['plain']:.0f} -> {m['peak_total_mib'][positions]:.0f} MiB); "
-                f"{r['peak_ratio']:.2f}x above the loaded model |"
+                f"| {names[method]} | {kl[positions]} | {teacher_name} | {r['step_s']:.2f} s | "
+                f"**{r['step_ratio']:.2f}x** ({rounds}) | {r['peak_ratio']:.3f}x ({r['peak_mib']:.0f} MiB) | {pre} | "
+                + ", ".join(f"{v:.2f}x" for v in r["total_ratio"].values())
+                + " |"
             )
     lines.append(
-        f"\n`python benchmarks/iv_guided_cost.py --rounds {args.rounds} --steps {args.steps} "
-        f"--positions {' '.join(args.positions)} --write-readme`: 8 rows x 64 tokens per step (16 answer tokens "
-        f"each); medians of {args.rounds} rounds, fresh processes, plain and IV-guided alternating, on 2 CPU "
-        "cores. The floor is the plain step plus one no-grad forward of the same batch (timed in the plain runs)."
+        f"\n`python benchmarks/iv_guided_cost.py --rounds {args.rounds} --steps {args.steps} --positions "
+        f"{' '.join(args.positions)} --top-k {args.top_k}"
+        + (f" --disk {' '.join(map(str, args.disk))}" if args.disk else "")
+        + " --write-readme`: 8 rows x 64 tokens per step (16 answer tokens each); medians of "
+        f"{args.rounds} rounds, fresh processes, the modes alternating, on 2 CPU cores; an epoch is "
+        f"{next(iter(results['methods'].values()))['steps_per_epoch']} steps. The whole-run ratios add the "
+        "precompute pass to the measured steps. Peak memory is the whole process's."
     )
+    if results["disk"]:
+        lines += ["", "| stored teacher, bytes per example (64 tokens, 16 answer tokens) | " + " | ".join(
+            f"k={k}" for k in args.disk) + " |", "|---|" + "---:|" * len(args.disk)]  # fmt: skip
+        for positions in args.positions:
+            lines.append(
+                f"| KL at {kl[positions]} | "
+                + " | ".join(f"{results['disk'][f'{positions}:{k}'] / 1024:.1f} KiB" for k in args.disk)
+                + " |"
+            )
     return "\n".join(lines)
 
 

@@ -568,11 +568,12 @@ def _fsdp_enabled(args) -> bool:
 
 def _check_supported(args, model: nn.Module | None, teacher) -> None:
     """What the KL term cannot work with, refused when the Trainer is built."""
-    if _fsdp_enabled(args):
+    if _fsdp_enabled(args) and teacher != "precomputed":
         raise InvalidInputError(
-            "IVKLCallback does not support FSDP (its teacher for full fine-tuning would be an unsharded copy of the "
-            "model, and its hooks are untested on FSDP modules): use DeepSpeed ZeRO-3 (ds_configs/zero3.json, "
-            "a sharded teacher), train LoRA adapters, or drop the KL term"
+            "IVKLCallback's live teacher does not support FSDP (for full fine-tuning it would be an unsharded copy "
+            "of the model, and its per-step pass is untested on FSDP modules): use teacher='precomputed' "
+            "(IVGuidedConfig(teacher='precomputed')), which needs no teacher at train time, or DeepSpeed ZeRO-3 "
+            "(ds_configs/zero3.json, a sharded teacher)"
         )
     if isinstance(teacher, nn.Module) and model is not None:
         shared = {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}

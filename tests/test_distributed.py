@@ -42,12 +42,14 @@ def assets(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def single(assets):
     """One-process runs, by trainer (made once per module)."""
-    cache: dict[str, Path] = {}
+    cache: dict[tuple, Path] = {}
 
-    def run(trainer: str) -> Path:
-        if trainer not in cache:
-            cache[trainer] = _run(assets, trainer, assets / f"single-{trainer}")
-        return cache[trainer]
+    def run(trainer: str, extra: tuple[str, ...] = ()) -> Path:
+        if (trainer, extra) not in cache:
+            cache[trainer, extra] = _run(
+                assets, trainer, assets / f"single-{trainer}{'-'.join(extra)}", extra=extra
+            )
+        return cache[trainer, extra]
 
     return run
 
@@ -159,3 +161,52 @@ def test_lm_eval_callback_under_zero2_and_refused_under_zero3(assets, single):
     assert [e["step"] for e in saved["evaluations"]] == [0, 2]
     stderr = _run(assets, "iv-full", assets / "zero3-lm-eval", "zero3", fail=True, extra=["--lm-eval"])
     assert "lm-eval cannot evaluate a ZeRO-3-partitioned model in memory" in stderr
+
+
+@pytest.mark.parametrize(("trainer", "zero"), [("iv-lora", "zero2"), ("iv-full", "zero3")])
+def test_the_precomputed_teacher_under_deepspeed(assets, single, trainer, zero):
+    """Each process stores its share of the rows, both read the whole store: the losses of one
+    process, no reference model or engine under any stage (full fine-tuning under ZeRO-3
+    included), and the live teacher's losses to the top-k approximation."""
+    extra = ("--teacher", "precomputed")
+    out = _run(assets, trainer, assets / f"{zero}-{trainer}-stored", zero, extra=extra)
+    got, want = (json.loads((f / "losses.json").read_text()) for f in (out, single(trainer, extra)))
+    for key in ("loss", "ce", "kl"):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), rtol=1e-5, atol=1e-7)
+    assert got["teacher"] == want["teacher"] == "stored"
+    meta = json.loads(next((out / "run" / "_ivtrainer_teacher").glob("*/meta.json")).read_text())
+    assert len(meta["parts"]) == 2 and meta["rows"] == 16  # written by both processes
+    live = json.loads((single(trainer) / "losses.json").read_text())
+    torch.testing.assert_close(torch.tensor(got["kl"]), torch.tensor(live["kl"]), rtol=0.05, atol=1e-4)
+
+
+def _torchrun(assets: Path, out: Path, processes: int, extra=(), fail: bool = False):
+    script = [str(ROOT / "tests" / "scripts" / "fsdp_train.py"), "--model", str(assets / "model")]
+    script += ["--iv", str(assets / "iv"), "--batch", str(4 // processes), "--out", str(out), *extra]
+    command = [sys.executable, *script]
+    if processes > 1:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(_free_port()), *script,
+        ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if fail:
+        assert done.returncode != 0, done.stdout[-3000:]
+        return done.stderr
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return json.loads((out / "losses.json").read_text())
+
+
+def test_the_precomputed_teacher_on_fsdp2_shards(assets):
+    """torch's FSDP2 (fully_shard per decoder layer) over 2 CPU processes: the callback's losses
+    with the precomputed teacher (two KL terms and the head term) equal one process's. accelerate
+    enables FSDP only on accelerators, so the loop is the script's (as the Trainer runs it); the
+    live teacher is refused under FSDP."""
+    one = _torchrun(assets, assets / "fsdp-1", 1)
+    two = _torchrun(assets, assets / "fsdp-2", 2)
+    assert two["teacher"] == one["teacher"] == "stored"
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=1e-7)
+    assert len(set(one["loss"])) == len(one["loss"])  # it trained
+    stderr = _torchrun(assets, assets / "fsdp-live", 2, extra=["--teacher", "auto"], fail=True)
+    assert "live teacher does not support FSDP" in stderr and "teacher='precomputed'" in stderr

@@ -72,7 +72,7 @@ _ARRAYS = (
 
 #: ``teacher(input_ids, attention_mask, prompt_end) -> (logits, {(layer, head): (rows, head_dim)} | None)``:
 #: the live teacher's pass; head outputs at ``prompt_end``'s positions, in row order.
-TeacherPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]
+TeacherPass = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict | None]]
 
 
 # -- matching rows ----------------------------------------------------------------------------------------
@@ -217,12 +217,16 @@ class TeacherStore:
         return sum(f.stat().st_size for f in self.folder.iterdir())
 
     def batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> tuple[SparseTeacher, torch.Tensor | None]:
         """The stored teacher for a training batch: its distributions as a
         :class:`~ivtrainer.iv_guided.kl_loss.SparseTeacher` over the batch's flat positions, and
         the heads' outputs at each row's last prompt token ``(batch, heads, head_dim)`` (None
         without the head term)."""
+        if input_ids is None:
+            raise InvalidInputError(
+                "the precomputed teacher matches rows by their input_ids: the batch has none"
+            )
         device, seq = labels.device, labels.shape[1]
         keys = row_keys(input_ids, attention_mask, labels)
         slot = np.searchsorted(self.keys, keys).clip(max=max(len(self.keys) - 1, 0))
@@ -459,9 +463,9 @@ def _write_part(
     from tqdm.auto import tqdm
 
     offsets = np.concatenate([[0], np.cumsum(counts[rows])]).astype(np.int64)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.memmap] = {}
 
-    def array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def array(name: str, shape: tuple[int, ...], dtype) -> np.memmap:
         arrays[name] = np.lib.format.open_memmap(
             folder / f"{name}-{rank}.npy", mode="w+", dtype=dtype, shape=shape
         )

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lm-eval", action="store_true", help="an LMEvalCallback every 2 steps")
+    parser.add_argument("--teacher", default="live", choices=["live", "precomputed"], help="IV-guided runs")
     args = parser.parse_args()
 
     from accelerate import PartialState
@@ -77,7 +78,7 @@ def main() -> None:
         # run differ from the single process by design), the annealed student IV: every path active
         config = IVGuidedConfig(
             **common, kl_positions="all", kl_weight=2.0, kl_threshold=0.0, head_mse_weight=0.0,
-            iv_strength_start=1.0, teacher_iv_strength=2.0,
+            iv_strength_start=1.0, teacher_iv_strength=2.0, teacher=args.teacher, teacher_top_k=64,
         )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.trainer.startswith("f-learning"):
@@ -131,6 +132,8 @@ def _teacher(trainer) -> str | None:
     kl = [c for c in trainer.callback_handler.callbacks if isinstance(c, IVKLCallback)]
     if not kl:
         return None
+    if kl[0]._store is not None:
+        return "stored"
     if kl[0].reference is None:
         return "adapters disabled"
     return "zero3 shard" if any(hasattr(p, "ds_id") for p in kl[0].reference.parameters()) else "full copy"
