@@ -283,6 +283,8 @@ def _continual(args: argparse.Namespace) -> int:
         "replay_fraction",
         "iv_heads",
         "lm_eval_limit",
+        "teacher",
+        "teacher_top_k",
     ):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -432,6 +434,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     co.add_argument(
         "--iv-heads", help="iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`)"
+    )
+    co.add_argument(
+        "--teacher",
+        choices=["live", "precomputed"],
+        help="kl-anchor, iv-guided: the teacher run at every step (default), or once before each stage and stored",
+    )
+    co.add_argument(
+        "--teacher-top-k", type=int, help="with --teacher precomputed: tokens stored per position (64)"
     )
     co.set_defaults(func=_continual)
 

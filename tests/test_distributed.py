@@ -167,7 +167,7 @@ def test_lm_eval_callback_under_zero2_and_refused_under_zero3(assets, single):
 def test_the_precomputed_teacher_under_deepspeed(assets, single, trainer, zero):
     """Each process stores its share of the rows, both read the whole store: the losses of one
     process, no reference model or engine under any stage (full fine-tuning under ZeRO-3
-    included), and the live teacher's losses to the top-k approximation."""
+    included), and the live teacher's KL (the script stores the top 319 of 320 tokens)."""
     extra = ("--teacher", "precomputed")
     out = _run(assets, trainer, assets / f"{zero}-{trainer}-stored", zero, extra=extra)
     got, want = (json.loads((f / "losses.json").read_text()) for f in (out, single(trainer, extra)))
@@ -177,7 +177,7 @@ def test_the_precomputed_teacher_under_deepspeed(assets, single, trainer, zero):
     meta = json.loads(next((out / "run" / "_ivtrainer_teacher").glob("*/meta.json")).read_text())
     assert len(meta["parts"]) == 2 and meta["rows"] == 16  # written by both processes
     live = json.loads((single(trainer) / "losses.json").read_text())
-    torch.testing.assert_close(torch.tensor(got["kl"]), torch.tensor(live["kl"]), rtol=0.05, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(got["kl"]), torch.tensor(live["kl"]), rtol=1e-3, atol=1e-6)
 
 
 def _torchrun(assets: Path, out: Path, processes: int, extra=(), fail: bool = False):

@@ -75,6 +75,10 @@ class ContinualSettings:
     # built-in ones: lm-eval task names, and lm-eval's --limit (documents per task)
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None
+    # kl-anchor, iv-guided: the teacher run at every step, or once before each stage and stored
+    # (IVGuidedConfig.teacher; its top-k)
+    teacher: Literal["live", "precomputed"] = "live"
+    teacher_top_k: int = 64
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -92,6 +96,10 @@ class ContinualSettings:
         for name in ("batch_size", "n_icl"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be >= 1")
+        if self.teacher not in ("live", "precomputed"):
+            raise InvalidInputError(f"teacher must be 'live' or 'precomputed', not {self.teacher!r}")
+        if self.teacher_top_k < 1:
+            raise InvalidInputError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise InvalidInputError(f"lm_eval_limit must be >= 1, got {self.lm_eval_limit}")
         if self.lm_eval_tasks:
@@ -313,7 +321,10 @@ def _train_stage(
         trainer = Trainer(student, args, train_dataset=data, data_collator=collator)
     else:
         recipe = RECIPES["fvforgetting" if config.method == "iv-guided" else "kl-anchor"]
-        args = _training_args(IVGuidedConfig, config, scratch, stage, progress, **recipe)
+        args = _training_args(
+            IVGuidedConfig, config, scratch, stage, progress, **recipe,
+            teacher=config.teacher, teacher_top_k=config.teacher_top_k,
+        )  # fmt: skip
         trainer = IVGuidedTrainer(
             student, args, instruction_vectors=vectors or None, train_dataset=data, data_collator=collator
         )

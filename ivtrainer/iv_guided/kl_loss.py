@@ -184,8 +184,10 @@ def top_k_log_probs(
     """Full-vocabulary teacher log-probabilities from its top-k ``values`` at ``indices`` and the
     log of its remaining mass ``tail``: outside the top k, the student's log-probabilities
     ``student`` shifted so that they hold the teacher's tail mass (see :class:`SparseTeacher`)."""
-    outside = student.scatter(-1, indices, -math.inf)
-    student_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
+    # the student's tail mass is 1 minus its mass on the stored tokens (its log-probabilities are
+    # normalised): a gather instead of a pass over the vocabulary; float64 keeps a small tail exact
+    inside = student.gather(-1, indices).double().exp().sum(-1, keepdim=True)
+    student_tail = (1.0 - inside).clamp(min=math.exp(_MIN_LOG_TAIL)).log().float()
     shift = tail.clamp(min=_MIN_LOG_TAIL).unsqueeze(-1) - student_tail
     return (student + shift).scatter_(-1, indices, values)
 

@@ -58,6 +58,8 @@ logger = logging.get_logger(__name__)
 
 CACHE_FOLDER = "_ivtrainer_teacher"
 FORMAT = 1
+# elements of float32 log-probabilities computed at once while storing (16 MiB)
+_CHUNK_ELEMENTS = 1 << 22
 _ARRAYS = (
     "keys",
     "offsets",
@@ -491,10 +493,8 @@ def _write_part(
         bar.update()
         if not chunk:
             continue
-        log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
-        del logits
         if vocab is None:
-            vocab = log_probs.shape[-1]
+            vocab = logits.shape[-1]
             if top_k >= vocab:
                 raise InvalidInputError(
                     f"teacher_top_k ({top_k}) must be smaller than the vocabulary ({vocab})"
@@ -513,20 +513,26 @@ def _write_part(
         full, top = stored_masks(positions, labels, attention_mask)
         starts = _starts(_attended(attention_mask, labels))
         selected = top.nonzero(as_tuple=True)
-        picked = log_probs[selected]
-        values, indices = picked.topk(top_k, dim=-1)
-        tail = torch.logsumexp(picked.scatter(-1, indices, -math.inf), dim=-1)
-        n = picked.shape[0]
-        arrays["columns"][position : position + n] = (selected[1] - starts[selected[0]]).cpu().numpy()
-        arrays["top_values"][position : position + n] = values.cpu().numpy()
-        arrays["top_indices"][position : position + n] = indices.cpu().numpy()
-        arrays["top_tail"][position : position + n] = tail.cpu().numpy()
-        position += n
+        # a few positions at a time: no float32 copy of the whole (batch, seq, vocab) logits
+        step_rows = max(1, _CHUNK_ELEMENTS // vocab)
+        for lo in range(0, selected[0].numel(), step_rows):
+            at = selected[0][lo : lo + step_rows], selected[1][lo : lo + step_rows]
+            log_probs = F.log_softmax(logits[at].float() / temperature, dim=-1)
+            values, indices = log_probs.topk(top_k, dim=-1)
+            rest = (1.0 - values.double().exp().sum(-1)).clamp(min=1e-30)  # the teacher's tail mass
+            m = slice(position, position + values.shape[0])
+            arrays["columns"][m] = (at[1] - starts[at[0]]).cpu().numpy()
+            arrays["top_values"][m] = values.cpu().numpy()
+            arrays["top_indices"][m] = indices.cpu().numpy()
+            arrays["top_tail"][m] = rest.log().float().cpu().numpy()
+            position += values.shape[0]
         if "full" in arrays:
             rows_with, cols = full.nonzero(as_tuple=True)
             target = filled + rows_with.cpu().numpy()
-            arrays["full"][target] = log_probs[rows_with, cols].to(torch.float16).cpu().numpy()
+            log_probs = F.log_softmax(logits[rows_with, cols].float() / temperature, dim=-1)
+            arrays["full"][target] = log_probs.to(torch.float16).cpu().numpy()
             arrays["full_column"][target] = (cols - starts[rows_with]).cpu().numpy()
+        del logits
         if "heads" in arrays and head_outputs is not None:
             rows_with = prompt_end.any(1).nonzero().squeeze(1)
             stacked = torch.stack([head_outputs[tuple(h)] for h in heads], 1)  # (rows, heads, head_dim)

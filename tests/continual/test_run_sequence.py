@@ -54,11 +54,17 @@ def test_results_and_a_resumed_run_ends_the_same(tmp_path, model_dir):
     assert nothing_left["seconds"] == resumed["seconds"] and resumed["seconds"]["train"] > 0
 
 
-@pytest.mark.parametrize("method", ["iv-guided", "kl-anchor", "replay"])
-def test_each_method(tmp_path, model_dir, method):
+@pytest.mark.parametrize(
+    ("method", "teacher"),
+    [("iv-guided", "live"), ("iv-guided", "precomputed"), ("kl-anchor", "live"), ("replay", "live")],
+)
+def test_each_method(tmp_path, model_dir, method, teacher):
     out = tmp_path / method
-    results = run_sequence(["brackets", "plural"], out=out, method=method, model=model_dir, **FAST)
-    assert results["settings"]["method"] == method
+    results = run_sequence(
+        ["brackets", "plural"], out=out, method=method, model=model_dir, teacher=teacher, **FAST
+    )
+    assert results["settings"]["method"] == method and results["settings"]["teacher"] == teacher
+    assert not list(out.rglob("_ivtrainer_teacher"))  # the stored teacher goes with its stage's scratch
     has_iv = (out / "stages/2/instruction_vector/instruction_vector.json").is_file()
     assert has_iv == (method == "iv-guided")
     if has_iv:  # the second task's own IV, named after it
@@ -91,6 +97,9 @@ def test_task_files_and_full_fine_tuning(tmp_path, model_dir):
 def test_bad_tasks_fail_before_any_training(tmp_path, model_dir, tasks, match):
     with pytest.raises(ValueError, match=match):
         run_sequence(tasks, out=tmp_path / "run", method="plain", model=model_dir, **FAST)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="teacher must be 'live' or 'precomputed'"):
+        run_sequence(["brackets"], out=tmp_path / "run", model=model_dir, **{**FAST, "teacher": "cached"})
     assert not (tmp_path / "run").exists()
 
 

@@ -78,7 +78,7 @@ def main() -> None:
         # run differ from the single process by design), the annealed student IV: every path active
         config = IVGuidedConfig(
             **common, kl_positions="all", kl_weight=2.0, kl_threshold=0.0, head_mse_weight=0.0,
-            iv_strength_start=1.0, teacher_iv_strength=2.0, teacher=args.teacher, teacher_top_k=64,
+            iv_strength_start=1.0, teacher_iv_strength=2.0, teacher=args.teacher, teacher_top_k=319,  # of 320: close to the live teacher
         )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.trainer.startswith("f-learning"):
