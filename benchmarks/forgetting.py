@@ -26,7 +26,8 @@ of two built-in tasks (antonym, country_capital; extracted once on the original 
 ``--settings 'own IV'``: the paper's recipe instead, IVGuidedConfig's defaults (FvForgetting's)
 with the new task's own IV, extracted once from its training words on the original model.
 ``--precomputed-k K ...``: each chosen setting also with ``teacher="precomputed"`` and
-``teacher_top_k=K`` (the stored teacher's quality against the live one).
+``teacher_top_k=K`` (the stored teacher's quality against the live one; 0: the exact store of
+hidden states).
 
 Settings are chosen on a validation split, never on the test split: ``--sweep`` trains LoRA
 (seed 0) with each of SWEEP's IVGuidedConfig settings and scores ICL prompts whose queries come
@@ -183,8 +184,11 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[],
-        help="also run each setting with the precomputed teacher storing these top-k (README block "
-        "'forgetting-precomputed')",
+        help="also run each setting with the precomputed teacher storing these top-k, 0: its hidden states "
+        "(exact) (README block 'forgetting-precomputed')",
+    )
+    parser.add_argument(
+        "--readme-block", help="the README/docs block --write-readme replaces (default: by run)"
     )
     parser.add_argument(
         "--lm-eval-tasks",
@@ -231,7 +235,7 @@ def main() -> None:
     settings = SWEEP if args.sweep else {k: TEST_SETTINGS[k] for k in args.settings}
     for label, values in list(settings.items()):
         for k in args.precomputed_k:
-            settings[f"{label}, precomputed top-{k}"] = {
+            settings[f"{label}, precomputed {f'top-{k}' if k else 'exact'}"] = {
                 **values,
                 "teacher": "precomputed",
                 "teacher_top_k": k,
@@ -273,7 +277,9 @@ def report(results: dict, args) -> None:
 
         default = list(getattr(args, "settings", ["IV-guided"])) == ["IV-guided"]
         block = "forgetting-sweep" if args.sweep else "forgetting" if default else "forgetting-own-iv"
-        replace_block("forgetting-precomputed" if getattr(args, "precomputed_k", []) else block, table)
+        if getattr(args, "precomputed_k", []):
+            block = "forgetting-precomputed"
+        replace_block(getattr(args, "readme_block", None) or block, table)
 
 
 def _summary(results: dict) -> dict[str, dict[str, float]]:
@@ -320,6 +326,8 @@ def format_table(results: dict, args) -> str:
         command += f" --settings {' '.join(repr(x) if ' ' in x else x for x in args.settings)}"
     if getattr(args, "precomputed_k", []):
         command += f" --precomputed-k {' '.join(map(str, args.precomputed_k))}"
+    if getattr(args, "readme_block", None):
+        command += f" --readme-block {args.readme_block}"
     lines.append(
         f"\n`{command}`: {results['split']} split; means over seeds {', '.join(map(str, args.seeds))} "
         "(forgetting: range over seeds); accuracies in %."

@@ -89,7 +89,9 @@ class IVKLCallback(IVCallback):
             reference copy; the training dataset must be map-style and its collator deterministic.
         teacher_top_k: with ``teacher="precomputed"``, how many of the teacher's most likely tokens
             are stored at each position other than the last prompt token (whose whole
-            distribution is stored); the rest is one bucket (its total mass).
+            distribution is stored); the rest is one bucket (its total mass). ``0``: no
+            truncation: the teacher's last hidden states are stored instead, and its LM head
+            applied to them at each step (the exact KL at every position, for one LM-head matmul).
         teacher_cache_dir: where the precomputed teacher is stored (default
             ``<output_dir>/_ivtrainer_teacher``, which ``push_to_hub`` does not upload).
 
@@ -158,8 +160,10 @@ class IVKLCallback(IVCallback):
         self.head_mse_reference = head_mse_reference
         if not isinstance(teacher, nn.Module) and teacher not in ("auto", "precomputed"):
             raise InvalidInputError(f"teacher must be 'auto', 'precomputed' or a module, not {teacher!r}")
-        if isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, int) or teacher_top_k < 1:
-            raise InvalidInputError(f"teacher_top_k must be a whole number >= 1, got {teacher_top_k!r}")
+        if isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, int) or teacher_top_k < 0:
+            raise InvalidInputError(
+                f"teacher_top_k must be a whole number >= 0 (0: exact, from stored hidden states), got {teacher_top_k!r}"
+            )
         self.teacher, self.teacher_top_k, self.teacher_cache_dir = teacher, teacher_top_k, teacher_cache_dir
         self._store: TeacherStore | None = None
         self._model_fingerprint: str | None = None  # the model before training, for the stored teacher
@@ -437,7 +441,8 @@ class IVKLCallback(IVCallback):
         self._store = precompute_teacher(
             cache, dataloader.dataset, dataloader.collate_fn, teacher, fingerprint=fingerprint,
             positions=[t.positions for t in self.terms], top_k=self.teacher_top_k, temperature=self.temperature,
-            heads=self._heads(), batch_size=args.per_device_eval_batch_size,
+            heads=self._heads(), lm_head=model.get_output_embeddings() if self.teacher_top_k == 0 else None,
+            batch_size=args.per_device_eval_batch_size,
             device=next(model.parameters()).device, progress=not args.disable_tqdm,
             # a resumed full fine-tuning: the model is trained, only the stored teacher can serve
             compute=state.global_step == 0 or is_peft_model(model), prune=self.teacher_cache_dir is None,

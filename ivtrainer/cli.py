@@ -441,7 +441,9 @@ def _parser() -> argparse.ArgumentParser:
         help="kl-anchor, iv-guided: the teacher run at every step (default), or once before each stage and stored",
     )
     co.add_argument(
-        "--teacher-top-k", type=int, help="with --teacher precomputed: tokens stored per position (64)"
+        "--teacher-top-k",
+        type=int,
+        help="with --teacher precomputed: tokens stored per position (64); 0: hidden states, exact",
     )
     co.set_defaults(func=_continual)
 

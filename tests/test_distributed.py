@@ -163,12 +163,16 @@ def test_lm_eval_callback_under_zero2_and_refused_under_zero3(assets, single):
     assert "lm-eval cannot evaluate a ZeRO-3-partitioned model in memory" in stderr
 
 
-@pytest.mark.parametrize(("trainer", "zero"), [("iv-lora", "zero2"), ("iv-full", "zero3")])
-def test_the_precomputed_teacher_under_deepspeed(assets, single, trainer, zero):
+# ZeRO-2 LoRA stores the top 319 of 320 tokens; ZeRO-3 full fine-tuning the hidden states and the
+# LM head (gathered from its shards)
+@pytest.mark.parametrize(
+    ("trainer", "zero", "top_k"), [("iv-lora", "zero2", "319"), ("iv-full", "zero3", "0")]
+)
+def test_the_precomputed_teacher_under_deepspeed(assets, single, trainer, zero, top_k):
     """Each process stores its share of the rows, both read the whole store: the losses of one
     process, no reference model or engine under any stage (full fine-tuning under ZeRO-3
-    included), and the live teacher's KL (the script stores the top 319 of 320 tokens)."""
-    extra = ("--teacher", "precomputed")
+    included), and the live teacher's KL."""
+    extra = ("--teacher", "precomputed", "--top-k", top_k)
     out = _run(assets, trainer, assets / f"{zero}-{trainer}-stored", zero, extra=extra)
     got, want = (json.loads((f / "losses.json").read_text()) for f in (out, single(trainer, extra)))
     for key in ("loss", "ce", "kl"):
@@ -176,6 +180,11 @@ def test_the_precomputed_teacher_under_deepspeed(assets, single, trainer, zero):
     assert got["teacher"] == want["teacher"] == "stored"
     meta = json.loads(next((out / "run" / "_ivtrainer_teacher").glob("*/meta.json")).read_text())
     assert len(meta["parts"]) == 2 and meta["rows"] == 16  # written by both processes
+    if top_k == "0":  # the whole head, once
+        assert (
+            meta["parts"][0]["shapes"]["head_weight"] == [320, 64]
+            and "head_weight" not in meta["parts"][1]["shapes"]
+        )
     live = json.loads((single(trainer) / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(got["kl"]), torch.tensor(live["kl"]), rtol=1e-3, atol=1e-6)
 
@@ -200,7 +209,8 @@ def _torchrun(assets: Path, out: Path, processes: int, extra=(), fail: bool = Fa
 
 def test_the_precomputed_teacher_on_fsdp2_shards(assets):
     """torch's FSDP2 (fully_shard per decoder layer) over 2 CPU processes: the callback's losses
-    with the precomputed teacher (two KL terms and the head term) equal one process's. accelerate
+    with the precomputed teacher (hidden states, the LM head gathered from its shards; two KL terms
+    and the head term) equal one process's. accelerate
     enables FSDP only on accelerators, so the loop is the script's (as the Trainer runs it); the
     live teacher is refused under FSDP."""
     one = _torchrun(assets, assets / "fsdp-1", 1)

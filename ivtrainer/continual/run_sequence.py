@@ -76,7 +76,7 @@ class ContinualSettings:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None
     # kl-anchor, iv-guided: the teacher run at every step, or once before each stage and stored
-    # (IVGuidedConfig.teacher; its top-k)
+    # (IVGuidedConfig.teacher; its top-k, 0 for the exact hidden-state store)
     teacher: Literal["live", "precomputed"] = "live"
     teacher_top_k: int = 64
 
@@ -98,8 +98,10 @@ class ContinualSettings:
                 raise InvalidInputError(f"{name} must be >= 1")
         if self.teacher not in ("live", "precomputed"):
             raise InvalidInputError(f"teacher must be 'live' or 'precomputed', not {self.teacher!r}")
-        if self.teacher_top_k < 1:
-            raise InvalidInputError(f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
+        if self.teacher_top_k < 0:
+            raise InvalidInputError(
+                f"teacher_top_k must be >= 0 (0: exact, from hidden states), got {self.teacher_top_k}"
+            )
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise InvalidInputError(f"lm_eval_limit must be >= 1, got {self.lm_eval_limit}")
         if self.lm_eval_tasks:

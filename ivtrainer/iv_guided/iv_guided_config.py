@@ -166,7 +166,8 @@ class IVGuidedConfig(TrainingArguments):
     )
     teacher_top_k: int = _field(
         64,
-        "With teacher precomputed: the teacher's top-k tokens stored per position (the rest is one bucket).",
+        "With teacher precomputed: the teacher's top-k tokens stored per position (the rest is one bucket); "
+        "0: its last hidden states instead, the LM head applied at each step (exact, larger on disk).",
     )
     teacher_cache_dir: str | None = _field(
         None, "With teacher precomputed: where it is stored (default <output_dir>/_ivtrainer_teacher)."
@@ -239,9 +240,12 @@ class IVGuidedConfig(TrainingArguments):
         if (
             isinstance(self.teacher_top_k, bool)
             or not isinstance(self.teacher_top_k, int)
-            or self.teacher_top_k < 1
+            or self.teacher_top_k < 0
         ):
-            raise InvalidInputError(f"teacher_top_k must be a whole number >= 1, got {self.teacher_top_k!r}")
+            raise InvalidInputError(
+                f"teacher_top_k must be a whole number >= 0 (0: exact, from stored hidden states), "
+                f"got {self.teacher_top_k!r}"
+            )
         super().__post_init__()
 
     def iv_schedule_obj(self) -> Schedule:

@@ -127,8 +127,9 @@ def token_kl(
 class SparseTeacher:
     """The teacher's log-probabilities (at the KL's temperature) at some positions of a batch, as
     stored by the precomputed teacher: the whole distribution at ``full_positions``, the top-k
-    entries and the log of the remaining mass at ``top_positions`` (flat ``row * seq + column``
-    indices, each sorted).
+    entries and the log of the remaining mass at ``top_positions``, the raw logits at
+    ``logit_positions`` (its LM head applied to stored hidden states: exact; flat
+    ``row * seq + column`` indices, each sorted).
 
     At a top-k position the KL is taken between the two distributions coarsened to the stored
     tokens plus one bucket for all the others (the teacher's tail mass against the student's): exact
@@ -143,6 +144,8 @@ class SparseTeacher:
     top_values: torch.Tensor  # (n_top, k) log-probs
     top_indices: torch.Tensor  # (n_top, k) token ids
     top_tail: torch.Tensor  # (n_top,) log of the mass outside the top k
+    logit_positions: torch.Tensor | None = None  # (n_logits,)
+    logits: torch.Tensor | None = None  # (n_logits, vocab) logits before the temperature
 
     def log_probs(self, positions: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         """Float32 ``(n, vocab)`` teacher log-probabilities at flat ``positions``, given the
@@ -151,8 +154,8 @@ class SparseTeacher:
         coarsened KL (and its gradient the coarsened KL's)."""
         out = torch.empty_like(student)
         found = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
-        for stored in (self.full_positions, self.top_positions):
-            if stored.numel() == 0:
+        for stored in (self.full_positions, self.top_positions, self.logit_positions):
+            if stored is None or stored.numel() == 0:
                 continue
             slot = torch.searchsorted(stored, positions).clamp_(max=stored.numel() - 1)
             here = stored[slot] == positions
@@ -161,6 +164,8 @@ class SparseTeacher:
             found |= here
             if stored is self.full_positions:
                 out[here] = self.full[slot[here]].float()
+            elif stored is self.logit_positions:
+                out[here] = F.log_softmax(self.logits[slot[here]].float() / self.temperature, dim=-1)  # type: ignore[index]
             else:
                 out[here] = top_k_log_probs(
                     student[here],

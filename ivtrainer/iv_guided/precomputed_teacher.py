@@ -7,6 +7,10 @@ log-probabilities + token ids + the log of the remaining mass at the other posit
 heads' outputs at the last prompt token when the head term is on. Every step then reads its rows
 back instead of running the teacher, so no reference model is needed at train time.
 
+With ``top_k=0`` (no truncation) it stores instead the teacher's last hidden states (the LM head's
+input) at every KL position and the LM head's weights once; each step applies that head to its
+rows' hidden states: the teacher's exact logits, for one LM-head matmul a step.
+
 Rows are matched by content: a row's key is a hash of its attended tokens and labels, so
 shuffling, padding side, batch composition and multi-process sampling do not matter; a row the
 store has not seen is an error, never a silently wrong teacher.
@@ -40,7 +44,7 @@ from transformers.utils import logging
 
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.kl_loss import SparseTeacher, kl_positions
-from ivtrainer.modeling.hooks import is_peft_model
+from ivtrainer.modeling.hooks import hooks, is_peft_model
 from ivtrainer.steering.intervention import last_prompt_positions
 from ivtrainer.utils.distributed import gathered
 
@@ -69,6 +73,9 @@ _ARRAYS = (
     "top_values",
     "top_indices",
     "top_tail",
+    "hidden",
+    "head_weight",
+    "head_bias",
     "heads",
 )
 
@@ -100,14 +107,17 @@ def row_keys(
 
 
 def stored_masks(
-    positions: Sequence[str], labels: torch.Tensor, attention_mask: torch.Tensor | None
+    positions: Sequence[str],
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    whole_last_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(full, top)`` bool masks of what is stored for ``positions``' KL terms: the whole
-    distribution at the last prompt token (when a term covers it), the top-k at every other
-    position some term covers."""
+    """``(full, each)`` bool masks of what is stored for ``positions``' KL terms: the whole
+    distribution at the last prompt token (when a term covers it and ``whole_last_prompt``), a
+    per-position record (top-k, or hidden state) at every other position some term covers."""
     full = (
         last_prompt_positions(labels)
-        if "last_prompt" in positions
+        if "last_prompt" in positions and whole_last_prompt
         else torch.zeros_like(labels, dtype=torch.bool)
     )
     covered = torch.zeros_like(full)
@@ -168,6 +178,45 @@ def vectors_fingerprint(pairs: Sequence[tuple[int, torch.Tensor]], heads: Sequen
     return _digest(*parts)
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    # numpy has no bfloat16: its bits are stored as uint16
+    return np.dtype(np.uint16) if dtype == torch.bfloat16 else np.dtype(str(dtype).removeprefix("torch."))
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.require(array, requirements=["C", "W"]))  # a copy of a read-only map
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def _head_parameters(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias a (possibly PEFT-wrapped) LM head computes the teacher's logits with:
+    a LoRA layer's base layer, a ``modules_to_save`` wrapper's original module (the adapters are
+    off in the teacher)."""
+    for inner in ("base_layer", "original_module"):
+        if isinstance(getattr(head, inner, None), nn.Module):
+            head = getattr(head, inner)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise InvalidInputError(
+            f"teacher_top_k=0 applies the model's LM head to stored hidden states, but its output embeddings "
+            f"({type(head).__name__}) have no weight: use teacher_top_k >= 1"
+        )
+    bias = getattr(head, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A detached copy of a parameter as a whole (gathered under ZeRO-3 or FSDP: collective)."""
+    with gathered(param):  # type: ignore[arg-type]
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # an FSDP2 DTensor
+        return full.detach().clone()
+
+
 # -- the store --------------------------------------------------------------------------------------------
 
 
@@ -184,6 +233,9 @@ class TeacherStore:
     parts: list[dict[str, np.ndarray]]
     keys: np.ndarray  # sorted row keys over all parts
     where: np.ndarray  # (n, 2): part and row of each sorted key
+    _head: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def load(cls, folder: Path) -> TeacherStore:
@@ -218,6 +270,17 @@ class TeacherStore:
     def n_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir())
 
+    def head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored LM head (``top_k=0``) on ``device``, moved there once."""
+        if device not in self._head:
+            part, dtype = self.parts[0], self.meta["hidden_dtype"]
+            bias = part.get("head_bias")
+            self._head[device] = (
+                _from_numpy(part["head_weight"], dtype).to(device),
+                None if bias is None else _from_numpy(bias, dtype).to(device),
+            )
+        return self._head[device]
+
     def batch(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> tuple[SparseTeacher, torch.Tensor | None]:
@@ -240,7 +303,7 @@ class TeacherStore:
                 "changed during training, or rows packed per batch); use the live teacher for such data"
             )
         starts = _starts(_attended(attention_mask, labels)).cpu().numpy()
-        full_pos, full, top_pos, values, indices, tail, heads = [], [], [], [], [], [], []
+        full_pos, full, top_pos, values, indices, tail, hidden, heads = [], [], [], [], [], [], [], []
         for b, (p, r) in enumerate(self.where[slot]):
             part = self.parts[p]
             base = b * seq + int(starts[b])
@@ -250,9 +313,12 @@ class TeacherStore:
             lo, hi = int(part["offsets"][r]), int(part["offsets"][r + 1])
             if hi > lo:
                 top_pos.append(base + part["columns"][lo:hi].astype(np.int64))
-                values.append(part["top_values"][lo:hi])
-                indices.append(part["top_indices"][lo:hi])
-                tail.append(part["top_tail"][lo:hi])
+                if "hidden" in part:
+                    hidden.append(part["hidden"][lo:hi])
+                else:
+                    values.append(part["top_values"][lo:hi])
+                    indices.append(part["top_indices"][lo:hi])
+                    tail.append(part["top_tail"][lo:hi])
             if "heads" in part:
                 heads.append(part["heads"][r])
         vocab, k = self.meta["vocab"], self.meta["top_k"]
@@ -261,6 +327,16 @@ class TeacherStore:
             array = np.concatenate(chunks) if chunks else np.zeros(shape, dtype or np.float32)
             return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
+        logit_positions = logits = None
+        if k == 0:  # the stored LM head applied to the stored hidden states: the teacher's logits
+            logit_positions, top_pos = tensor(top_pos, (0,), np.int64).long(), []
+            weight, bias = self.head(device)
+            states = (
+                np.concatenate(hidden)
+                if hidden
+                else np.zeros((0, weight.shape[1]), _numpy_dtype(weight.dtype))
+            )
+            logits = F.linear(_from_numpy(states, self.meta["hidden_dtype"]).to(device), weight, bias)
         sparse = SparseTeacher(
             temperature=self.meta["temperature"],
             full_positions=torch.tensor(full_pos, dtype=torch.long, device=device),
@@ -268,9 +344,11 @@ class TeacherStore:
             if full
             else torch.zeros((0, vocab), device=device),
             top_positions=tensor(top_pos, (0,), np.int64).long(),
-            top_values=tensor(values, (0, k)),
-            top_indices=tensor(indices, (0, k), np.int32).long(),
+            top_values=tensor(values, (0, max(k, 1))),
+            top_indices=tensor(indices, (0, max(k, 1)), np.int32).long(),
             top_tail=tensor(tail, (0,)),
+            logit_positions=logit_positions,
+            logits=logits,
         )
         return sparse, (torch.from_numpy(np.stack(heads)).to(device) if heads else None)
 
@@ -314,6 +392,7 @@ def precompute_teacher(
     top_k: int,
     temperature: float,
     heads: Sequence[tuple[int, int]] = (),
+    lm_head: nn.Module | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -324,6 +403,8 @@ def precompute_teacher(
     ``cache_dir`` when its fingerprint matches, else computed with ``teacher`` and written there.
 
     ``fingerprint``: the model's, the IVs' and the settings' hashes (the data's is added here).
+    ``top_k=0``: store the input of ``lm_head`` (the model's output embeddings, which ``teacher``
+    runs) at every KL position, and its weights.
     Multi-process: every process computes its share of the rows into one folder (which must be on
     a file system they all see), and all of them read the whole store. ``compute=False``: the
     store must exist (a resumed full fine-tuning, whose model is no longer the teacher).
@@ -335,8 +416,12 @@ def precompute_teacher(
             "teacher='precomputed' needs a map-style training dataset (rows it can count and read twice), not "
             f"{type(dataset).__name__}: pass a datasets.Dataset, or use the live teacher for streamed data"
         )
-    if top_k < 1:
-        raise InvalidInputError(f"teacher_top_k must be >= 1, got {top_k}")
+    if top_k < 0:
+        raise InvalidInputError(
+            f"teacher_top_k must be >= 0 (0: exact, from stored hidden states), got {top_k}"
+        )
+    if top_k == 0 and lm_head is None:
+        raise InvalidInputError("teacher_top_k=0 needs the model's LM head (lm_head=)")
     rank, world = _distributed()
     device = torch.device(device)
     # what every row stores, from its collated form alone (cheap: no forward)
@@ -354,7 +439,7 @@ def precompute_teacher(
         attention_mask = batch.get("attention_mask")
         _starts(_attended(attention_mask, labels))
         keys.append(row_keys(batch["input_ids"], attention_mask, labels))
-        full, top = stored_masks(positions, labels, attention_mask)
+        full, top = stored_masks(positions, labels, attention_mask, whole_last_prompt=top_k > 0)
         n_top.append(top.sum(1).numpy())
         has_full.append(full.any(1).numpy())
     all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
@@ -418,20 +503,25 @@ def precompute_teacher(
     _barrier()
     start = time.perf_counter()
     mine = np.arange(rank, len(all_keys), world)
-    shapes = _write_part(
-        tmp, rank, dataset, collate_fn, teacher, mine, counts, fulls, all_keys,
-        positions=positions, top_k=top_k, temperature=temperature, heads=heads, batch_size=batch_size,
-        device=device, progress=progress and rank == 0,
-        n_batches=math.ceil(math.ceil(len(all_keys) / world) / batch_size),
-    )  # fmt: skip
+    try:
+        shapes = _write_part(
+            tmp, rank, dataset, collate_fn, teacher, mine, counts, fulls, all_keys,
+            positions=positions, top_k=top_k, temperature=temperature, heads=heads, lm_head=lm_head,
+            batch_size=batch_size, device=device, progress=progress and rank == 0,
+            n_batches=math.ceil(math.ceil(len(all_keys) / world) / batch_size),
+        )  # fmt: skip
+    except BaseException:  # nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     all_shapes = [shapes]
     if world > 1:
         all_shapes = [None] * world  # type: ignore[list-item]
         torch.distributed.all_gather_object(all_shapes, shapes)
     if rank == 0:
         vocab = next(s["vocab"] for s in all_shapes if s.get("vocab"))
+        dtype = next((s["hidden_dtype"] for s in all_shapes if s.get("hidden_dtype")), None)
         meta = {
-            **settings, "vocab": vocab, "fingerprint": components, "rows": len(all_keys),
+            **settings, "vocab": vocab, "hidden_dtype": dtype, "fingerprint": components, "rows": len(all_keys),
             "parts": [{"shapes": s["shapes"]} for s in all_shapes],
             "seconds": round(time.perf_counter() - start, 2),
         }  # fmt: skip
@@ -443,10 +533,15 @@ def precompute_teacher(
         mass = [
             float(np.exp(part["top_tail"]).mean()) for part in store.parts if len(part.get("top_tail", ()))
         ]
+        what = (
+            f"top-{top_k} tail mass {f'{np.mean(mass):.4f} on average' if mass else 'n/a'}"
+            if top_k
+            else f"hidden states + the LM head (exact; its logits matched the teacher's to {shapes['head_error']:.2g})"
+        )
         logger.warning(
-            "precomputed teacher: %d rows in %.1f s, %.1f MB at %s (%.0f bytes a row); top-%d tail mass %s",
+            "precomputed teacher: %d rows in %.1f s, %.1f MB at %s (%.0f bytes a row); %s",
             len(all_keys), time.perf_counter() - start, store.n_bytes / 1e6, folder,
-            store.n_bytes / max(len(all_keys), 1), top_k, f"{np.mean(mass):.4f} on average" if mass else "n/a",
+            store.n_bytes / max(len(all_keys), 1), what,
         )  # fmt: skip
     return store
 
@@ -459,9 +554,12 @@ def _batches(dataset, collate_fn, rows: Sequence[int], batch_size: int):
 def _write_part(
     folder: Path, rank: int, dataset, collate_fn, teacher: TeacherPass, rows: np.ndarray, counts: np.ndarray,
     fulls: np.ndarray, keys: np.ndarray, *, positions: Sequence[str], top_k: int, temperature: float,
-    heads: Sequence[tuple[int, int]], batch_size: int, device: torch.device, progress: bool, n_batches: int,
+    heads: Sequence[tuple[int, int]], lm_head: nn.Module | None, batch_size: int, device: torch.device,
+    progress: bool, n_batches: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """This process's rows into ``<name>-<rank>.npy`` files; returns their shapes (and the vocabulary size)."""
+    """This process's rows into ``<name>-<rank>.npy`` files; returns their shapes, the vocabulary
+    size and (``top_k=0``) the hidden states' dtype and how far the LM head applied to them is from
+    the teacher's logits."""
     from tqdm.auto import tqdm
 
     offsets = np.concatenate([[0], np.cumsum(counts[rows])]).astype(np.int64)
@@ -475,70 +573,97 @@ def _write_part(
 
     array("keys", (len(rows),), np.uint64)[:] = keys[rows]
     array("offsets", offsets.shape, np.int64)[:] = offsets
-    vocab = None
+    vocab, dtype, head_error = None, None, 0.0
     filled, position = 0, 0
     order = list(rows)
-    bar = tqdm(total=n_batches, desc="precomputing the teacher", disable=not progress)
-    for step in range(n_batches):
-        chunk = order[step * batch_size : (step + 1) * batch_size]
-        # under ZeRO-3 every process runs the same number of forwards: a process out of rows
-        # repeats its last batch and stores nothing
-        batch = collate_fn([dataset[int(i)] for i in (chunk or order[-1:] or [0])])
-        labels = batch["labels"].to(device)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        input_ids = batch["input_ids"].to(device)
-        prompt_end = last_prompt_positions(labels)
-        logits, head_outputs = teacher(input_ids, attention_mask, prompt_end)
-        bar.update()
-        if not chunk:
-            continue
-        if vocab is None:
-            vocab = logits.shape[-1]
-            if top_k >= vocab:
-                raise InvalidInputError(
-                    f"teacher_top_k ({top_k}) must be smaller than the vocabulary ({vocab})"
-                )
-            n = int(offsets[-1])
-            array("columns", (n,), np.int32)
-            array("top_values", (n, top_k), np.float32)
-            array("top_indices", (n, top_k), np.int32)
-            array("top_tail", (n,), np.float32)
-            if "last_prompt" in positions:
-                array("full", (len(rows), vocab), np.float16)
-                array("full_column", (len(rows),), np.int32)[:] = -1
-            if heads:
-                head_dim = next(iter(head_outputs.values())).shape[-1]  # type: ignore[union-attr]
-                array("heads", (len(rows), len(heads), head_dim), np.float32)
-        full, top = stored_masks(positions, labels, attention_mask)
-        starts = _starts(_attended(attention_mask, labels))
-        selected = top.nonzero(as_tuple=True)
-        # a few positions at a time: no float32 copy of the whole (batch, seq, vocab) logits
-        step_rows = max(1, _CHUNK_ELEMENTS // vocab)
-        for lo in range(0, selected[0].numel(), step_rows):
-            at = selected[0][lo : lo + step_rows], selected[1][lo : lo + step_rows]
-            log_probs = F.log_softmax(logits[at].float() / temperature, dim=-1)
-            values, indices = log_probs.topk(top_k, dim=-1)
-            rest = (1.0 - values.double().exp().sum(-1)).clamp(min=1e-30)  # the teacher's tail mass
-            m = slice(position, position + values.shape[0])
-            arrays["columns"][m] = (at[1] - starts[at[0]]).cpu().numpy()
-            arrays["top_values"][m] = values.cpu().numpy()
-            arrays["top_indices"][m] = indices.cpu().numpy()
-            arrays["top_tail"][m] = rest.log().float().cpu().numpy()
-            position += values.shape[0]
-        if "full" in arrays:
-            rows_with, cols = full.nonzero(as_tuple=True)
-            target = filled + rows_with.cpu().numpy()
-            log_probs = F.log_softmax(logits[rows_with, cols].float() / temperature, dim=-1)
-            arrays["full"][target] = log_probs.to(torch.float16).cpu().numpy()
-            arrays["full_column"][target] = (cols - starts[rows_with]).cpu().numpy()
-        del logits
-        if "heads" in arrays and head_outputs is not None:
-            rows_with = prompt_end.any(1).nonzero().squeeze(1)
-            stacked = torch.stack([head_outputs[tuple(h)] for h in heads], 1)  # (rows, heads, head_dim)
-            arrays["heads"][filled + rows_with.cpu().numpy()] = stacked.float().cpu().numpy()
-        filled += len(chunk)
-    bar.close()
+    captured: list[torch.Tensor] = []
+    handles, head = [], None
+    if top_k == 0:  # the LM head's input (the teacher's last hidden states), and the head itself
+        weight, bias = _head_parameters(lm_head)  # type: ignore[arg-type]
+        head = _whole(weight), None if bias is None else _whole(bias)  # collective: before any rank can fail
+        handles.append(lm_head.register_forward_pre_hook(lambda module, args: captured.append(args[0])))  # type: ignore[union-attr]
+    with hooks(*handles):
+        bar = tqdm(total=n_batches, desc="precomputing the teacher", disable=not progress)
+        for step in range(n_batches):
+            chunk = order[step * batch_size : (step + 1) * batch_size]
+            # under ZeRO-3 every process runs the same number of forwards: a process out of rows
+            # repeats its last batch and stores nothing
+            batch = collate_fn([dataset[int(i)] for i in (chunk or order[-1:] or [0])])
+            labels = batch["labels"].to(device)
+            attention_mask = batch.get("attention_mask")
+            attention_mask = attention_mask.to(device) if attention_mask is not None else None
+            input_ids = batch["input_ids"].to(device)
+            prompt_end = last_prompt_positions(labels)
+            captured.clear()
+            logits, head_outputs = teacher(input_ids, attention_mask, prompt_end)
+            bar.update()
+            if not chunk:
+                continue
+            if vocab is None:
+                vocab = logits.shape[-1]
+                if top_k >= vocab:
+                    raise InvalidInputError(
+                        f"teacher_top_k ({top_k}) must be smaller than the vocabulary ({vocab})"
+                    )
+                n = int(offsets[-1])
+                array("columns", (n,), np.int32)
+                if top_k == 0:
+                    hidden = _hidden_states(captured, logits)
+                    dtype = hidden.dtype
+                    array("hidden", (n, hidden.shape[-1]), _numpy_dtype(dtype))
+                else:
+                    array("top_values", (n, top_k), np.float32)
+                    array("top_indices", (n, top_k), np.int32)
+                    array("top_tail", (n,), np.float32)
+                if "last_prompt" in positions and top_k > 0:
+                    array("full", (len(rows), vocab), np.float16)
+                    array("full_column", (len(rows),), np.int32)[:] = -1
+                if heads:
+                    head_dim = next(iter(head_outputs.values())).shape[-1]  # type: ignore[union-attr]
+                    array("heads", (len(rows), len(heads), head_dim), np.float32)
+            full, top = stored_masks(positions, labels, attention_mask, whole_last_prompt=top_k > 0)
+            starts = _starts(_attended(attention_mask, labels))
+            selected = top.nonzero(as_tuple=True)
+            if top_k == 0:
+                hidden = _hidden_states(captured, logits)[selected]
+                if step == 0:  # the logits must be the LM head of its input and nothing more (no soft-cap)
+                    head_error = _head_error(hidden[:8], logits[selected][:8], *head)  # type: ignore[misc]
+                m = slice(position, position + hidden.shape[0])
+                arrays["columns"][m] = (selected[1] - starts[selected[0]]).cpu().numpy()
+                arrays["hidden"][m] = _to_numpy(hidden)
+                position += hidden.shape[0]
+                selected = selected[0][:0], selected[1][:0]
+            # a few positions at a time: no float32 copy of the whole (batch, seq, vocab) logits
+            step_rows = max(1, _CHUNK_ELEMENTS // vocab)
+            for lo in range(0, selected[0].numel(), step_rows):
+                at = selected[0][lo : lo + step_rows], selected[1][lo : lo + step_rows]
+                log_probs = F.log_softmax(logits[at].float() / temperature, dim=-1)
+                values, indices = log_probs.topk(top_k, dim=-1)
+                rest = (1.0 - values.double().exp().sum(-1)).clamp(min=1e-30)  # the teacher's tail mass
+                m = slice(position, position + values.shape[0])
+                arrays["columns"][m] = (at[1] - starts[at[0]]).cpu().numpy()
+                arrays["top_values"][m] = values.cpu().numpy()
+                arrays["top_indices"][m] = indices.cpu().numpy()
+                arrays["top_tail"][m] = rest.log().float().cpu().numpy()
+                position += values.shape[0]
+            if "full" in arrays:
+                rows_with, cols = full.nonzero(as_tuple=True)
+                target = filled + rows_with.cpu().numpy()
+                log_probs = F.log_softmax(logits[rows_with, cols].float() / temperature, dim=-1)
+                arrays["full"][target] = log_probs.to(torch.float16).cpu().numpy()
+                arrays["full_column"][target] = (cols - starts[rows_with]).cpu().numpy()
+            del logits
+            if "heads" in arrays and head_outputs is not None:
+                rows_with = prompt_end.any(1).nonzero().squeeze(1)
+                stacked = torch.stack([head_outputs[tuple(h)] for h in heads], 1)  # (rows, heads, head_dim)
+                arrays["heads"][filled + rows_with.cpu().numpy()] = stacked.float().cpu().numpy()
+            filled += len(chunk)
+        bar.close()
+    if head is not None and rank == 0:  # once, in part 0, in the hidden states' dtype
+        dtype = dtype or head[0].dtype
+        for name, tensor in zip(("head_weight", "head_bias"), head, strict=True):
+            if tensor is not None:
+                array(name, tuple(tensor.shape), _numpy_dtype(dtype))[:] = _to_numpy(tensor.to(dtype))
     if position != offsets[-1]:  # the collated rows differ from the counting pass: a random collator
         raise InvalidInputError(
             "the training rows changed between two passes of the collator (it changes rows at random): the "
@@ -546,4 +671,35 @@ def _write_part(
         )
     for a in arrays.values():
         a.flush()
-    return {"vocab": vocab, "shapes": {name: list(a.shape) for name, a in arrays.items()}}
+    shapes = {name: list(a.shape) for name, a in arrays.items()}
+    return {
+        "vocab": vocab, "shapes": shapes, "hidden_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        "head_error": head_error,
+    }  # fmt: skip
+
+
+def _hidden_states(captured: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's input of the teacher's pass, checked to be one per position."""
+    if len(captured) != 1 or captured[0].shape[:-1] != logits.shape[:-1]:
+        raise InvalidInputError(
+            "teacher_top_k=0 stores the input of the model's LM head, but the teacher's pass did not call its "
+            f"output embeddings once on every position ({len(captured)} calls): use teacher_top_k >= 1"
+        )
+    return captured[0].detach()
+
+
+def _head_error(
+    hidden: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> float:
+    """The largest difference between the LM head applied to ``hidden`` and the teacher's
+    ``logits``, relative to the logits' scale; raises when it is not rounding."""
+    if hidden.shape[0] == 0:
+        return 0.0
+    again = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)).float()
+    error = float((again - logits.float()).abs().max()) / max(float(logits.float().abs().max()), 1e-6)
+    if not error <= 64 * torch.finfo(hidden.dtype).eps:
+        raise InvalidInputError(
+            f"the model's logits are not its LM head applied to the last hidden state (they differ by {error:.2g} "
+            "relative: a final soft-cap or scaling?), so teacher_top_k=0 cannot rebuild them: use teacher_top_k >= 1"
+        )
+    return error

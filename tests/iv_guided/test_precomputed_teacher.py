@@ -1,5 +1,6 @@
-"""The precomputed teacher: the KL against stored top-k distributions, the store (row matching,
-fingerprints, damage) and training with it (the live teacher's gradients, no reference copy)."""
+"""The precomputed teacher: the KL against stored top-k distributions or hidden states, the store
+(row matching, fingerprints, damage) and training with it (the live teacher's gradients, no
+reference copy)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ TERMS = dict(
 
 
 def _one_step(tmp_path, iv, data, model, **kw):
-    """The trainer and minus the gradient of one SGD step (lr 1)."""
+    """The trainer and minus the gradient of one SGD step (lr 1; with ``max_steps``, what the
+    steps changed)."""
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    config = guided_config(
-        tmp_path, optim="sgd", learning_rate=1.0, max_steps=1, lr_scheduler_type="constant", **(TERMS | kw)
-    )
+    sgd = dict(optim="sgd", learning_rate=1.0, max_steps=1, lr_scheduler_type="constant")
+    config = guided_config(tmp_path, **(sgd | TERMS | kw))
     trainer = IVGuidedTrainer(
         model, config, instruction_vectors=iv, train_dataset=data.select(range(4)), data_collator=collator()
     )
@@ -121,6 +122,52 @@ def test_training_with_the_stored_teacher_equals_the_live_teacher(tmp_path, iv, 
     assert (tmp_path / "stored" / "run" / CACHE_FOLDER / callback._store.folder.name / "meta.json").is_file()
 
 
+@pytest.mark.parametrize(
+    ("arch", "peft"), [("llama", False), ("gpt2", False), ("qwen2", False), ("llama", True)]
+)
+def test_stored_hidden_states_give_the_live_teachers_training(tmp_path, iv, data, arch, peft):
+    """teacher_top_k=0: the teacher's LM head applied to its stored hidden states is its exact
+    distribution at every position. Three steps (full fine-tuning trains the LM head, tied to the
+    embeddings in GPT-2: the stored head is the one before training) end where the live teacher's
+    do, and the store holds one hidden state a KL position and the head once."""
+    model = lambda: (  # noqa: E731
+        get_peft_model(
+            tiny_model(arch, seed=1), LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM")
+        )
+        if peft
+        else tiny_model(arch, seed=1)
+    )
+    kw = dict(max_steps=3, learning_rate=0.1, per_device_train_batch_size=2)
+    _, live = _one_step(tmp_path / "live", iv, data, model(), **kw)
+    trainer, stored = _one_step(
+        tmp_path / "stored", iv, data, model(), teacher="precomputed", teacher_top_k=0, **kw
+    )
+    for name, change in live.items():
+        torch.testing.assert_close(stored[name], change, rtol=1e-4, atol=1e-6, msg=name)
+    store = trainer.iv_callbacks[-1]._store
+    part, rows = store.parts[0], [data[i] for i in range(4)]
+    batch = collator()(rows)
+    covered = stored_masks(
+        ["last_prompt", "all"], batch["labels"], batch["attention_mask"], whole_last_prompt=False
+    )[1]
+    assert (
+        part["hidden"].shape == (int(covered.sum()), 64) and "top_values" not in part and "full" not in part
+    )
+    assert part["head_weight"].shape == (VOCAB, 64) and store.meta["hidden_dtype"] == "float32"
+
+
+def test_a_soft_capped_model_is_refused_for_stored_hidden_states(tmp_path, iv, data):
+    """Gemma 2 soft-caps its logits after the LM head: the head alone cannot rebuild them."""
+    trainer = IVGuidedTrainer(
+        tiny_model("gemma2"), guided_config(tmp_path, teacher="precomputed", teacher_top_k=0, max_steps=1),
+        instruction_vectors=iv, train_dataset=data.select(range(4)), data_collator=collator(),
+    )  # fmt: skip
+    with pytest.raises(InvalidInputError, match=r"soft-cap.*teacher_top_k >= 1"):
+        trainer.train()
+    assert not list((tmp_path / "run" / CACHE_FOLDER).iterdir())  # nothing half-written left
+    assert not trainer.model.get_output_embeddings()._forward_pre_hooks  # the capture hook removed
+
+
 def test_full_fine_tuning_holds_no_reference_copy(tmp_path, iv, data):
     seen = {}
 
@@ -193,6 +240,7 @@ def test_the_store_is_reused_and_recomputed_when_anything_changes(tmp_path, iv, 
         ("model", {"model_seed": 2}),
         ("teacher", {"teacher_iv_strength": 2.0}),
         ("settings", {"teacher_top_k": 8}),
+        ("settings", {"teacher_top_k": 0}),
     ]:
         text, folders, _ = run(**kw)  # each run changes one thing against the run before
         stale = re.search(r"is stale \((.*) changed\): removed", text)
@@ -252,8 +300,8 @@ def test_a_resumed_full_fine_tuning_reuses_the_store(tmp_path, iv, data, restore
 def test_bad_input_is_refused_before_training(tmp_path, iv, data):
     with pytest.raises(InvalidInputError, match="teacher must be 'live' or 'precomputed'"):
         guided_config(tmp_path, teacher="cached")
-    with pytest.raises(InvalidInputError, match="teacher_top_k must be a whole number >= 1"):
-        guided_config(tmp_path, teacher="precomputed", teacher_top_k=0)
+    with pytest.raises(InvalidInputError, match="teacher_top_k must be a whole number >= 0"):
+        guided_config(tmp_path, teacher="precomputed", teacher_top_k=-1)
 
     def trainer(dataset=data, data_collator=None, **kw):
         model = tiny_model("llama")

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lm-eval", action="store_true", help="an LMEvalCallback every 2 steps")
     parser.add_argument("--teacher", default="live", choices=["live", "precomputed"], help="IV-guided runs")
+    parser.add_argument(
+        "--top-k", type=int, default=319, help="precomputed: of 320, close to the live teacher"
+    )
     args = parser.parse_args()
 
     from accelerate import PartialState
@@ -78,7 +81,7 @@ def main() -> None:
         # run differ from the single process by design), the annealed student IV: every path active
         config = IVGuidedConfig(
             **common, kl_positions="all", kl_weight=2.0, kl_threshold=0.0, head_mse_weight=0.0,
-            iv_strength_start=1.0, teacher_iv_strength=2.0, teacher=args.teacher, teacher_top_k=319,  # of 320: close to the live teacher
+            iv_strength_start=1.0, teacher_iv_strength=2.0, teacher=args.teacher, teacher_top_k=args.top_k,
         )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.trainer.startswith("f-learning"):

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--teacher", default="precomputed", choices=["precomputed", "auto"])
+    parser.add_argument("--top-k", type=int, default=0, help="0: stored hidden states, the LM head a DTensor")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -66,7 +67,7 @@ def main() -> None:
     callback = IVKLCallback(
         InstructionVector.from_pretrained(args.iv),
         terms=[KLTerm("last_prompt", 20.0), KLTerm("all", 1.0)], teacher_strength=2.0, head_mse_weight=0.5,
-        head_mse_reference="without_iv", teacher=args.teacher, teacher_top_k=64,
+        head_mse_reference="without_iv", teacher=args.teacher, teacher_top_k=args.top_k,
     )  # fmt: skip
     state, control = TrainerState(max_steps=args.steps), TrainerControl()
     callback.on_init_end(training, state, control, model=model)
