@@ -12,7 +12,8 @@ modes alternating, ``--rounds`` times; step time is the median over the timed st
 warm-up step), peak memory the process's VmHWM minus that of a process that loaded the same model
 and stopped, the precompute pass the time from ``on_train_begin`` to the first step. LoRA (rank 8
 on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning. ``--disk`` also states the
-stored teacher's bytes per example for each position choice and ``--top-k`` value.
+stored teacher's bytes per example for each position choice and k (``0``: the exact store of
+hidden states, whose LM head is stored once, apart).
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ out = {"step_s": statistics.median(times[1:]), "peak_kib": peak_kib(),
        "begin_s": begin["first_step"] - begin["t"], "rows": len(rows)}
 if mode == "precomputed":
     callback = trainer.iv_callbacks[-1]
-    out["bytes_per_row"] = callback._store.n_bytes / len(callback._store.keys)
+    store = callback._store
+    # the LM head (teacher_top_k=0) is stored once, whatever the number of rows
+    out["head_bytes"] = sum(f.stat().st_size for f in store.folder.glob("head_*.npy"))
+    out["bytes_per_row"] = (store.n_bytes - out["head_bytes"]) / len(store.keys)
 if mode in ("live", "precomputed"):  # the live teacher's passes for one batch (what the store replaces)
     from ivtrainer.steering.intervention import last_prompt_positions
     callback, batch = trainer.iv_callbacks[-1], collator(rows[:8])
@@ -125,7 +129,9 @@ def main() -> None:
     parser.add_argument(
         "--positions", nargs="+", default=["all", "last_prompt"], choices=["all", "answer", "last_prompt"]
     )
-    parser.add_argument("--top-k", type=int, default=64, help="teacher_top_k of the precomputed runs")
+    parser.add_argument(
+        "--top-k", type=int, nargs="+", default=[64], help="teacher_top_k of the precomputed runs (0: exact)"
+    )
     parser.add_argument(
         "--disk", type=int, nargs="*", default=[], help="also state the bytes per example for these k"
     )
@@ -143,14 +149,14 @@ def main() -> None:
     baseline = statistics.median(child("baseline", "-", 0, args.iv)["peak_kib"] for _ in range(args.rounds))
     results: dict = {"methods": {}, "disk": {}}
     for method in args.methods:
-        modes = [("plain", "-"), *((t, p) for p in args.positions for t in args.teachers)]
-        runs: dict[tuple[str, str], list[dict]] = {m: [] for m in modes}
+        modes = [("plain", "-", 0)]
+        for p in args.positions:
+            modes += [(t, p, k) for t in args.teachers for k in (args.top_k if t == "precomputed" else [0])]
+        runs: dict[tuple[str, str, int], list[dict]] = {m: [] for m in modes}
         for _ in range(args.rounds):
-            for teacher, positions in modes:
-                runs[teacher, positions].append(
-                    child(teacher, method, args.steps, args.iv, positions, args.top_k)
-                )
-        plain = runs["plain", "-"]
+            for teacher, positions, k in modes:
+                runs[teacher, positions, k].append(child(teacher, method, args.steps, args.iv, positions, k))
+        plain = runs["plain", "-", 0]
         step_plain = statistics.median(r["step_s"] for r in plain)
         peak_plain = statistics.median(r["peak_kib"] for r in plain)
         forward = statistics.median(r["forward_s"] for r in plain)
@@ -160,8 +166,8 @@ def main() -> None:
             "steps_per_epoch": steps_per_epoch, "modes": {},
         }  # fmt: skip
         print(f"{method}: plain step {step_plain:.2f} s, one no-grad forward {forward:.2f} s", flush=True)
-        for teacher, positions in modes[1:]:
-            rs = runs[teacher, positions]
+        for teacher, positions, k in modes[1:]:
+            rs = runs[teacher, positions, k]
             step = statistics.median(r["step_s"] for r in rs)
             peak = statistics.median(r["peak_kib"] for r in rs)
             begin = statistics.median(r["begin_s"] for r in rs) - statistics.median(
@@ -185,10 +191,10 @@ def main() -> None:
                 for e in (1, 3, 10)
             }
             if "bytes_per_row" in rs[0]:
-                r["bytes_per_row"] = rs[0]["bytes_per_row"]
-            out["modes"][f"{teacher}:{positions}"] = r
+                r["bytes_per_row"], r["head_bytes"] = rs[0]["bytes_per_row"], rs[0]["head_bytes"]
+            out["modes"][f"{teacher}:{positions}:{k}"] = r
             print(
-                f"  {teacher} teacher, KL at {positions}: step {step:.2f} s -> {r['step_ratio']:.2f}x (rounds "
+                f"  {_teacher_name(teacher, k)} teacher, KL at {positions}: step {step:.2f} s -> {r['step_ratio']:.2f}x (rounds "
                 f"{', '.join(f'{x:.2f}' for x in r['step_ratios_per_round'])}); peak {r['peak_ratio']:.3f}x; "
                 f"precompute {r['precompute_s']:.1f} s ({r['precompute_over_epoch_of_teacher']:.2f}x an epoch of the "
                 f"live teacher's passes, {r['precompute_over_epoch_of_forwards']:.2f}x of plain forwards); total 1/3/10 epochs {', '.join(f'{v:.2f}x' for v in r['total_ratio'].values())}",
@@ -196,9 +202,9 @@ def main() -> None:
             )
     for positions in args.positions if args.disk else []:
         for k in args.disk:
-            results["disk"][f"{positions}:{k}"] = child("precomputed", "lora", 1, args.iv, positions, k)[
-                "bytes_per_row"
-            ]
+            stored = child("precomputed", "lora", 1, args.iv, positions, k)
+            results["disk"][f"{positions}:{k}"] = stored["bytes_per_row"]
+            results["head_bytes"] = max(results.get("head_bytes", 0), stored["head_bytes"])
             print(
                 f"  stored teacher, {positions}, k={k}: {results['disk'][f'{positions}:{k}']:.0f} bytes per example"
             )
@@ -209,6 +215,12 @@ def main() -> None:
         from _readme import replace_block
 
         replace_block("iv-cost", format_table(results, args))
+
+
+def _teacher_name(teacher: str, k: int) -> str:
+    if teacher != "precomputed":
+        return teacher
+    return f"precomputed, top-{k}" if k else "precomputed, exact (hidden states)"
 
 
 def format_table(results: dict, args) -> str:
@@ -228,7 +240,7 @@ def format_table(results: dict, args) -> str:
             f"| {names[method]} | - | none (plain) | {m['step_s']:.2f} s | 1 | 1 ({m['peak_mib']:.0f} MiB) | - | 1 |"
         )
         for mode, r in m["modes"].items():
-            teacher, positions = mode.split(":")
+            teacher, positions, k = mode.split(":")
             rounds = ", ".join(f"{x:.2f}" for x in r["step_ratios_per_round"])
             pre = (
                 f"{r['precompute_s']:.1f} s ({r['precompute_over_epoch_of_teacher']:.2f}x an epoch of the live "
@@ -236,7 +248,7 @@ def format_table(results: dict, args) -> str:
                 if teacher == "precomputed"
                 else "-"
             )
-            teacher_name = f"precomputed, top-{args.top_k}" if teacher == "precomputed" else "live"
+            teacher_name = _teacher_name(teacher, int(k))
             lines.append(
                 f"| {names[method]} | {kl[positions]} | {teacher_name} | {r['step_s']:.2f} s | "
                 f"**{r['step_ratio']:.2f}x** ({rounds}) | {r['peak_ratio']:.3f}x ({r['peak_mib']:.0f} MiB) | {pre} | "
@@ -245,7 +257,7 @@ def format_table(results: dict, args) -> str:
             )
     lines.append(
         f"\n`python benchmarks/iv_guided_cost.py --rounds {args.rounds} --steps {args.steps} --positions "
-        f"{' '.join(args.positions)} --top-k {args.top_k}"
+        f"{' '.join(args.positions)} --top-k {' '.join(map(str, args.top_k))}"
         + (f" --disk {' '.join(map(str, args.disk))}" if args.disk else "")
         + " --write-readme`: 8 rows x 64 tokens per step (16 answer tokens each); medians of "
         f"{args.rounds} rounds, fresh processes, the modes alternating, on 2 CPU cores; an epoch is "
@@ -254,12 +266,17 @@ def format_table(results: dict, args) -> str:
     )
     if results["disk"]:
         lines += ["", "| stored teacher, bytes per example (64 tokens, 16 answer tokens) | " + " | ".join(
-            f"k={k}" for k in args.disk) + " |", "|---|" + "---:|" * len(args.disk)]  # fmt: skip
+            f"k={k}" if k else "exact (hidden states)" for k in args.disk) + " |", "|---|" + "---:|" * len(args.disk)]  # fmt: skip
         for positions in args.positions:
             lines.append(
                 f"| KL at {kl[positions]} | "
                 + " | ".join(f"{results['disk'][f'{positions}:{k}'] / 1024:.1f} KiB" for k in args.disk)
                 + " |"
+            )
+        if results.get("head_bytes"):
+            lines.append(
+                f"\nThe exact store also holds the LM head once per run: {results['head_bytes'] / 2**20:.1f} MiB "
+                "(vocabulary x hidden size, in the model's dtype)."
             )
     return "\n".join(lines)
 

@@ -441,7 +441,7 @@ class IVKLCallback(IVCallback):
         self._store = precompute_teacher(
             cache, dataloader.dataset, dataloader.collate_fn, teacher, fingerprint=fingerprint,
             positions=[t.positions for t in self.terms], top_k=self.teacher_top_k, temperature=self.temperature,
-            heads=self._heads(), lm_head=model.get_output_embeddings() if self.teacher_top_k == 0 else None,
+            heads=self._heads(), lm_head=model.get_output_embeddings() if self.teacher_top_k == 0 else None,  # type: ignore[operator]
             batch_size=args.per_device_eval_batch_size,
             device=next(model.parameters()).device, progress=not args.disable_tqdm,
             # a resumed full fine-tuning: the model is trained, only the stored teacher can serve

@@ -217,7 +217,8 @@ def kl_term(
     with its gradient in closed form: no float32 copies of the logits are kept for backward (only
     the gradient, in the student's dtype), so the teacher's logits can be freed at once.
     ``overwrite_teacher=True`` writes that gradient into ``teacher_logits`` (when dtypes and
-    shapes match), which then hold garbage: for callers that drop them right after.
+    shapes match; a :class:`SparseTeacher`'s ``logits`` when they cover exactly the selected
+    positions), which then hold garbage: for callers that drop them right after.
     ``teacher_columns``: the sequence positions ``teacher_logits`` cover (dim 1) when the teacher
     was run with ``logits_to_keep=teacher_columns``; they must include every position in ``mask``.
     ``teacher_logits`` may instead be a :class:`SparseTeacher` (the precomputed teacher), whose
@@ -310,7 +311,16 @@ class _FusedKL(torch.autograd.Function):
             and teacher.shape == student.shape
             and teacher.dtype == student.dtype
         )
-        grad = teacher if in_teacher else student.new_empty((n, vocab))
+        # or into the stored teacher's logits when they are exactly this term's positions, in order
+        in_sparse = (
+            overwrite
+            and sparse is not None
+            and sparse.logits is not None
+            and everything
+            and sparse.logits.dtype == student.dtype
+            and torch.equal(sparse.logit_positions, index)
+        )
+        grad = sparse.logits if in_sparse else teacher if in_teacher else student.new_empty((n, vocab))
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         chunk = max(1, _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_ACCELERATOR) // vocab)
         for start in range(0, n, chunk):

@@ -421,7 +421,10 @@ def precompute_teacher(
             f"teacher_top_k must be >= 0 (0: exact, from stored hidden states), got {top_k}"
         )
     if top_k == 0 and lm_head is None:
-        raise InvalidInputError("teacher_top_k=0 needs the model's LM head (lm_head=)")
+        raise InvalidInputError(
+            "teacher_top_k=0 applies the model's LM head to stored hidden states, but the model has none "
+            "(get_output_embeddings() is None): use teacher_top_k >= 1"
+        )
     rank, world = _distributed()
     device = torch.device(device)
     # what every row stores, from its collated form alone (cheap: no forward)

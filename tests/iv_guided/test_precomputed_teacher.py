@@ -102,6 +102,44 @@ def test_the_top_k_kl_is_the_kl_of_the_coarsened_distributions(direction):
     )
 
 
+@pytest.mark.parametrize("direction", ["reverse", "forward", "jsd"])
+def test_stored_logits_give_the_exact_kl(direction):
+    """A SparseTeacher of raw logits (the LM head applied to stored hidden states) gives the dense
+    teacher's KL and gradient, also when the gradient is written into its logits, and at a
+    subset of the positions."""
+    torch.manual_seed(0)
+    b, s, v, t = 2, 5, 50, 2.0
+    student, teacher = torch.randn(b, s, v, requires_grad=True), torch.randn(b, s, v) * 3
+    for mask in (torch.ones(b, s, dtype=torch.bool), torch.rand(b, s) > 0.5):
+        where = mask.reshape(-1).nonzero().squeeze(1)
+        want = kl_term(student, teacher, mask, direction=direction, temperature=t)
+        (want_grad,) = torch.autograd.grad(want, student)
+        for overwrite in (False, True):
+            logits = teacher.reshape(-1, v)[where].clone()
+            empty = torch.zeros(0, dtype=torch.long)
+            stored = SparseTeacher(
+                t,
+                empty,
+                torch.zeros(0, v),
+                empty,
+                torch.zeros(0, 1),
+                empty[:, None],
+                torch.zeros(0),
+                where,
+                logits,
+            )
+            got = kl_term(
+                student, stored, mask, direction=direction, temperature=t, overwrite_teacher=overwrite
+            )
+            (grad,) = torch.autograd.grad(got, student)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(grad, want_grad)
+            # the buffer was reused exactly when every position is covered
+            assert torch.equal(logits, teacher.reshape(-1, v)[where]) == (
+                not overwrite or not bool(mask.all())
+            )
+
+
 @pytest.mark.parametrize("peft", [False, True])
 @pytest.mark.parametrize("positions", [["last_prompt", "all"], ["answer"]])
 def test_training_with_the_stored_teacher_equals_the_live_teacher(tmp_path, iv, data, peft, positions):
