@@ -12,6 +12,8 @@ iv-guided runs extract each task's own IV before training it, with the extractio
 Prints and (``--write-readme``) writes the table of means over seeds (ranges in brackets), a
 PNG of the accuracy curves, and the time split between training, evaluation and IV extraction
 (each stage keeps its own times; ``--time-seeds``: only the seeds that ran on a quiet machine).
+``--precomputed-k K ...``: the iv-guided runs also with the precomputed teacher storing the top K
+(0: the exact store of hidden states), as rows of their own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def table(order: str, runs: dict[str, list[dict]], args) -> str:
     tasks = next(iter(runs.values()))[0]["tasks"]
     seeds = " ".join(map(str, args.seeds))
     timed = "" if args.time_seeds == args.seeds else f" --time-seeds {' '.join(map(str, args.time_seeds))}"
+    if args.precomputed_k:
+        timed += f" --precomputed-k {' '.join(map(str, args.precomputed_k))}"
     lines = [
         f"SmolLM2-135M-Instruct, LoRA r8 (q, v) per task, tasks {', '.join(tasks)} ({order}), {args.n_train} training "
         f"rows per task, {args.epochs:g} epochs, seeds {seeds}; exact match on 48 test rows per task, held-out "
@@ -116,21 +120,36 @@ def main() -> None:
     parser.add_argument(
         "--time-seeds", nargs="*", type=int, help="seeds whose times the table shows (default: all)"
     )
+    parser.add_argument(
+        "--precomputed-k",
+        nargs="*",
+        type=int,
+        default=[],
+        help="iv-guided also with teacher=precomputed, these k",
+    )
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     args.time_seeds = args.seeds if args.time_seeds is None else args.time_seeds
 
+    # (row label, folder name, method, teacher settings)
+    variants = [(m, m, m, {}) for m in args.methods]
+    if "iv-guided" in args.methods:
+        variants += [
+            (f"iv-guided, precomputed {f'top-{k}' if k else 'exact'}", f"iv-guided-precomputed-k{k}", "iv-guided",
+             {"teacher": "precomputed", "teacher_top_k": k})
+            for k in args.precomputed_k
+        ]  # fmt: skip
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed by seed: a partial benchmark already compares every method
-        for method in args.methods:
-            out = CACHE / args.order / f"{method}-s{seed}"
+        for label, folder, method, teacher in variants:
+            out = CACHE / args.order / f"{folder}-s{seed}"
             results = run_sequence(
                 ORDERS[args.order], out=out, method=method, seed=seed, n_train=args.n_train, epochs=args.epochs,
-                progress=False, **(IV_SIZES if method == "iv-guided" else {}),
+                progress=False, **(IV_SIZES if method == "iv-guided" else {}), **teacher,
             )  # fmt: skip
-            runs.setdefault(method, []).append(results)
-            print(f"{method} seed {seed}: AP {results['AP']:.3f} BWT {results['BWT']:+.3f}", flush=True)
-    runs = {m: runs[m] for m in args.methods}
+            runs.setdefault(label, []).append(results)
+            print(f"{label} seed {seed}: AP {results['AP']:.3f} BWT {results['BWT']:+.3f}", flush=True)
+    runs = {v[0]: runs[v[0]] for v in variants}
     text = table(args.order, runs, args)
     print(text)
     (CACHE / args.order / "summary.json").write_text(json.dumps(runs, indent=1))
