@@ -161,7 +161,7 @@ class IVGuidedConfig(TrainingArguments):
         "live",
         "live: the teacher runs at every step (a PEFT model's base with adapters off, else a frozen copy); "
         "precomputed: it runs once over the training set before the first step and is stored under output_dir "
-        "(no reference model, no teacher forward per step; top-k away from the last prompt token).",
+        "(no reference model, no teacher forward per step; see teacher_top_k).",
         choices=["live", "precomputed"],
     )
     teacher_top_k: int = _field(

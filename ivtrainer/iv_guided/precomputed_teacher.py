@@ -539,7 +539,7 @@ def precompute_teacher(
         what = (
             f"top-{top_k} tail mass {f'{np.mean(mass):.4f} on average' if mass else 'n/a'}"
             if top_k
-            else f"hidden states + the LM head (exact; its logits matched the teacher's to {shapes['head_error']:.2g})"
+            else f"hidden states + the LM head (exact; applied again it gives the pass's logits to {shapes['head_error']:.2g})"
         )
         logger.warning(
             "precomputed teacher: %d rows in %.1f s, %.1f MB at %s (%.0f bytes a row); %s",
@@ -579,12 +579,15 @@ def _write_part(
     vocab, dtype, head_error = None, None, 0.0
     filled, position = 0, 0
     order = list(rows)
-    captured: list[torch.Tensor] = []
+    captured: list[torch.Tensor] = []  # the LM head's input and output, per teacher pass
     handles, head = [], None
     if top_k == 0:  # the LM head's input (the teacher's last hidden states), and the head itself
         weight, bias = _head_parameters(lm_head)  # type: ignore[arg-type]
         head = _whole(weight), None if bias is None else _whole(bias)  # collective: before any rank can fail
-        handles.append(lm_head.register_forward_pre_hook(lambda module, args: captured.append(args[0])))  # type: ignore[union-attr]
+        handles += [
+            lm_head.register_forward_pre_hook(lambda module, args: captured.append(args[0])),  # type: ignore[union-attr]
+            lm_head.register_forward_hook(lambda module, args, out: captured.append(out)),  # type: ignore[union-attr]
+        ]
     with hooks(*handles):
         bar = tqdm(total=n_batches, desc="precomputing the teacher", disable=not progress)
         for step in range(n_batches):
@@ -629,8 +632,10 @@ def _write_part(
             selected = top.nonzero(as_tuple=True)
             if top_k == 0:
                 hidden = _hidden_states(captured, logits)[selected]
-                if step == 0:  # the logits must be the LM head of its input and nothing more (no soft-cap)
-                    head_error = _head_error(hidden[:8], logits[selected][:8], *head)  # type: ignore[misc]
+                if step == 0:  # the logits must be the LM head's output and nothing more (no soft-cap)
+                    head_error = _head_error(
+                        hidden[:8], captured[1][selected][:8], logits[selected][:8], *head
+                    )  # type: ignore[misc]
                 m = slice(position, position + hidden.shape[0])
                 arrays["columns"][m] = (selected[1] - starts[selected[0]]).cpu().numpy()
                 arrays["hidden"][m] = _to_numpy(hidden)
@@ -683,26 +688,43 @@ def _write_part(
 
 def _hidden_states(captured: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
     """The LM head's input of the teacher's pass, checked to be one per position."""
-    if len(captured) != 1 or captured[0].shape[:-1] != logits.shape[:-1]:
+    if len(captured) != 2 or captured[0].shape[:-1] != logits.shape[:-1]:
         raise InvalidInputError(
             "teacher_top_k=0 stores the input of the model's LM head, but the teacher's pass did not call its "
-            f"output embeddings once on every position ({len(captured)} calls): use teacher_top_k >= 1"
+            f"output embeddings once on every position ({len(captured) // 2} calls): use teacher_top_k >= 1"
         )
     return captured[0].detach()
 
 
+# the stored head applied again may differ from the pass's own by its precision (a bf16 autocast
+# pass against float32 hidden states), never by more
+_HEAD_TOLERANCE = 0.02
+
+
 def _head_error(
-    hidden: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    hidden: torch.Tensor,
+    head_output: torch.Tensor,
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> float:
-    """The largest difference between the LM head applied to ``hidden`` and the teacher's
-    ``logits``, relative to the logits' scale; raises when it is not rounding."""
+    """How far the stored head applied to ``hidden`` is from the head's own output in the pass,
+    relative to the logits' scale; raises when the model's ``logits`` are not that output (a final
+    soft-cap, a scale) or the stored head is not the one the pass ran."""
     if hidden.shape[0] == 0:
         return 0.0
-    again = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)).float()
-    error = float((again - logits.float()).abs().max()) / max(float(logits.float().abs().max()), 1e-6)
-    if not error <= 64 * torch.finfo(hidden.dtype).eps:
+    scale = max(float(logits.float().abs().max()), 1e-6)
+    changed = float((head_output.float() - logits.float()).abs().max()) / scale
+    if changed > 1e-6:
         raise InvalidInputError(
-            f"the model's logits are not its LM head applied to the last hidden state (they differ by {error:.2g} "
-            "relative: a final soft-cap or scaling?), so teacher_top_k=0 cannot rebuild them: use teacher_top_k >= 1"
+            f"the model changes its LM head's output before returning logits (by {changed:.2g} relative: a final "
+            "soft-cap or scale), so teacher_top_k=0 cannot rebuild them from hidden states: use teacher_top_k >= 1"
+        )
+    again = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)).float()
+    error = float((again - head_output.float()).abs().max()) / scale
+    if not error <= _HEAD_TOLERANCE:
+        raise InvalidInputError(
+            f"the LM head's weights ({tuple(weight.shape)}) do not compute its output (off by {error:.2g} relative): "
+            "an output-embeddings module teacher_top_k=0 cannot store; use teacher_top_k >= 1"
         )
     return error

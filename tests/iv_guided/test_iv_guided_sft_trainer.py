@@ -53,8 +53,8 @@ def test_sft_trainer_takes_the_intervention_and_refuses_kl_clearly(tmp_path, iv,
         assert len(kls) == 2 and all(math.isfinite(v) and v >= 0 for v in kls)
 
 
-@pytest.mark.parametrize("teacher", ["live", "precomputed"])
-def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer, teacher):
+@pytest.mark.parametrize(("teacher", "top_k"), [("live", "64"), ("precomputed", "64"), ("precomputed", "0")])
+def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer, teacher, top_k):
     from ivtrainer import IVGuidedSFTConfig, IVGuidedSFTTrainer
 
     rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
@@ -87,6 +87,8 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer, teacher):
             "true",
             "--teacher",
             teacher,
+            "--teacher_top_k",
+            top_k,
         ]
     )
     trainer = IVGuidedSFTTrainer(
@@ -97,7 +99,9 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer, teacher):
     assert [e["iv_strength"] for e in logs] == [1.0, 0.0] and all(e["kl_weight"] == 2.0 for e in logs)
     assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[1]["kl"] > 0
     assert logs[1]["loss"] == pytest.approx(logs[1]["ce"] + 2.0 * logs[1]["kl"], rel=1e-3)
-    assert (trainer.iv_callbacks[-1]._store is not None) == (teacher == "precomputed")
+    store = trainer.iv_callbacks[-1]._store
+    assert (store is not None) == (teacher == "precomputed")
+    assert store is None or ("hidden" in store.parts[0]) == (top_k == "0")
     with pytest.raises(TypeError, match="needs an IVGuidedSFTConfig"):
         IVGuidedSFTTrainer(
             tiny_model("llama"), IVGuidedConfig("o"), instruction_vectors=iv, train_dataset=rows
