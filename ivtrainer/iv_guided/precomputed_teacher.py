@@ -627,6 +627,9 @@ def _write_part(
                 if heads:
                     head_dim = next(iter(head_outputs.values())).shape[-1]  # type: ignore[union-attr]
                     array("heads", (len(rows), len(heads), head_dim), np.float32)
+                _check_space(folder, sum(a.nbytes for a in arrays.values()) + sum(
+                    t.numel() * t.element_size() for t in head or () if t is not None
+                ))  # fmt: skip
             full, top = stored_masks(positions, labels, attention_mask, whole_last_prompt=top_k > 0)
             starts = _starts(_attended(attention_mask, labels))
             selected = top.nonzero(as_tuple=True)
@@ -684,6 +687,19 @@ def _write_part(
         "vocab": vocab, "shapes": shapes, "hidden_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "head_error": head_error,
     }  # fmt: skip
+
+
+def _check_space(folder: Path, size: int) -> None:
+    """Refuse, before the pass writes anything, a store that the disk cannot hold (the files are
+    sparse until written)."""
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise InvalidInputError(
+            f"the precomputed teacher needs {size / 1e6:.1f} MB in {folder.parent} but {free / 1e6:.1f} MB is "
+            "free: point teacher_cache_dir at a larger disk, store less (a smaller teacher_top_k, or KL at fewer "
+            "positions), or use the live teacher"
+        )
+    logger.info("precomputed teacher: writing %.1f MB in %s", size / 1e6, folder.parent)
 
 
 def _hidden_states(captured: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:

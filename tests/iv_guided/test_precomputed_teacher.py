@@ -368,6 +368,27 @@ def test_bad_input_is_refused_before_training(tmp_path, iv, data):
         )  # no step taken
 
 
+def test_a_store_the_disk_cannot_hold_is_refused_before_it_is_written(tmp_path, iv, data, monkeypatch):
+    import shutil
+
+    from ivtrainer.iv_guided import precomputed_teacher
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(precomputed_teacher.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    model = tiny_model("llama")
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = IVGuidedTrainer(
+        model, guided_config(tmp_path, teacher="precomputed", teacher_top_k=0, **TERMS), instruction_vectors=iv,
+        train_dataset=data, data_collator=collator(),
+    )  # fmt: skip
+    with pytest.raises(
+        InvalidInputError, match=r"needs \d+\.\d MB in .* but 0\.0 MB is free: point teacher_cache_dir"
+    ):
+        trainer.train()
+    assert not list((tmp_path / "run" / CACHE_FOLDER).iterdir())  # nothing half-written
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def _with_position_ids(rows):
     batch = collator()(rows)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
