@@ -31,7 +31,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, SparseTeacher, kl_positions, kl_term
+from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, SparseTeacher, kl_positions, kl_terms
 from ivtrainer.iv_guided.precomputed_teacher import (
     CACHE_FOLDER,
     TeacherStore,
@@ -493,26 +493,18 @@ class IVKLCallback(IVCallback):
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs
         self._device, self._global_items = output.loss.device, num_items is not None and self._tokens_across
         self._sums["ce"] += output.loss.detach() * scale  # a tensor: no device sync per step
-        extra = output.loss.new_zeros(())
-        for i, (term, mask, key, weight) in enumerate(
-            zip(self.terms, masks, self._kl_keys(), self.kl_weights, strict=True)
-        ):
-            kl = kl_term(
-                output.logits,
-                teacher_logits,
-                mask,
-                direction=self.direction,  # type: ignore[arg-type]  # checked in __init__
-                temperature=self.temperature,
-                num_items_in_batch=num_items,
-                threshold=term.threshold,
-                overwrite_teacher=i == len(self.terms) - 1,  # the last reader may reuse the buffer
-                teacher_columns=columns,
-            )
-            if kl is None:
+        # every term from one pass over the positions: the gradient may reuse the teacher's buffer
+        extra, values = kl_terms(
+            output.logits, teacher_logits, masks, self.kl_weights,
+            direction=self.direction,  # type: ignore[arg-type]  # checked in __init__
+            temperature=self.temperature, num_items_in_batch=num_items, thresholds=[t.threshold for t in self.terms],
+            overwrite_teacher=True, teacher_columns=columns,
+        )  # fmt: skip
+        for key, value in zip(self._kl_keys(), values, strict=True):
+            if value is None:
                 self._skipped += 1
             else:
-                extra = extra + weight * kl
-                self._sums[key] += kl.detach() * scale
+                self._sums[key] += value * scale
         del teacher_logits  # only the KL's gradient is kept for backward
         if self.head_mse_weight > 0 and bool(prompt_end.any()):
             mse = self._head_mse(student_heads, teacher_heads, prompt_end, num_items)

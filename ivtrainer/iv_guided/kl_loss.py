@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "SparseTeacher",
     "kl_positions",
     "kl_term",
+    "kl_terms",
     "token_kl",
     "top_k_log_probs",
 ]
@@ -222,7 +224,36 @@ def kl_term(
     ``teacher_columns``: the sequence positions ``teacher_logits`` cover (dim 1) when the teacher
     was run with ``logits_to_keep=teacher_columns``; they must include every position in ``mask``.
     ``teacher_logits`` may instead be a :class:`SparseTeacher` (the precomputed teacher), whose
-    temperature must be ``temperature``.
+    temperature must be ``temperature``. Several terms at once: :func:`kl_terms`.
+    """
+    if not bool(mask.any()):
+        return None
+    loss, _ = kl_terms(
+        student_logits, teacher_logits, [mask], [1.0], direction=direction, temperature=temperature,
+        num_items_in_batch=num_items_in_batch, thresholds=[threshold], overwrite_teacher=overwrite_teacher,
+        teacher_columns=teacher_columns,
+    )  # fmt: skip
+    return loss
+
+
+def kl_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
+    masks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    direction: Literal["forward", "reverse", "jsd"] = "reverse",
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    thresholds: Sequence[float] | None = None,
+    overwrite_teacher: bool = False,
+    teacher_columns: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Several KL terms from one pass: ``sum(weights[i] * kl_term(..., masks[i], threshold=thresholds[i]))``
+    and each term's value (detached; ``None`` when its mask selects nothing, 0 below its
+    threshold). A position several masks select is computed once, and the gradient is one buffer
+    over the positions any mask selects, each row scaled by the weights of the terms counting it
+    (FvForgetting's last prompt token is in both of its terms). Arguments as :func:`kl_term`'s.
     """
     if isinstance(teacher_logits, SparseTeacher) and teacher_logits.temperature != temperature:
         raise InvalidInputError(
@@ -230,30 +261,38 @@ def kl_term(
         )
     if direction not in KL_DIRECTIONS:
         raise InvalidInputError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
-    if not bool(mask.any()):
-        return None
-    index = mask.reshape(-1).nonzero().squeeze(1)
+    thresholds = [0.0] * len(masks) if thresholds is None else list(thresholds)
+    if not len(masks) == len(weights) == len(thresholds) or not masks:
+        raise InvalidInputError("kl_terms needs one weight and one threshold per mask, and at least one mask")
+    member = torch.stack([m.reshape(-1) for m in masks], 1)  # (batch * seq, terms)
+    selected = member.any(1)
+    index = selected.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return student_logits.new_zeros((), dtype=torch.float32), [None] * len(masks)
     teacher_index = index
     if teacher_columns is not None:
-        seq = mask.shape[1]
-        where = torch.full((seq,), -1, dtype=torch.long, device=mask.device)
-        where[teacher_columns] = torch.arange(teacher_columns.numel(), device=mask.device)
+        seq = masks[0].shape[1]
+        where = torch.full((seq,), -1, dtype=torch.long, device=index.device)
+        where[teacher_columns] = torch.arange(teacher_columns.numel(), device=index.device)
         column = where[index % seq]
         if bool((column < 0).any()):
             raise InvalidInputError("teacher_columns must include every position the mask selects")
         teacher_index = index // seq * teacher_columns.numel() + column
-    denominator = num_items_in_batch if num_items_in_batch is not None else index.numel()
-    return _FusedKL.apply(
-        student_logits,
-        teacher_logits,
-        index,
-        teacher_index,
-        direction,
-        float(temperature),
-        denominator,
-        float(threshold),
-        overwrite_teacher,
+    member = member[index]
+    counts = member.sum(0)
+    denominators = (
+        torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=index.device).expand(len(masks))
+        if num_items_in_batch is not None
+        else counts.float().clamp(min=1)  # an empty term sums to 0 (and is reported as None)
     )
+    values = torch.empty(len(masks), dtype=torch.float32, device=index.device)
+    loss = _FusedKL.apply(
+        student_logits, teacher_logits, index, teacher_index, member,
+        torch.tensor([float(w) for w in weights], device=index.device), denominators,
+        torch.tensor([float(t) for t in thresholds], device=index.device), values, direction,
+        float(temperature), overwrite_teacher,
+    )  # fmt: skip
+    return loss, [values[i] if counts[i] > 0 else None for i in range(len(masks))]
 
 
 # elements per float32 temporary when the KL is computed chunk by chunk: 1 MiB stays in a CPU's
@@ -291,10 +330,13 @@ class _FusedKL(torch.autograd.Function):
         teacher_logits,
         index,
         teacher_index,
+        member,
+        weights,
+        denominators,
+        thresholds,
+        values,
         direction,
         temperature,
-        denominator,
-        threshold,
         overwrite,
     ):
         vocab = student_logits.shape[-1]
@@ -311,7 +353,7 @@ class _FusedKL(torch.autograd.Function):
             and teacher.shape == student.shape
             and teacher.dtype == student.dtype
         )
-        # or into the stored teacher's logits when they are exactly this term's positions, in order
+        # or into the stored teacher's logits when they are exactly these positions, in order
         in_sparse = (
             overwrite
             and sparse is not None
@@ -321,7 +363,7 @@ class _FusedKL(torch.autograd.Function):
             and torch.equal(sparse.logit_positions, index)
         )
         grad = sparse.logits if in_sparse else teacher if in_teacher else student.new_empty((n, vocab))
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        per_position = torch.empty(n, dtype=torch.float32, device=student.device)
         chunk = max(1, _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_ACCELERATOR) // vocab)
         for start in range(0, n, chunk):
             part, rows = slice(start, start + chunk), index[start : start + chunk]
@@ -334,8 +376,7 @@ class _FusedKL(torch.autograd.Function):
                 t = sparse.log_probs(index[start : start + chunk], s)
             else:
                 t = F.log_softmax(t_in.float() / temperature, dim=-1)
-            value, g = _kl_and_grad(s, t, direction, temperature)
-            total += value.sum()
+            per_position[part], g = _kl_and_grad(s, t, direction, temperature)
             if in_teacher and not everything:
                 grad.index_copy_(0, rows, g.to(grad.dtype))
             else:
@@ -344,14 +385,22 @@ class _FusedKL(torch.autograd.Function):
             selected = torch.zeros(student.shape[0], dtype=torch.bool, device=grad.device)
             selected[index] = True
             grad.masked_fill_(~selected[:, None], 0)
+        # each term's value; one below its threshold (per-position mean) counts for nothing
+        totals = (per_position[:, None] * member).sum(0)
+        active = (thresholds <= 0) | (totals / member.sum(0).clamp(min=1) >= thresholds)
+        values.copy_(torch.where(active, totals / denominators, torch.zeros_like(totals)))
         ctx.shape, ctx.full, ctx.used = student_logits.shape, in_teacher or everything, False
-        ctx.save_for_backward(index)
-        value = total / denominator
-        if threshold > 0 and float(total) / n < threshold:
+        if not bool(active.any()):
             ctx.grad = None
-            return value * 0.0
-        ctx.grad = grad.div_(denominator)  # an attribute, not a saved tensor: dropped in backward
-        return value
+            return (weights * values).sum()
+        # a position's gradient, times the weights of the (counted) terms selecting it
+        scale = (member * (active * weights / denominators)).sum(1)
+        if in_teacher and not everything:  # the rows of the whole batch (the others are zeros)
+            scale = scale.new_zeros(student.shape[0]).index_copy_(0, index, scale)
+        grad.mul_(scale[:, None].to(grad.dtype))
+        ctx.save_for_backward(index)
+        ctx.grad = grad  # an attribute, not a saved tensor: dropped in backward
+        return (weights * values).sum()
 
     @staticmethod
     @once_differentiable
@@ -362,10 +411,10 @@ class _FusedKL(torch.autograd.Function):
             )
         ctx.used = True
         grad, ctx.grad = ctx.grad, None
-        if grad is None:  # below the threshold
-            return (None,) * 9
+        if grad is None:  # every term below its threshold
+            return (None,) * 12
         grad.mul_(grad_output)  # in place: nothing else holds the gradient
         if not ctx.full:
             (index,) = ctx.saved_tensors
             grad = grad.new_zeros((ctx.shape[0] * ctx.shape[1], ctx.shape[2])).index_copy_(0, index, grad)
-        return grad.view(ctx.shape), None, None, None, None, None, None, None, None
+        return (grad.view(ctx.shape),) + (None,) * 11

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivtrainer.iv_guided.kl_loss import kl_positions, kl_term, token_kl
+from ivtrainer.iv_guided.kl_loss import kl_positions, kl_term, kl_terms, token_kl
 
 
 def test_token_kl_matches_torch():
@@ -103,3 +103,43 @@ def test_fused_kl_rejects_a_second_backward():
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         value.backward()
+
+
+@pytest.mark.parametrize("items", [None, 13])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("columns", [False, True])
+def test_several_terms_in_one_pass_equal_the_terms_apart(items, overwrite, columns, monkeypatch):
+    """kl_terms: the weighted sum of kl_term over overlapping masks (FvForgetting's last prompt
+    token is in both terms), a term below its threshold counting for nothing, the same gradient,
+    each term's value; a term whose mask is empty is None."""
+    monkeypatch.setattr("ivtrainer.iv_guided.kl_loss._CHUNK_ELEMENTS", {"cpu": 3 * 50})
+    torch.manual_seed(0)
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100], [-100, 7, 8, 9, 4, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    s = (torch.randn(2, 6, 50) * 3).requires_grad_()
+    t = torch.randn(2, 6, 50) * 3
+    masks = [kl_positions(w, labels, attention) for w in ("last_prompt", "answer", "all")]
+    masks.append(torch.zeros_like(masks[0]))
+    weights, thresholds = [20.0, 0.5, 0.1, 3.0], [0.0, 1e9, 0.0, 0.0]  # the answer term below its threshold
+    keep = torch.arange(5) if columns else None  # the last column is never selected (padding / no label)
+    assert not any(bool(m[:, 5].any()) for m in masks[:2]) and masks[2][:, 5].tolist() == [False, True]
+    masks[2][:, 5] = False
+    teacher = t[:, keep] if columns else t
+    want, want_values = 0.0, []
+    for mask, weight, threshold in zip(masks, weights, thresholds, strict=True):
+        value = kl_term(
+            s, teacher.clone(), mask, num_items_in_batch=items, threshold=threshold, teacher_columns=keep
+        )
+        want_values.append(value)
+        want = want + (weight * value if value is not None else 0.0)
+    (want_grad,) = torch.autograd.grad(want, s)
+    got, values = kl_terms(
+        s, teacher.clone(), masks, weights, num_items_in_batch=items, thresholds=thresholds,
+        overwrite_teacher=overwrite, teacher_columns=keep,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+    assert values[3] is None and float(values[1]) == 0.0
+    for value, expected in zip(values[:3], want_values[:3], strict=True):
+        torch.testing.assert_close(value, expected.detach())
