@@ -138,7 +138,16 @@ def main() -> None:
     parser.add_argument("--iv", default="benchmarks/.cache/iv-antonym", help="an IV folder (made if missing)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="render an earlier run's --json (its modes among these flags'), measure nothing",
+    )
+    parser.add_argument("--readme-block", default="iv-cost", help="the docs block --write-readme replaces")
     args = parser.parse_args()
+    if args.from_json:
+        write(json.loads(args.from_json.read_text()), args)
+        return
     if not (Path(args.iv) / "instruction_vector.json").is_file():
         from ivtrainer import extract_instruction_vector, load_default_model
 
@@ -210,11 +219,17 @@ def main() -> None:
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write(results, args)
+
+
+def write(results: dict, args) -> None:
+    table = format_table(results, args)
+    print(table)
     if args.write_readme:
         sys.path.insert(0, str(Path(__file__).parent))
         from _readme import replace_block
 
-        replace_block("iv-cost", format_table(results, args))
+        replace_block(args.readme_block, table)
 
 
 def _teacher_name(teacher: str, k: int) -> str:
@@ -236,11 +251,17 @@ def format_table(results: dict, args) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for method, m in results["methods"].items():
+        if method not in args.methods:
+            continue
         lines.append(
             f"| {names[method]} | - | none (plain) | {m['step_s']:.2f} s | 1 | 1 ({m['peak_mib']:.0f} MiB) | - | 1 |"
         )
         for mode, r in m["modes"].items():
             teacher, positions, k = mode.split(":")
+            if teacher not in args.teachers or positions not in args.positions or (
+                teacher == "precomputed" and int(k) not in args.top_k
+            ):  # fmt: skip
+                continue
             rounds = ", ".join(f"{x:.2f}" for x in r["step_ratios_per_round"])
             pre = (
                 f"{r['precompute_s']:.1f} s ({r['precompute_over_epoch_of_teacher']:.2f}x an epoch of the live "
@@ -257,8 +278,11 @@ def format_table(results: dict, args) -> str:
             )
     lines.append(
         f"\n`python benchmarks/iv_guided_cost.py --rounds {args.rounds} --steps {args.steps} --positions "
-        f"{' '.join(args.positions)} --top-k {' '.join(map(str, args.top_k))}"
+        f"{' '.join(args.positions)}"
+        + (f" --teachers {' '.join(args.teachers)}" if args.teachers != ["live", "precomputed"] else "")
+        + f" --top-k {' '.join(map(str, args.top_k))}"
         + (f" --disk {' '.join(map(str, args.disk))}" if args.disk else "")
+        + (f" --readme-block {args.readme_block}" if args.readme_block != "iv-cost" else "")
         + " --write-readme`: 8 rows x 64 tokens per step (16 answer tokens each); medians of "
         f"{args.rounds} rounds, fresh processes, the modes alternating, on 2 CPU cores; an epoch is "
         f"{next(iter(results['methods'].values()))['steps_per_epoch']} steps. The whole-run ratios add the "
@@ -273,7 +297,7 @@ def format_table(results: dict, args) -> str:
                 + " | ".join(f"{results['disk'][f'{positions}:{k}'] / 1024:.1f} KiB" for k in args.disk)
                 + " |"
             )
-        if results.get("head_bytes"):
+        if 0 in args.disk and results.get("head_bytes"):
             lines.append(
                 f"\nThe exact store also holds the LM head once per run: {results['head_bytes'] / 2**20:.1f} MiB "
                 "(vocabulary x hidden size, in the model's dtype)."

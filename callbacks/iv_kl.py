@@ -447,6 +447,8 @@ class IVKLCallback(IVCallback):
             # a resumed full fine-tuning: the model is trained, only the stored teacher can serve
             compute=state.global_step == 0 or is_peft_model(model), prune=self.teacher_cache_dir is None,
         )  # fmt: skip
+        if self.teacher_top_k == 0 and self._store.share_head(model.get_output_embeddings()):  # type: ignore[operator]
+            logger.info("the stored teacher applies the model's own frozen LM head (no copy in memory)")
 
     # -- the loss ----------------------------------------------------------------------------------
 

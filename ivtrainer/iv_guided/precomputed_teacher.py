@@ -161,13 +161,16 @@ def model_fingerprint(model: nn.Module) -> str:
         if skip and any(s in f"{name}." for s in skip):
             continue
         with gathered(param):
-            data = param.detach()
-            flat = data.reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu().numpy()
-            total = float(torch.sum(data, dtype=torch.float64))
-        h.update(f"{name}:{tuple(data.shape)}:{data.dtype}:{total!r}".encode())
-        h.update(sample.tobytes())
+            h.update(f"{name}:".encode() + _summary(param.detach()))
     return h.hexdigest()
+
+
+def _summary(data: torch.Tensor) -> bytes:
+    """A tensor's shape, dtype, sum and 16 evenly spaced values."""
+    flat = data.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu().numpy()
+    total = float(torch.sum(data, dtype=torch.float64))
+    return f"{tuple(data.shape)}:{data.dtype}:{total!r}".encode() + sample.tobytes()
 
 
 def vectors_fingerprint(pairs: Sequence[tuple[int, torch.Tensor]], heads: Sequence[tuple[int, int]]) -> str:
@@ -210,11 +213,19 @@ def _head_parameters(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
+def _head_digest(weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    return _digest(_summary(weight.detach()), b"" if bias is None else _summary(bias.detach()))
+
+
 def _whole(param: torch.Tensor) -> torch.Tensor:
-    """A detached copy of a parameter as a whole (gathered under ZeRO-3 or FSDP: collective)."""
+    """A parameter as a whole, detached: gathered into a copy under ZeRO-3 or FSDP (collective),
+    else itself (no copy: it is only read before training changes it)."""
+    if hasattr(param, "full_tensor"):  # an FSDP2 DTensor
+        return param.full_tensor().detach()
+    if not hasattr(param, "ds_id"):
+        return param.detach()
     with gathered(param):  # type: ignore[arg-type]
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # an FSDP2 DTensor
-        return full.detach().clone()
+        return param.detach().clone()
 
 
 # -- the store --------------------------------------------------------------------------------------------
@@ -271,15 +282,41 @@ class TeacherStore:
         return sum(f.stat().st_size for f in self.folder.iterdir())
 
     def head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stored LM head (``top_k=0``) on ``device``, moved there once."""
+        """The stored LM head (``top_k=0``) on ``device``, read there once (or the model's own, see
+        :meth:`share_head`)."""
         if device not in self._head:
-            part, dtype = self.parts[0], self.meta["hidden_dtype"]
-            bias = part.get("head_bias")
-            self._head[device] = (
-                _from_numpy(part["head_weight"], dtype).to(device),
-                None if bias is None else _from_numpy(bias, dtype).to(device),
-            )
+            weight = self._read("head_weight", device)
+            if weight is None:
+                raise InvalidInputError(
+                    f"the precomputed teacher {self.folder} stores no LM head (teacher_top_k >= 1)"
+                )
+            self._head[device] = (weight, self._read("head_bias", device))
         return self._head[device]
+
+    def _read(self, name: str, device: torch.device) -> torch.Tensor | None:
+        if name not in self.parts[0]:
+            return None
+        # read, not mapped: the copy on the device is all that stays in memory
+        array = np.load(self.folder / f"{name}-0.npy")
+        return _from_numpy(array, self.meta["hidden_dtype"]).to(device)
+
+    def share_head(self, head: nn.Module) -> bool:
+        """Use the model's own LM head weights as the stored head when they are frozen and the same
+        (LoRA leaves them so): no copy in memory. Returns whether they were taken."""
+        weight, bias = _head_parameters(head)
+        if (
+            self.meta.get("top_k") != 0
+            or any(
+                p.requires_grad or hasattr(p, "ds_id") or hasattr(p, "full_tensor")
+                for p in (weight, bias)
+                if p is not None
+            )
+            or str(weight.dtype).removeprefix("torch.") != self.meta.get("hidden_dtype")
+            or _head_digest(weight, bias) != self.meta.get("head_digest")
+        ):
+            return False
+        self._head[weight.device] = (weight.detach(), None if bias is None else bias.detach())
+        return True
 
     def batch(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, labels: torch.Tensor
@@ -524,7 +561,8 @@ def precompute_teacher(
         vocab = next(s["vocab"] for s in all_shapes if s.get("vocab"))
         dtype = next((s["hidden_dtype"] for s in all_shapes if s.get("hidden_dtype")), None)
         meta = {
-            **settings, "vocab": vocab, "hidden_dtype": dtype, "fingerprint": components, "rows": len(all_keys),
+            **settings, "vocab": vocab, "hidden_dtype": dtype, "head_digest": shapes.get("head_digest"),
+            "fingerprint": components, "rows": len(all_keys),
             "parts": [{"shapes": s["shapes"]} for s in all_shapes],
             "seconds": round(time.perf_counter() - start, 2),
         }  # fmt: skip
@@ -576,7 +614,7 @@ def _write_part(
 
     array("keys", (len(rows),), np.uint64)[:] = keys[rows]
     array("offsets", offsets.shape, np.int64)[:] = offsets
-    vocab, dtype, head_error = None, None, 0.0
+    vocab, dtype, head_error = None, None, None
     filled, position = 0, 0
     order = list(rows)
     captured: list[torch.Tensor] = []  # the LM head's input and output, per teacher pass
@@ -600,10 +638,10 @@ def _write_part(
             attention_mask = attention_mask.to(device) if attention_mask is not None else None
             input_ids = batch["input_ids"].to(device)
             prompt_end = last_prompt_positions(labels)
-            captured.clear()
             logits, head_outputs = teacher(input_ids, attention_mask, prompt_end)
             bar.update()
             if not chunk:
+                captured.clear()
                 continue
             if vocab is None:
                 vocab = logits.shape[-1]
@@ -635,7 +673,9 @@ def _write_part(
             selected = top.nonzero(as_tuple=True)
             if top_k == 0:
                 hidden = _hidden_states(captured, logits)[selected]
-                if step == 0:  # the logits must be the LM head's output and nothing more (no soft-cap)
+                if (
+                    head_error is None and hidden.shape[0]
+                ):  # the logits: the head's output, nothing more (no soft-cap)
                     head_error = _head_error(
                         hidden[:8], captured[1][selected][:8], logits[selected][:8], *head
                     )  # type: ignore[misc]
@@ -669,6 +709,7 @@ def _write_part(
                 stacked = torch.stack([head_outputs[tuple(h)] for h in heads], 1)  # (rows, heads, head_dim)
                 arrays["heads"][filled + rows_with.cpu().numpy()] = stacked.float().cpu().numpy()
             filled += len(chunk)
+            captured.clear()  # the pass's tensors go before the next pass
         bar.close()
     if head is not None and rank == 0:  # once, in part 0, in the hidden states' dtype
         dtype = dtype or head[0].dtype
@@ -685,7 +726,7 @@ def _write_part(
     shapes = {name: list(a.shape) for name, a in arrays.items()}
     return {
         "vocab": vocab, "shapes": shapes, "hidden_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-        "head_error": head_error,
+        "head_error": head_error or 0.0, "head_digest": None if head is None else _head_digest(*head),
     }  # fmt: skip
 
 
@@ -727,8 +768,6 @@ def _head_error(
     """How far the stored head applied to ``hidden`` is from the head's own output in the pass,
     relative to the logits' scale; raises when the model's ``logits`` are not that output (a final
     soft-cap, a scale) or the stored head is not the one the pass ran."""
-    if hidden.shape[0] == 0:
-        return 0.0
     scale = max(float(logits.float().abs().max()), 1e-6)
     changed = float((head_output.float() - logits.float()).abs().max()) / scale
     if changed > 1e-6:

@@ -192,6 +192,10 @@ def test_stored_hidden_states_give_the_live_teachers_training(tmp_path, iv, data
         part["hidden"].shape == (int(covered.sum()), 64) and "top_values" not in part and "full" not in part
     )
     assert part["head_weight"].shape == (VOCAB, 64) and store.meta["hidden_dtype"] == "float32"
+    # LoRA leaves the head frozen: the store applies the model's own (no copy); full FT trains it
+    weight = store.head(torch.device("cpu"))[0]
+    own = trainer.model.get_output_embeddings().weight
+    assert (weight.data_ptr() == own.data_ptr()) == peft
 
 
 def test_a_soft_capped_model_is_refused_for_stored_hidden_states(tmp_path, iv, data):
