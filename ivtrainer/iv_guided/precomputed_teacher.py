@@ -62,6 +62,8 @@ logger = logging.get_logger(__name__)
 
 CACHE_FOLDER = "_ivtrainer_teacher"
 FORMAT = 1
+# a mean top-k tail mass above this is pointed out in the log (the coarsened KL misses its shape)
+_TAIL_NOTE = 0.05
 # elements of float32 log-probabilities computed at once while storing (16 MiB)
 _CHUNK_ELEMENTS = 1 << 22
 _ARRAYS = (
@@ -576,6 +578,12 @@ def precompute_teacher(
         ]
         what = (
             f"top-{top_k} tail mass {f'{np.mean(mass):.4f} on average' if mass else 'n/a'}"
+            + (
+                " (the KL there is that of the coarsened distributions, a lower bound: teacher_top_k=0 stores the "
+                "teacher exactly)"
+                if mass and np.mean(mass) > _TAIL_NOTE
+                else ""
+            )
             if top_k
             else f"hidden states + the LM head (exact; applied again it gives the pass's logits to {shapes['head_error']:.2g})"
         )

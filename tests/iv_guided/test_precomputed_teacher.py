@@ -275,6 +275,7 @@ def test_the_store_is_reused_and_recomputed_when_anything_changes(tmp_path, iv, 
 
     text, first, loss = run()
     assert "precomputed teacher: 4 rows" in text and len(first) == 1
+    assert "tail mass" in text and "teacher_top_k=0 stores the teacher exactly" in text  # 64 of 320 tokens
     text, again, loss_again = run()
     assert "precomputed teacher reused" in text and again == first and loss_again == loss
     for change, kw in [
