@@ -188,7 +188,9 @@ def main() -> None:
         "(exact) (README block 'forgetting-precomputed')",
     )
     parser.add_argument(
-        "--readme-block", help="the README/docs block --write-readme replaces (default: by run)"
+        "--readme-block",
+        choices=["forgetting-precomputed", "forgetting-precomputed-exact"],
+        help="the docs block --write-readme replaces (default: by run)",
     )
     parser.add_argument(
         "--lm-eval-tasks",

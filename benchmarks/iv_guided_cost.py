@@ -143,7 +143,12 @@ def main() -> None:
         type=Path,
         help="render an earlier run's --json (its modes among these flags'), measure nothing",
     )
-    parser.add_argument("--readme-block", default="iv-cost", help="the docs block --write-readme replaces")
+    parser.add_argument(
+        "--readme-block",
+        default="iv-cost",
+        choices=["iv-cost", "iv-cost-exact"],
+        help="the docs block --write-readme replaces",
+    )
     args = parser.parse_args()
     if args.from_json:
         write(json.loads(args.from_json.read_text()), args)
