@@ -113,9 +113,10 @@ class IVInterventionCallback(IVCallback):
     """Adds ``strength(t) * sum_i w_i * IV_i`` at each IV's edit layer while training.
 
     ``strength(t)`` follows ``schedule`` (default: linear from 1 to 0 over the first half of
-    training), set at the start of every optimizer step from ``state.global_step`` and
-    ``state.max_steps`` alone, so a resumed run continues exactly. ``positions`` defaults to the
-    last prompt token of each training row (the token before its first label).
+    training) in training forwards only (evaluation and prediction see the model without it),
+    set at the start of every optimizer step from ``state.global_step`` and ``state.max_steps``
+    alone, so a resumed run continues exactly. ``positions`` defaults to the last prompt token of
+    each training row (the token before its first label; of each sequence in a packed row).
 
     Works on an unmodified ``transformers.Trainer`` or ``trl.SFTTrainer``::
 
@@ -151,7 +152,10 @@ class IVInterventionCallback(IVCallback):
         self.close()
         self._stack = contextlib.ExitStack()
         self.handle = self._stack.enter_context(
-            add_to_residual(model, self.pairs, strength=self.strength, positions=self.positions)
+            # training forwards only: Trainer.evaluate, predict and LMEvalCallback measure the model
+            add_to_residual(
+                model, self.pairs, strength=self.strength, positions=self.positions, training_only=True
+            )
         )
         self._update(state)
 

@@ -50,6 +50,9 @@ __all__ = ["IVKLCallback"]
 
 logger = logging.get_logger(__name__)
 
+# what the student's forward takes that the teacher's must not (its loss; set per pass)
+_NOT_TEACHER_INPUTS = ("labels", "num_items_in_batch", "use_cache", "logits_to_keep", "return_dict")
+
 # model -> {output_dir: the frozen teacher made when its Trainer was built}, all weak (the copy
 # lives as long as the callback that made it): what a callback restored from a checkpoint
 # (restore_callback_states_from_checkpoint) takes over
@@ -330,12 +333,12 @@ class IVKLCallback(IVCallback):
         return sorted({layer for iv in self.vectors for layer, _ in iv.heads})
 
     @torch.no_grad()
-    def _teacher_pass(
-        self, module: nn.Module, input_ids, attention_mask, positions, columns, *, with_iv=True
-    ):
+    def _teacher_pass(self, module: nn.Module, inputs: dict, positions, columns, *, with_iv=True):
         """Teacher logits (and head outputs if needed) with the IVs at ``teacher_strength``; logits
         only at sequence positions ``columns`` when not None (the LM head's share of the pass saved).
-        ``with_iv=False``: the heads' outputs only, without the IVs, from a pass that ends there."""
+        ``with_iv=False``: the heads' outputs only, without the IVs, from a pass that ends there.
+        ``inputs``: the student's own model inputs (``position_ids`` of a packed batch included),
+        without its labels."""
         teacher = self._reference if self._reference is not None else module
         heads_here = self.head_mse_weight > 0 and (not with_iv or not self._separate_head_pass())
         with contextlib.ExitStack() as stack:
@@ -354,9 +357,7 @@ class IVKLCallback(IVCallback):
             if not with_iv:
                 stack.enter_context(stop_before(get_layout(teacher).attn_outputs[self._head_layers()[-1]]))
             kwargs = {"logits_to_keep": columns} if columns is not None else {}
-            logits = teacher(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-            ).logits
+            logits = teacher(**inputs, use_cache=False, **kwargs).logits
         return logits if with_iv else None, (dict(heads) if heads is not None else None)
 
     def _separate_head_pass(self) -> bool:
@@ -381,13 +382,13 @@ class IVKLCallback(IVCallback):
         columns = mask.any(0).nonzero().squeeze(1)
         return columns if 0 < columns.numel() < mask.shape[1] else None
 
-    def _live_teacher(self, module: nn.Module, input_ids, attention_mask, prompt_end, columns):
+    def _live_teacher(self, module: nn.Module, inputs: dict, prompt_end, columns):
         """The teacher's logits (at ``columns``) and, with the head term, each IV head's teacher
         output at ``prompt_end``'s positions (from the pass without the IVs when that is the
         reference): what the stored teacher holds too."""
-        logits, heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end, columns)
+        logits, heads = self._teacher_pass(module, inputs, prompt_end, columns)
         if self.head_mse_weight > 0 and self._separate_head_pass():
-            _, heads = self._teacher_pass(module, input_ids, attention_mask, prompt_end, None, with_iv=False)
+            _, heads = self._teacher_pass(module, inputs, prompt_end, None, with_iv=False)
         if heads is None:
             return logits, None
         rows, cols = prompt_end.nonzero(as_tuple=True)
@@ -436,7 +437,8 @@ class IVKLCallback(IVCallback):
         cache = self.teacher_cache_dir or os.path.join(args.output_dir, CACHE_FOLDER)
 
         def teacher(input_ids, attention_mask, prompt_end):
-            return self._live_teacher(model, input_ids, attention_mask, prompt_end, None)
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            return self._live_teacher(model, inputs, prompt_end, None)
 
         self._store = precompute_teacher(
             cache, dataloader.dataset, dataloader.collate_fn, teacher, fingerprint=fingerprint,
@@ -473,8 +475,13 @@ class IVKLCallback(IVCallback):
         if input_ids is None and args:
             input_ids = args[0]
         num_items = kwargs.get("num_items_in_batch")
-        prompt_end = last_prompt_positions(labels)
-        masks = [kl_positions(t.positions, labels, attention_mask) for t in self.terms]
+        # the teacher sees what the student saw: a packed batch's position_ids (and the sequence
+        # boundaries trl adds for varlen kernels) keep its sequences apart
+        inputs = {k: v for k, v in kwargs.items() if k not in _NOT_TEACHER_INPUTS and v is not None}
+        inputs["input_ids"] = input_ids
+        position_ids = kwargs.get("position_ids")
+        prompt_end = last_prompt_positions(labels, position_ids)
+        masks = [kl_positions(t.positions, labels, attention_mask, position_ids) for t in self.terms]
         # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
         # same modules, and the student's recording hooks would overwrite them with the teacher's
         student_heads = dict(self._student_heads) if self._student_heads is not None else None
@@ -487,9 +494,7 @@ class IVKLCallback(IVCallback):
             self._busy = True
             try:
                 columns = self._columns(module, torch.stack(masks).any(0))
-                teacher_logits, teacher_heads = self._live_teacher(
-                    module, input_ids, attention_mask, prompt_end, columns
-                )
+                teacher_logits, teacher_heads = self._live_teacher(module, inputs, prompt_end, columns)
             finally:
                 self._busy = False
         scale = 1.0 if num_items is not None else 1.0 / self._accumulation  # per optimizer step, for logs

@@ -160,8 +160,9 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
             ``"auto"``: the IV of the training data itself, extracted from ``model`` before training
             (FvForgetting's recipe; from the head set ``args.auto_iv_heads`` when given).
 
-    ``train_dataset`` may be tokenised with ``labels`` or have ``prompt``/``completion`` text
-    columns (tokenised here with the ``processing_class``; the loss covers the completion).
+    ``train_dataset`` and ``eval_dataset`` may be tokenised with ``labels`` or have
+    ``prompt``/``completion`` text columns (tokenised here with the ``processing_class``; the loss
+    covers the completion).
     Everything else is ``transformers.Trainer``'s.
     """
 
@@ -176,13 +177,21 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         args = self._checked_args(args, IVGuidedConfig, "IVGuidedTrainer", "IV and KL")
         self._setup_iv(model, args, instruction_vectors, kwargs)
         tokenizer = kwargs.get("processing_class")
-        train = kwargs.get("train_dataset")
-        if train is not None and _is_prompt_completion(train):
+        # prompt/completion text, for training and evaluation alike (eval_dataset may be a dict)
+        for key in ("train_dataset", "eval_dataset"):
+            given = kwargs.get(key)
+            named = given if isinstance(given, dict) else {None: given}
+            if not any(d is not None and _is_prompt_completion(d) for d in named.values()):
+                continue
             if tokenizer is None:
                 raise InvalidInputError(
-                    "prompt/completion data needs processing_class= (the tokenizer) to tokenise it"
+                    f"prompt/completion data ({key}) needs processing_class= (the tokenizer) to tokenise it"
                 )
-            kwargs["train_dataset"] = tokenize_prompt_completion(train, tokenizer)
+            named = {
+                name: tokenize_prompt_completion(d, tokenizer) if _is_prompt_completion(d) else d
+                for name, d in named.items()
+            }
+            kwargs[key] = named if isinstance(given, dict) else named[None]
         if kwargs.get("data_collator") is None and tokenizer is not None:
             kwargs["data_collator"] = DataCollatorForSeq2Seq(tokenizer, padding=True)  # pads labels with -100
         if kwargs.get("train_dataset") is not None:

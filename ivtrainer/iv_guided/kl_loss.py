@@ -81,6 +81,7 @@ def kl_positions(
     which: Literal["last_prompt", "answer", "all"],
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(batch, seq)`` bool mask of the logits positions the KL is taken at.
 
@@ -91,7 +92,7 @@ def kl_positions(
     - ``all``: every attended position.
     """
     if which == "last_prompt":
-        return last_prompt_positions(labels)
+        return last_prompt_positions(labels, position_ids)
     if which == "answer":
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != -100

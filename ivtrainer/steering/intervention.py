@@ -35,25 +35,36 @@ Positions = str | torch.Tensor
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[Intervention]] = weakref.WeakKeyDictionary()
 
 
-def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
+def last_prompt_positions(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``(batch, seq)`` bool mask of the position before each row's first label != -100 (whose
     logits predict the first answer token); rows without labels, or whose first token is a label,
-    select nothing."""
+    select nothing.
+
+    With ``position_ids`` (a packed, padding-free batch: trl's ``packing=True``), each sequence
+    packed into a row starts where its position id is 0 and gets its own last prompt token."""
     has = labels != -100
-    first = has.int().argmax(-1)
-    valid = has.any(-1) & (first > 0)
+    seq = labels.shape[-1]
+    index = torch.arange(seq, device=labels.device).expand_as(labels)
+    if position_ids is None or position_ids.shape[-1] != seq:
+        start = torch.zeros_like(index)
+    else:  # the index where each token's packed sequence starts
+        starts = position_ids.to(labels.device).expand_as(labels) == 0
+        start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    before = has.long().cumsum(-1) - has.long()  # labels before each position in the row
+    first = has & (before == before.gather(-1, start))  # no label earlier in its sequence
+    first &= index > start  # the prompt of a sequence that starts with a label is empty
     mask = torch.zeros_like(has)
-    rows = torch.nonzero(valid, as_tuple=True)[0]
-    mask[rows, first[rows] - 1] = True
+    mask[:, :-1] = first[:, 1:]
     return mask
 
 
 class Intervention:
     """Handle of an active intervention; change ``strength`` or ``positions`` between forwards."""
 
-    def __init__(self, strength: float, positions: Positions) -> None:
+    def __init__(self, strength: float, positions: Positions, training_only: bool = False) -> None:
         self.strength = strength
         self.positions = positions
+        self.training_only = training_only
         self.suspended = False
         self._where: tuple[torch.Tensor, ...] | None = None
         self._warned_fallback = False
@@ -66,13 +77,17 @@ class Intervention:
         device,
         labels: torch.Tensor | None = None,
         training: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> None:
         """Set the (rows, cols) to edit in this forward from the model's own inputs."""
         batch, seq = input_shape
         positions = self.positions
+        if self.training_only and not training:  # evaluation, prediction, lm-eval: the model as it is
+            self._where = None
+            return
         if positions == "last_prompt":
             if labels is not None and labels.shape == (batch, seq):
-                positions = last_prompt_positions(labels)
+                positions = last_prompt_positions(labels, position_ids)
             else:
                 if training and not self._warned_fallback and torch.is_grad_enabled():
                     self._warned_fallback = True  # once per intervention
@@ -125,8 +140,12 @@ def add_to_residual(
     *,
     strength: float = 1.0,
     positions: Positions = "last",
+    training_only: bool = False,
 ) -> Iterator[Intervention]:
     """Add ``strength * vector`` to the output hidden state of each ``(layer, vector)`` pair.
+
+    ``training_only``: only in forwards of the model in training mode (the student's IV during
+    fine-tuning), so that evaluation, prediction and lm-eval see the model without it.
 
     The positions are worked out once per model forward from its ``attention_mask`` (a pre-hook
     on the model), so the layer hooks are pure functions of their input: safe under gradient
@@ -142,7 +161,7 @@ def add_to_residual(
             raise InvalidInputError(
                 f"vector has shape {tuple(vector.shape)}, the model's hidden size is {layout.hidden_size}"
             )
-    handle = Intervention(strength, positions)
+    handle = Intervention(strength, positions, training_only)
     bare = unwrap_model(model)
     signature = inspect.signature(bare.forward)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -166,6 +185,7 @@ def add_to_residual(
             source.device,
             bound.get("labels", extra.get("labels")),
             module.training,
+            bound.get("position_ids", extra.get("position_ids")),
         )
 
     def make_hook(vector: torch.Tensor):

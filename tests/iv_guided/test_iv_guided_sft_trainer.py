@@ -106,3 +106,59 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer, teacher, top_k):
         IVGuidedSFTTrainer(
             tiny_model("llama"), IVGuidedConfig("o"), instruction_vectors=iv, train_dataset=rows
         )
+
+
+def _sft_args(tmp_path, name, **kw):
+    from ivtrainer import IVGuidedSFTConfig
+
+    values = dict(
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to="none",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        completion_only_loss=True,
+        kl_positions=["last_prompt", "answer", "all"],
+        kl_weight=[1.0, 1.0, 1.0],
+        kl_threshold=[0.0, 0.0, 0.0],
+        head_mse_weight=0.0,
+    )
+    return IVGuidedSFTConfig(**(values | kw))
+
+
+def test_packed_batches_keep_their_sequences_apart(tmp_path, iv, tokenizer):
+    """trl's packing=True flattens the rows into one sequence with position_ids and no attention
+    mask: the live teacher must see the same sequences apart (no KL at step 0 when the teacher is
+    the model unchanged), and a packed batch's KL terms, the student IV included, equal the
+    unpacked batch's (one last prompt token per packed sequence)."""
+    from ivtrainer import IVGuidedSFTTrainer
+
+    rows = Dataset.from_list(
+        [{"prompt": f"Q: word {'x ' * i}{i}\nA:", "completion": f" w{i} z"} for i in range(4)]
+    )
+
+    def first_log(packing, **kw):
+        trainer = IVGuidedSFTTrainer(
+            tiny_model("llama", seed=1),
+            _sft_args(tmp_path, f"p{packing}{len(kw)}", packing=packing, **kw),
+            instruction_vectors=iv,
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("position_ids" in batch and "attention_mask" not in batch) == packing
+        assert batch["input_ids"].shape[0] == (1 if packing else 4)
+        trainer.train()
+        return next(e for e in trainer.state.log_history if "loss" in e)
+
+    anchor = first_log(True, teacher_iv_strength=0.0, iv_strength_start=0.0)
+    for key in ("kl_last_prompt", "kl_answer", "kl_all"):
+        assert anchor[key] == pytest.approx(0.0, abs=1e-6), key
+    guided = dict(teacher_iv_strength=20.0, iv_strength_start=1.0, iv_schedule="constant", iv_strength_end=1.0)
+    packed, unpacked = first_log(True, **guided), first_log(False, **guided)
+    for key in ("ce", "kl_last_prompt", "kl_answer", "kl_all"):
+        assert packed[key] == pytest.approx(unpacked[key], rel=1e-3), key
+    assert min(packed["kl_last_prompt"], packed["kl_all"]) > 1e-4

@@ -307,3 +307,67 @@ def test_head_mse_works_on_peft_models(tmp_path, iv, data):
     )
     trainer.train()
     assert next(log["head_mse"] for log in trainer.state.log_history if "head_mse" in log) > 0
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_evaluation_sees_the_model_without_the_student_iv(tmp_path, iv, data, peft):
+    """The student's IV is a training-time intervention: Trainer.evaluate and predict, mid-run,
+    measure the model itself (here unchanged: learning rate 0), as a plain Trainer would."""
+
+    def model():
+        m = tiny_model("llama", seed=3)
+        return get_peft_model(m, LoraConfig(r=4, task_type="CAUSAL_LM")) if peft else m
+
+    held_out = data.select(range(4, 8))
+    kw = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4, max_steps=1)
+    plain = Trainer(
+        model(),
+        TrainingArguments(str(tmp_path / "plain"), report_to="none", use_cpu=True, disable_tqdm=True),
+        eval_dataset=held_out,
+        data_collator=collator(),
+    ).evaluate()["eval_loss"]
+    trainer = IVGuidedTrainer(
+        model(),
+        guided_config(tmp_path, learning_rate=0.0, iv_schedule="constant", iv_strength_end=1.0, **kw),
+        instruction_vectors=iv,
+        train_dataset=data.select(range(4)),
+        eval_dataset=held_out,
+        data_collator=collator(),
+    )
+    during = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            during.append(trainer.predict(held_out).metrics["test_loss"])
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    (evaluated,) = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert trainer.iv_callbacks[0].strength == 1.0  # the student IV was on throughout training
+    assert evaluated == pytest.approx(plain, rel=1e-6) and during[0] == pytest.approx(plain, rel=1e-6)
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert log["ce"] != pytest.approx(plain, rel=1e-3)  # training forwards did take the IV
+
+
+def test_a_prompt_completion_eval_dataset_is_tokenised_as_the_train_dataset(tmp_path, iv, tokenizer):
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+    trainer = IVGuidedTrainer(
+        tiny_model("llama"),
+        guided_config(tmp_path),
+        instruction_vectors=iv,
+        train_dataset=rows,
+        eval_dataset={"a": rows, "b": rows.select(range(2))},
+        processing_class=tokenizer,
+    )
+    assert trainer.eval_dataset["a"]["labels"] == trainer.train_dataset["labels"]
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_a_loss"]) and math.isfinite(metrics["eval_b_loss"])
+    single = IVGuidedTrainer(
+        tiny_model("llama"),
+        guided_config(tmp_path / "s"),
+        instruction_vectors=iv,
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=tokenizer,
+    )
+    assert math.isfinite(single.evaluate()["eval_loss"])
