@@ -188,7 +188,7 @@ class IVKLCallback(IVCallback):
     role = "kl"
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        _check_supported(args, model, self.teacher)
+        _check_supported(args, model, self.teacher, self.head_mse_weight)
         if self.teacher == "precomputed":
             if model is not None and self._model_fingerprint is None:
                 # now, before a resumed run loads its checkpoint into the model
@@ -203,7 +203,7 @@ class IVKLCallback(IVCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_labels_reach_the_model(args)
-        _check_supported(args, model, self.teacher)
+        _check_supported(args, model, self.teacher, self.head_mse_weight)
         super().on_train_begin(args, state, control, model=model, **kwargs)
         self.close()
         self._model, self._accumulation = model, args.gradient_accumulation_steps
@@ -485,6 +485,12 @@ class IVKLCallback(IVCallback):
         # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
         # same modules, and the student's recording hooks would overwrite them with the teacher's
         student_heads = dict(self._student_heads) if self._student_heads is not None else None
+        if (
+            student_heads
+            and output.logits.requires_grad
+            and not all(h.requires_grad for h in student_heads.values())
+        ):
+            raise InvalidInputError(_NO_HEAD_GRADIENT)
         columns = None
         teacher_logits: torch.Tensor | SparseTeacher
         if self._store is not None:
@@ -570,8 +576,27 @@ def _fsdp_enabled(args) -> bool:
     )
 
 
-def _check_supported(args, model: nn.Module | None, teacher) -> None:
+_NO_HEAD_GRADIENT = (
+    "the head term (head_mse_weight > 0) gets no gradient under reentrant gradient checkpointing: the "
+    "checkpointed layers' first forward runs without autograd, and the head outputs are recorded there. Set "
+    "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' and trl's default; trl forces True "
+    "for PEFT under DeepSpeed ZeRO-3), turn gradient checkpointing off, or set head_mse_weight=0"
+)
+
+
+def _reentrant_checkpointing(args) -> bool:
+    """Whether the Trainer will checkpoint the layers with ``use_reentrant=True``."""
+    on = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
+    options = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+        args, "gradient_checkpointing_kwargs", None
+    )
+    return bool(on) and isinstance(options, dict) and options.get("use_reentrant") is True
+
+
+def _check_supported(args, model: nn.Module | None, teacher, head_mse_weight: float = 0.0) -> None:
     """What the KL term cannot work with, refused when the Trainer is built."""
+    if head_mse_weight > 0 and _reentrant_checkpointing(args):
+        raise InvalidInputError(_NO_HEAD_GRADIENT)
     if _fsdp_enabled(args) and teacher != "precomputed":
         raise InvalidInputError(
             "IVKLCallback's live teacher does not support FSDP (for full fine-tuning it would be an unsharded copy "

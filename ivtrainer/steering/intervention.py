@@ -167,6 +167,10 @@ def add_to_residual(
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def locate(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if handle.suspended:
+            # a teacher pass through the same modules: keep the student's positions, which gradient
+            # checkpointing reads again when it recomputes the student's layers in backward
+            return
         bound = signature.bind_partial(*args, **kwargs).arguments
         extra = bound.get(var_kw, {}) if var_kw else {}
         ids = bound.get("input_ids", extra.get("input_ids"))

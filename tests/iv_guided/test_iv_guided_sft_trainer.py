@@ -157,7 +157,9 @@ def test_packed_batches_keep_their_sequences_apart(tmp_path, iv, tokenizer):
     anchor = first_log(True, teacher_iv_strength=0.0, iv_strength_start=0.0)
     for key in ("kl_last_prompt", "kl_answer", "kl_all"):
         assert anchor[key] == pytest.approx(0.0, abs=1e-6), key
-    guided = dict(teacher_iv_strength=20.0, iv_strength_start=1.0, iv_schedule="constant", iv_strength_end=1.0)
+    guided = dict(
+        teacher_iv_strength=20.0, iv_strength_start=1.0, iv_schedule="constant", iv_strength_end=1.0
+    )
     packed, unpacked = first_log(True, **guided), first_log(False, **guided)
     for key in ("ce", "kl_last_prompt", "kl_answer", "kl_all"):
         assert packed[key] == pytest.approx(unpacked[key], rel=1e-3), key

@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ivtrainer import IVGuidedTrainer
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.iv_guided_trainer import iv_guided_callbacks
 from ivtrainer.iv_guided.schedules import Schedule
 from ivtrainer.steering.instruction_vector import IncompatibleVectorError
@@ -371,3 +372,42 @@ def test_a_prompt_completion_eval_dataset_is_tokenised_as_the_train_dataset(tmp_
         processing_class=tokenizer,
     )
     assert math.isfinite(single.evaluate()["eval_loss"])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused(tmp_path, iv, data, reentrant):
+    """The student IV and the head term under gradient checkpointing (trl's SFTConfig turns it
+    on): the same gradients as without it, or, where the head term would get none (reentrant
+    checkpointing records the heads without autograd), a refusal before any step."""
+
+    def lora():
+        m = tiny_model("llama", seed=1)
+        torch.manual_seed(1)  # the same random adapters each time
+        return get_peft_model(m, LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM"))
+
+    checkpointing = dict(
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
+    student_iv = dict(iv_strength_start=1.0, kl_weight=1.0, teacher_iv_strength=2.0)
+    plain = grads_after_one_step(tmp_path / "a", iv, data, lora(), **student_iv)
+    checkpointed = grads_after_one_step(tmp_path / "b", iv, data, lora(), **student_iv, **checkpointing)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-4)
+
+    head = dict(kl_weight=0.0, iv_strength_start=0.0, teacher_iv_strength=2.0, head_mse_weight=100.0)
+    plain = grads_after_one_step(tmp_path / "c", iv, data, lora(), **head)
+    assert max(float(g.abs().max()) for g in plain.values()) > 1e-4
+    if not reentrant:
+        checkpointed = grads_after_one_step(tmp_path / "d", iv, data, lora(), **head, **checkpointing)
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-4)
+        return
+    with pytest.raises(InvalidInputError, match="use_reentrant"):  # from the config, at construction
+        grads_after_one_step(tmp_path / "e", iv, data, lora(), **head, **checkpointing)
+    model = lora()  # checkpointing switched on by hand: caught at the first forward
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.enable_input_require_grads()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(InvalidInputError, match="use_reentrant"):
+        grads_after_one_step(tmp_path / "f", iv, data, model, **head)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
