@@ -141,7 +141,7 @@ class FLearningTrainer(BaseTrainerMixin, Trainer):
         """Old-knowledge fine-tuning (unless a delta was given), subtraction, new-knowledge training.
 
         ``resume_from_checkpoint=True`` picks up wherever the last run stopped; a checkpoint path
-        under ``<output_dir>/forget`` resumes the old phase, any other the learning phase.
+        under ``<output_dir>/_forget`` resumes the old phase, any other the learning phase.
         """
         old_resume, new_resume = self._split_resume(resume_from_checkpoint)
         if not self._forgotten:

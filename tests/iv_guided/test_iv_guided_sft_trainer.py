@@ -18,6 +18,7 @@ def test_sft_trainer_takes_the_intervention_and_refuses_kl_clearly(tmp_path, iv,
     returns logits, and where it computes the loss from a fused LM head without them, it says why
     it cannot."""
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer import sft_trainer as trl_sft
 
     rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
 
@@ -44,11 +45,13 @@ def test_sft_trainer_takes_the_intervention_and_refuses_kl_clearly(tmp_path, iv,
     sft.train()
     assert [e["iv_strength"] for e in sft.state.log_history if "loss" in e] == [1.0, 0.0]
     kl = trainer([IVKLCallback(iv)])
-    try:
+    # which of the two behaviours is decided by the installed trl, before the run: since trl 1.16
+    # SFTTrainer computes its loss from a fused LM head (no logits), before that it returned them
+    if hasattr(trl_sft, "add_fused_lm_head"):
+        with pytest.raises(ValueError, match="fused LM head"):
+            kl.train()
+    else:
         kl.train()
-    except ValueError as exc:  # trl whose SFTTrainer computes the loss from a fused LM head (1.16)
-        assert "fused LM head" in str(exc)
-    else:  # trl whose SFTTrainer still returns logits (1.0): the KL is added
         kls = [e["kl"] for e in kl.state.log_history if "loss" in e]
         assert len(kls) == 2 and all(math.isfinite(v) and v >= 0 for v in kls)
 

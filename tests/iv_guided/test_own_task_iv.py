@@ -75,9 +75,13 @@ def test_the_trainer_extracts_the_training_datas_iv_before_training(tmp_path, to
 
 
 def test_auto_from_a_saved_head_set(tmp_path, tokenizer):
+    """``auto_iv_heads``: the IV is built from the saved set's best heads, not from its own
+    mediation analysis: a set ranked upside down gives the heads an analysis would rank last."""
     model = tiny_model("llama")
     cheap = {"n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
-    extract_head_set(model, tokenizer, ["antonym", "uppercase"], **cheap).save_pretrained(tmp_path / "heads")
+    heads = extract_head_set(model, tokenizer, ["antonym", "uppercase"], **cheap)
+    heads.cie, heads.task_cie = -heads.cie, -heads.task_cie
+    heads.save_pretrained(tmp_path / "heads")
     trainer = IVGuidedTrainer(
         model,
         guided_config(tmp_path, max_steps=1, auto_iv_heads=str(tmp_path / "heads")),
@@ -89,3 +93,9 @@ def test_auto_from_a_saved_head_set(tmp_path, tokenizer):
     assert (
         iv.settings["head_set"]["tasks"] == ["antonym", "uppercase"] and iv.settings["n_mean_prompts"] == 25
     )
+    assert iv.heads == heads.top(len(iv.heads))
+    exact = extract_instruction_vector(
+        tiny_model("llama"), tokenizer, training_pairs(prompt_completion_rows(), tokenizer),
+        n_heads=len(iv.heads), calibrate=False, seed=0, **cheap,
+    )  # fmt: skip
+    assert exact.heads != iv.heads  # what the trainer would have used without the set

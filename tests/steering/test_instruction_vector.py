@@ -216,8 +216,19 @@ def test_peft_model_extraction_and_apply(tokenizer):
 
     model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=2, target_modules=["o_proj"]))
     iv = extract_instruction_vector(model, tokenizer, "antonym", **SMALL)
-    with torch.no_grad(), iv.apply(model):
-        model(input_ids=torch.tensor([[1, 2, 3]]))
+    bare = extract_instruction_vector(tiny_model("qwen2"), tokenizer, "antonym", **SMALL)
+    assert iv.heads == bare.heads  # zero-initialised adapters: the base model's analysis
+    torch.testing.assert_close(iv.vector, bare.vector)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with iv.apply(model):
+            steered = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    # the IV goes in at the last token only: earlier positions unchanged, the last one moved
+    torch.testing.assert_close(steered[:, :-1], before[:, :-1])
+    assert float((steered[:, -1] - before[:, -1]).abs().max()) > 1e-4
+    torch.testing.assert_close(after, before)  # the hooks are gone
 
 
 def test_cli_extract_iv(tmp_path, tokenizer):
