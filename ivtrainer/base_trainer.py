@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ivtrainer.hub.push import NoTokenInArgsMixin, check_trainer_push
+from ivtrainer.modeling.loading import drop_gguf_marker
 from ivtrainer.utils.distributed import NoEmptyParamGroupsMixin
 
 __all__ = ["BaseTrainerMixin"]
@@ -20,6 +21,11 @@ else:
 class BaseTrainerMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, _TrainerBase):
     """Mixed in before ``transformers.Trainer`` (or ``trl.SFTTrainer``) by IVGuidedTrainer,
     IVGuidedSFTTrainer and FLearningTrainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("model") is not None:  # a model read from a .gguf file saves as the plain model it is
+            drop_gguf_marker(kwargs["model"])
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def _checked_args(args: Any, config_class: Any, trainer: str, settings: str) -> Any:

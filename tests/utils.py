@@ -130,3 +130,54 @@ def finetuned_pair(tmp_path, tokenizer, dtype=torch.float32, **save_kwargs):
     tokenizer.save_pretrained(tmp_path / "base")
     tuned.save_pretrained(tmp_path / "tuned", **save_kwargs)
     return base, tuned
+
+
+def write_tiny_gguf(path) -> None:
+    """A tiny Llama with its tokenizer as a float32 GGUF file, as llama.cpp lays one out (what
+    ``load_model("x.gguf")`` reads)."""
+    import json
+
+    import gguf
+
+    from ivtrainer.testing import tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_vocab_size(config.vocab_size)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    tokens += [f"<unused{i}>" for i in range(config.vocab_size - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id or 0)
+    writer.add_eos_token_id(tokenizer.eos_token_id or 0)
+    writer.add_pad_token_id(tokenizer.pad_token_id or 0)
+    parts = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }  # fmt: skip
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    for name, tensor in model.state_dict().items():
+        module, kind = name.rsplit(".", 1)
+        if module.startswith("model.layers."):
+            _, _, layer, rest = module.split(".", 3)
+            gguf_name = f"blk.{layer}.{parts[rest]}.{kind}"
+        else:
+            gguf_name = f"{top[module]}.{kind}"
+        writer.add_tensor(gguf_name, tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -7,7 +7,6 @@ plain Hugging Face folder (float32 safetensors) in the cache; later loads read t
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,6 +25,7 @@ __all__ = [
     "DEFAULT_MODEL_INFO",
     "cache_dir",
     "default_model_path",
+    "drop_gguf_marker",
     "load_default_model",
     "load_model",
     "model_source",
@@ -105,17 +105,28 @@ def _convert_gguf(gguf_dir: Path, out: Path, version: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-    # transformers dequantises GGUF tensors on load into plain nn.Linear weights; only the marker
-    # remains. Drop it so the model saves, and the folder loads without gguf.
-    model.hf_quantizer = None
-    with contextlib.suppress(AttributeError):
-        del model.config.quantization_config
+    model: Any = drop_gguf_marker(AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE))
     model.config._name_or_path = DEFAULT_MODEL_INFO["base_model"]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {**DEFAULT_MODEL_INFO, "source_version": version}
     (out / _SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def drop_gguf_marker(model: Any) -> Any:
+    """``model`` without the GGUF quantizer marker, which makes ``save_pretrained`` (and so
+    ``Trainer.save_model``, ``push_to_hub``) refuse it. transformers dequantises GGUF tensors on
+    load into plain weights; only the marker remains, so the model saves as what it is, and the
+    folder loads without gguf. A PEFT model's base is cleared; other models are left as they are."""
+    from ivtrainer.modeling.architectures import unwrap_model
+
+    bare = unwrap_model(model)
+    quantizer = getattr(bare, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(bare)  # transformers' own undo: marker, config, flags
+        bare.hf_quantizer = None  # what save_pretrained and the Trainer look for
+    return model
 
 
 def load_default_model(**kwargs: Any):
@@ -177,7 +188,7 @@ def _load_folder(source: str | Path, name: str, kwargs: dict[str, Any]):
 
     tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code") if k in kwargs}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = drop_gguf_marker(AutoModelForCausalLM.from_pretrained(source, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

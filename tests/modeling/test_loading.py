@@ -133,3 +133,59 @@ def test_cli_unsupported_architecture_is_one_line(tmp_path):
     assert result.returncode == 2
     line = _error_line(result.stderr)
     assert "unsupported architecture 'mamba'" in line and "register_architecture" in line
+
+
+def test_a_model_from_a_gguf_file_trains_saves_and_pushes(tmp_path, monkeypatch, iv):
+    """transformers dequantises a .gguf file into plain weights but keeps a quantizer marker that
+    refuses save_pretrained: load_model and the trainers drop it, so every save works."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    from ivtrainer import FLearningConfig, FLearningTrainer, IVGuidedTrainer
+    from ivtrainer.datasets.edits import edit_dataset
+    from ivtrainer.testing import intercept_hub_upload, tiny_edits
+    from tests.utils import guided_config, write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model, tokenizer = load_model(tmp_path / "tiny.gguf")
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert load_model(tmp_path / "saved")[0].config.num_hidden_layers == 3
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+    # loaded by transformers itself (the marker still on): the trainers save it too
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert direct.hf_quantizer is not None
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    for i, candidate in enumerate(
+        [model, direct, get_peft_model(direct, LoraConfig(r=2, task_type="CAUSAL_LM"))]
+    ):
+        trainer = IVGuidedTrainer(
+            candidate,
+            guided_config(tmp_path / str(i), max_steps=1, hub_model_id="me/gguf-tuned"),
+            instruction_vectors=iv,
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        trainer.save_model()
+        with intercept_hub_upload("me/gguf-tuned") as sent:
+            trainer.push_to_hub()
+        weights = "adapter_model.safetensors" if i == 2 else "model.safetensors"
+        assert weights in sent["files"] and (tmp_path / str(i) / "run" / weights).is_file()
+        if i < 2:
+            assert "gguf" not in (tmp_path / str(i) / "run" / "config.json").read_text()
+    # F-Learning: the old phase, the subtraction, the learning phase, then the save
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    config = FLearningConfig(
+        str(tmp_path / "f"), per_device_train_batch_size=2, num_train_epochs=1, old_num_train_epochs=1,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    f = FLearningTrainer(
+        direct, config, train_dataset=edit_dataset(tiny_edits(), tokenizer, "new"),
+        old_dataset=edit_dataset(tiny_edits(), tokenizer, "old"),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+    )  # fmt: skip
+    f.train()
+    f.save_model()
+    assert load_model(tmp_path / "f")[0].config.num_hidden_layers == 3
