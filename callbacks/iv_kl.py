@@ -35,6 +35,7 @@ from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, SparseTeacher, kl
 from ivtrainer.iv_guided.precomputed_teacher import (
     CACHE_FOLDER,
     TeacherStore,
+    check_cache_dir,
     model_fingerprint,
     precompute_teacher,
     vectors_fingerprint,
@@ -190,6 +191,8 @@ class IVKLCallback(IVCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _check_supported(args, model, self.teacher, self.head_mse_weight)
         if self.teacher == "precomputed":
+            if self.teacher_cache_dir is not None:
+                check_cache_dir(self.teacher_cache_dir, args.output_dir)
             if model is not None and self._model_fingerprint is None:
                 # now, before a resumed run loads its checkpoint into the model
                 self._model_fingerprint = model_fingerprint(model)
@@ -435,6 +438,8 @@ class IVKLCallback(IVCallback):
             "teacher": json.dumps(settings, sort_keys=True),
         }
         cache = self.teacher_cache_dir or os.path.join(args.output_dir, CACHE_FOLDER)
+        if self.teacher_cache_dir is not None:  # the callback may have been added after the Trainer was built
+            check_cache_dir(self.teacher_cache_dir, args.output_dir)
 
         def teacher(input_ids, attention_mask, prompt_end):
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}

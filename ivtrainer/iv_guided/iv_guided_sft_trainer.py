@@ -50,7 +50,7 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # cr
                 "pass the model object (IV compatibility is checked before any work), not its name"
             )
         self._setup_iv(model, args, instruction_vectors, kwargs)
-        super().__init__(model=model, args=args, **kwargs)  # type: ignore[arg-type]  # any causal LM module
+        super().__init__(model=model, args=args, **kwargs)
         check_deepspeed_config(self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

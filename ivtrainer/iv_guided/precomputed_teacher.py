@@ -30,7 +30,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,10 +49,12 @@ from ivtrainer.iv_guided.kl_loss import SparseTeacher, kl_positions
 from ivtrainer.modeling.hooks import hooks, is_peft_model
 from ivtrainer.steering.intervention import last_prompt_positions
 from ivtrainer.utils.distributed import gathered
+from ivtrainer.utils.outputs import sweep_stale
 
 __all__ = [
     "CACHE_FOLDER",
     "TeacherStore",
+    "check_cache_dir",
     "model_fingerprint",
     "precompute_teacher",
     "row_keys",
@@ -66,6 +70,14 @@ FORMAT = 1
 _TAIL_NOTE = 0.05
 # elements of float32 log-probabilities computed at once while storing (16 MiB)
 _CHUNK_ELEMENTS = 1 << 22
+# the dtype of each stored array ("hidden": the model's, in meta.json)
+_DTYPES = {
+    "keys": np.uint64, "offsets": np.int64, "columns": np.int32, "full": np.float16, "full_column": np.int32,
+    "top_values": np.float32, "top_indices": np.int32, "top_tail": np.float32, "heads": np.float32,
+}  # fmt: skip
+# a store folder's name: its fingerprint's digest; a killed precompute's: ".<name>.tmp-<pid>-<random>"
+_STORE_NAME = re.compile(r"[0-9a-f]{20}")
+_TMP_NAME = re.compile(r"\.([0-9a-f]{20})\.tmp(-.*)?")
 _ARRAYS = (
     "keys",
     "offsets",
@@ -198,6 +210,21 @@ def _from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _head_parameters(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight and bias a (possibly PEFT-wrapped) LM head computes the teacher's logits with:
     a LoRA layer's base layer, a ``modules_to_save`` wrapper's original module (the adapters are
@@ -251,27 +278,45 @@ class TeacherStore:
     )
 
     @classmethod
-    def load(cls, folder: Path) -> TeacherStore:
+    def load(cls, folder: Path, fingerprint: dict[str, str] | None = None) -> TeacherStore:
+        """The store in ``folder``, checked against what wrote it: meta.json's own digest, its
+        fingerprint against the folder's name (and ``fingerprint``, the run's), every file's digest,
+        shape and dtype. Raises :class:`DamagedStoreError` naming the first mismatch."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            if meta.get("digest") != _digest({k: v for k, v in meta.items() if k != "digest"}):
+                raise DamagedStoreError("meta.json was edited")
+            if _digest(meta["fingerprint"])[:20] != folder.name:
+                raise DamagedStoreError(
+                    f"meta.json describes another store ({_digest(meta['fingerprint'])[:20]})"
+                )
+            if fingerprint is not None and meta["fingerprint"] != fingerprint:
+                raise DamagedStoreError(
+                    f"it was written for other inputs ({_describe_change(meta['fingerprint'], fingerprint)})"
+                )
             parts = []
             for p, info in enumerate(meta["parts"]):
                 arrays = {}
-                for name in _ARRAYS:
+                for name in info["shapes"]:
                     path = folder / f"{name}-{p}.npy"
-                    if not path.exists():
-                        continue
+                    if _file_digest(path) != meta["files"][path.name]:
+                        raise DamagedStoreError(f"{path.name} differs from what was written")
                     array = np.load(path, mmap_mode="r")
-                    if list(array.shape) != info["shapes"][name]:
+                    dtype = _DTYPES.get(name) or _numpy_dtype(_torch_dtype(meta["hidden_dtype"]))
+                    if list(array.shape) != info["shapes"][name] or array.dtype != dtype:
                         raise DamagedStoreError(
-                            f"{path.name} has shape {array.shape}, meta.json says {info['shapes'][name]}"
+                            f"{path.name} is {array.dtype} {array.shape}, meta.json says {dtype} {info['shapes'][name]}"
                         )
                     arrays[name] = array
-                if set(arrays) != set(info["shapes"]):
-                    raise DamagedStoreError(f"part {p} lacks {sorted(set(info['shapes']) - set(arrays))}")
                 parts.append(arrays)
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # a truncated .npy fails to map
-            raise DamagedStoreError(str(exc)) from exc
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:  # missing, truncated, unparsable
+            raise DamagedStoreError(f"{type(exc).__name__}: {exc}") from exc
         keys = np.concatenate([part["keys"] for part in parts]) if parts else np.zeros(0, np.uint64)
         where = np.concatenate(
             [np.stack([np.full(len(part["keys"]), p), np.arange(len(part["keys"]))], 1) for p, part in enumerate(parts)]
@@ -493,17 +538,17 @@ def precompute_teacher(
     components = {**fingerprint, "settings": _digest(settings), "data": _digest(np.sort(all_keys).tobytes())}
     name = _digest(components)[:20]
     root = Path(cache_dir).expanduser()
-    if root.exists() and not root.is_dir():
-        raise InvalidInputError(f"teacher cache {root} is a file: give a folder (teacher_cache_dir)")
+    if rank == 0:
+        _check_cache_folder(root)
     folder = root / name
 
     # the main process decides: reuse a complete store, or compute a new one (the others follow)
-    decision = None
+    decision, tmp = None, None
     if rank == 0:
         decision = "compute"
         if folder.is_dir():
             try:
-                TeacherStore.load(folder)
+                TeacherStore.load(folder, components)
                 decision = "reuse"
             except DamagedStoreError as exc:
                 logger.warning("teacher cache %s is damaged (%s): recomputing it", folder, exc)
@@ -511,9 +556,9 @@ def precompute_teacher(
     decision = _from_main(decision)
     if decision == "compute" and not compute:
         raise InvalidInputError(
-            f"the precomputed teacher of this run is missing or stale in {root} (resuming full fine-tuning: the "
-            "model has been trained, so the teacher cannot be computed from it again). Restore the folder the first "
-            "run wrote, or start the run over"
+            f"the precomputed teacher of this run is missing, stale or damaged in {root} (resuming full fine-tuning: "
+            "the model has been trained, so the teacher cannot be computed from it again). Restore the folder the "
+            "first run wrote, or start the run over"
         )
     if decision == "compute" and rank == 0:
         for old in sorted(root.glob("*/meta.json")) if root.is_dir() else []:
@@ -525,13 +570,20 @@ def precompute_teacher(
                 )  # fmt: skip
                 if prune:
                     shutil.rmtree(old.parent, ignore_errors=True)
-        # what a killed precompute left (any of them, in a folder of this run's own)
-        for left in root.glob(".*.tmp") if prune and root.is_dir() else [root / f".{name}.tmp"]:
-            shutil.rmtree(left, ignore_errors=True)
-        tmp = root / f".{name}.tmp"
-        tmp.mkdir(parents=True)
+        # what killed precomputes left (their process is gone; a live one's is its own): this
+        # store's, or in a folder of this run's own, any
+        root.mkdir(parents=True, exist_ok=True)
+        for entry in list(root.iterdir()):
+            if (m := _TMP_NAME.fullmatch(entry.name)) and (prune or m.group(1) == name):
+                if m.group(2) is None:  # an earlier version's name, without its owner
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    sweep_stale(root, f".{m.group(1)}.tmp-")
+        # a unique name: another run sharing the folder may be writing the same store
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=root))
+    tmp = _from_main(tmp)
     if decision == "reuse":
-        store = TeacherStore.load(folder)
+        store = TeacherStore.load(folder, components)
         if rank == 0:
             logger.warning(
                 "precomputed teacher reused: %s (%d rows, %.1f MB)",
@@ -541,7 +593,6 @@ def precompute_teacher(
             )
         return store
 
-    tmp = root / f".{name}.tmp"
     _barrier()
     start = time.perf_counter()
     mine = np.arange(rank, len(all_keys), world)
@@ -566,12 +617,20 @@ def precompute_teacher(
             **settings, "vocab": vocab, "hidden_dtype": dtype, "head_digest": shapes.get("head_digest"),
             "fingerprint": components, "rows": len(all_keys),
             "parts": [{"shapes": s["shapes"]} for s in all_shapes],
+            "files": {f.name: _file_digest(f) for f in sorted(tmp.glob("*.npy"))},
             "seconds": round(time.perf_counter() - start, 2),
         }  # fmt: skip
+        meta["digest"] = _digest(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another run sharing the folder wrote the same store first: read theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not folder.is_dir():
+                raise
+            logger.warning("precomputed teacher: %s was written by another run meanwhile; using it", folder)
     _barrier()
-    store = TeacherStore.load(folder)
+    store = TeacherStore.load(folder, components)
     if rank == 0:
         mass = [
             float(np.exp(part["top_tail"]).mean()) for part in store.parts if len(part.get("top_tail", ()))
@@ -593,6 +652,47 @@ def precompute_teacher(
             store.n_bytes / max(len(all_keys), 1), what,
         )  # fmt: skip
     return store
+
+
+def _check_cache_folder(root: Path) -> None:
+    """Refuse a cache folder that is a file, or that holds anything but teacher stores (a home
+    folder, the working directory, a project): stale stores are pruned there."""
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"teacher cache {root} is a file: give a folder (teacher_cache_dir)")
+    foreign = sorted(e.name for e in (root.iterdir() if root.is_dir() else ()) if not _is_ours(e))
+    if foreign:
+        raise InvalidInputError(
+            f"teacher cache {root} holds {len(foreign)} entries that are not precomputed teachers (e.g. "
+            f"{foreign[0]!r}): give teacher_cache_dir a folder of its own (new or empty); ivtrainer writes and "
+            "removes stores there"
+        )
+
+
+def check_cache_dir(cache_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, a ``teacher_cache_dir`` that ``push_to_hub`` would upload (the
+    Trainer uploads ``output_dir`` except names starting with ``_`` and checkpoints), or one that
+    is a file or holds anything but teacher stores."""
+    cache, out = Path(cache_dir).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    if cache == out or out in cache.parents:
+        first = cache.relative_to(out).parts[:1]
+        if not first or not first[0].startswith("_"):
+            raise InvalidInputError(
+                f"teacher_cache_dir {cache_dir} is inside output_dir ({output_dir}) where push_to_hub would upload "
+                f"it: use a folder whose name starts with '_' there (the default is {out / CACHE_FOLDER}), or one "
+                "outside output_dir"
+            )
+    _check_cache_folder(Path(cache_dir).expanduser())
+
+
+def _is_ours(entry: Path) -> bool:
+    """A store folder (its name a fingerprint, with meta.json or still empty) or a temporary one."""
+    if entry.is_symlink() or not entry.is_dir():
+        return False
+    if _TMP_NAME.fullmatch(entry.name):
+        return True
+    return bool(_STORE_NAME.fullmatch(entry.name)) and (
+        (entry / "meta.json").is_file() or not any(entry.iterdir())
+    )
 
 
 def _batches(dataset, collate_fn, rows: Sequence[int], batch_size: int):
@@ -729,13 +829,36 @@ def _write_part(
             "the training rows changed between two passes of the collator (it changes rows at random): the "
             "precomputed teacher needs a deterministic collator; use the live teacher"
         )
-    for a in arrays.values():
+    for name, a in arrays.items():
         a.flush()
+        _check_finite(name, a, dtype)
     shapes = {name: list(a.shape) for name, a in arrays.items()}
     return {
         "vocab": vocab, "shapes": shapes, "hidden_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "head_error": head_error or 0.0, "head_digest": None if head is None else _head_digest(*head),
     }  # fmt: skip
+
+
+def _check_finite(name: str, array: np.ndarray, dtype: torch.dtype | None) -> None:
+    """Refuse a teacher whose pass gave NaN or +inf (log-probabilities may be -inf), a block of
+    rows at a time: a store is never written with values that would turn training into NaN."""
+    if array.dtype.kind not in "fu" or name in ("offsets", "keys"):
+        return
+    bits = array.dtype == np.uint16  # bfloat16 stored as its bits
+    if bits and dtype != torch.bfloat16:
+        return
+    for lo in range(0, len(array), 4096):
+        block = torch.from_numpy(np.ascontiguousarray(array[lo : lo + 4096]))
+        block = block.view(torch.bfloat16) if bits else block
+        bad = block.isnan() | (block == float("inf"))
+        if name not in ("full", "top_values"):
+            bad |= block == float("-inf")
+        if bool(bad.any()):
+            raise InvalidInputError(
+                f"the teacher's pass gave non-finite values (NaN or inf) in its {name}: the model before training, with "
+                "its IVs added, cannot serve as a teacher. Check the model in its dtype (float16 overflows: use "
+                "bfloat16 or float32) and the IVs' strength (teacher_iv_strength)"
+            )
 
 
 def _check_space(folder: Path, size: int) -> None:

@@ -120,7 +120,7 @@ def drop_gguf_marker(model: Any) -> Any:
     folder loads without gguf. A PEFT model's base is cleared; other models are left as they are."""
     from ivtrainer.modeling.architectures import unwrap_model
 
-    bare = unwrap_model(model)
+    bare: Any = unwrap_model(model)
     quantizer = getattr(bare, "hf_quantizer", None)
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
     if quantizer is not None and getattr(method, "value", method) == "gguf":

@@ -336,7 +336,7 @@ def test_a_resumed_full_fine_tuning_reuses_the_store(tmp_path, iv, data, restore
         for file in item.iterdir():
             file.unlink()
         item.rmdir()
-    with pytest.raises(InvalidInputError, match="missing or stale"):
+    with pytest.raises(InvalidInputError, match="missing, stale or damaged"):
         trainer(tmp_path / "gone").train(resume_from_checkpoint=True)
 
 
@@ -358,8 +358,9 @@ def test_bad_input_is_refused_before_training(tmp_path, iv, data):
         )
 
     (tmp_path / "a_file").write_text("")
+    with pytest.raises(InvalidInputError, match="is a file"):  # at construction
+        trainer(teacher_cache_dir=str(tmp_path / "a_file"))
     for kw, message in [
-        ({"teacher_cache_dir": str(tmp_path / "a_file")}, "is a file"),
         ({"teacher_top_k": VOCAB}, "smaller than the vocabulary"),
         ({"dataset": data.to_iterable_dataset(), "max_steps": 1}, "map-style"),
         ({"data_collator": _with_position_ids}, "packed without padding"),
@@ -413,3 +414,172 @@ def test_push_to_hub_leaves_the_store_out(tmp_path, iv, data, monkeypatch):
         trainer.push_to_hub()
     assert "adapter_model.safetensors" in sent["files"]
     assert not [f for f in sent["files"] if CACHE_FOLDER in f]
+
+
+def _store_run(tmp_path, iv, data, rows=range(4), out="run", **kw):
+    """One step with the stored teacher; its loss, the log and the store folders."""
+    config = guided_config(
+        tmp_path, output_dir=str(tmp_path / out), teacher="precomputed", max_steps=1, **(TERMS | kw)
+    )
+    trainer = IVGuidedTrainer(
+        tiny_model("llama", seed=1), config, instruction_vectors=iv, train_dataset=data.select(rows),
+        data_collator=collator(),
+    )  # fmt: skip
+    logger = logging.getLogger("ivtrainer")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        trainer.train()
+    finally:
+        logger.removeHandler(handler)
+    return trainer.state.log_history[0]["loss"], "\n".join(records)
+
+
+def _npy(folder, name):
+    return np.load(folder / name, mmap_mode="r")
+
+
+def _tamper(kind, folder, other):
+    """Edit a finished store as a hostile user (or a bad copy) would."""
+    import json
+    import shutil
+
+    if kind in ("nan", "zeros", "inf"):
+        values = _npy(folder, "top_values-0.npy")
+        fill = {"nan": np.nan, "zeros": 0.0, "inf": np.inf}[kind]
+        np.save(folder / "top_values-0.npy", np.full(values.shape, fill, values.dtype))
+    elif kind == "dtype":
+        np.save(folder / "top_values-0.npy", np.asarray(_npy(folder, "top_values-0.npy"), np.float64))
+    elif kind == "indices":
+        indices = np.array(_npy(folder, "top_indices-0.npy"))
+        indices[0, 0] = 10**6
+        np.save(folder / "top_indices-0.npy", indices)
+    elif kind == "meta":
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["temperature"] = 1.0
+        (folder / "meta.json").write_text(json.dumps(meta))
+    elif kind == "another store":
+        for f in folder.iterdir():
+            f.unlink()
+        for f in other.iterdir():
+            shutil.copy(f, folder / f.name)
+
+
+@pytest.mark.parametrize("kind", ["nan", "zeros", "inf", "dtype", "indices", "meta", "another store"])
+def test_an_edited_store_is_recomputed_never_trained_on(tmp_path, iv, data, kind):
+    """Any edit of a finished store (values, dtype, meta.json, another run's files under this
+    fingerprint's name) is found when it is opened: one log line, the store computed again, and
+    training as with a fresh store."""
+    loss, _ = _store_run(tmp_path, iv, data)
+    _store_run(tmp_path, iv, data, rows=range(2, 6), out="other")
+    (folder,) = (tmp_path / "run" / CACHE_FOLDER).iterdir()
+    (other,) = (tmp_path / "other" / CACHE_FOLDER).iterdir()
+    _tamper(kind, folder, other)
+    again, log = _store_run(tmp_path, iv, data)
+    assert "is damaged" in log and "precomputed teacher: 4 rows" in log, log
+    assert again == loss and [p.name for p in (tmp_path / "run" / CACHE_FOLDER).iterdir()] == [folder.name]
+
+
+def test_a_teacher_that_gives_nan_is_refused_before_training(tmp_path, iv, data):
+    model = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = IVGuidedTrainer(
+        model, guided_config(tmp_path, teacher="precomputed", max_steps=1, **TERMS), instruction_vectors=iv,
+        train_dataset=data.select(range(4)), data_collator=collator(),
+    )  # fmt: skip
+    with pytest.raises(InvalidInputError, match="non-finite values"):
+        trainer.train()
+    assert not list((tmp_path / "run" / CACHE_FOLDER).iterdir())  # nothing written
+    for a, b in zip(before, model.parameters(), strict=True):  # no step taken
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["output_dir", "output_dir/cache", "home", "cwd", "project"])
+def test_a_cache_folder_that_is_not_ours_or_would_be_uploaded_is_refused(
+    tmp_path, iv, data, monkeypatch, where
+):
+    """teacher_cache_dir: never where push_to_hub uploads, never a folder holding anything but
+    stores (stale stores are removed there); refused at construction, nothing touched."""
+    home, project = tmp_path / "home", tmp_path / "project"
+    (home / "code").mkdir(parents=True)
+    (home / "thesis.tex").write_text("mine")
+    (project / "results").mkdir(parents=True)
+    (project / "results" / "meta.json").write_text("{}")  # looks like a store to a careless sweep
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home / "code")
+    (home / "code" / "notes.md").write_text("mine")
+    cache = {
+        "output_dir": tmp_path / "run", "output_dir/cache": tmp_path / "run" / "cache", "home": "~",
+        "cwd": ".", "project": project,
+    }[where]  # fmt: skip
+    message = "push_to_hub would upload" if where.startswith("output_dir") else "not precomputed teachers"
+    with pytest.raises(InvalidInputError, match=message):
+        IVGuidedTrainer(
+            tiny_model("llama"), guided_config(tmp_path, teacher="precomputed", teacher_cache_dir=str(cache), **TERMS),
+            instruction_vectors=iv, train_dataset=data, data_collator=collator(),
+        )  # fmt: skip
+    assert (home / "thesis.tex").read_text() == "mine" and (project / "results" / "meta.json").is_file()
+    assert (home / "code" / "notes.md").is_file()
+
+
+def test_a_cache_folder_starting_with_an_underscore_in_output_dir_is_never_uploaded(
+    tmp_path, iv, data, monkeypatch
+):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    cache = tmp_path / "run" / "_teachers"
+    config = guided_config(
+        tmp_path, hub_model_id="someone/stored", teacher="precomputed", teacher_cache_dir=str(cache), max_steps=1,
+        **TERMS,
+    )  # fmt: skip
+    trainer = IVGuidedTrainer(
+        tiny_model("llama"), config, instruction_vectors=iv, train_dataset=data, data_collator=collator()
+    )
+    trainer.train()
+    assert any(cache.iterdir())
+    with intercept_hub_upload("someone/stored") as sent:
+        trainer.push_to_hub()
+    assert "model.safetensors" in sent["files"] and not [f for f in sent["files"] if "_teachers" in f]
+
+
+def test_runs_sharing_a_cache_folder_leave_each_other_alone(tmp_path, iv, data, monkeypatch):
+    """A shared teacher_cache_dir: a live run's temporary folder is left alone, a killed one's is
+    removed; a run that finds the same store written by another meanwhile uses it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ivtrainer.iv_guided import precomputed_teacher
+
+    cache = tmp_path / "shared"
+    loss, _ = _store_run(tmp_path, iv, data, teacher_cache_dir=str(cache))
+    (store,) = cache.iterdir()
+    shutil.copytree(store, tmp_path / "saved")
+    shutil.rmtree(store)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    try:
+        live_tmp = cache / f".{store.name}.tmp-{alive.pid}-abc"
+        dead_tmp = cache / f".{store.name}.tmp-{int(dead.stdout)}-def"
+        live_tmp.mkdir()
+        dead_tmp.mkdir()
+        write = precomputed_teacher._write_part
+
+        def meanwhile(folder, *args, **kwargs):  # another run renames the same store into place first
+            shapes = write(folder, *args, **kwargs)
+            shutil.copytree(tmp_path / "saved", store)
+            return shapes
+
+        monkeypatch.setattr(precomputed_teacher, "_write_part", meanwhile)
+        again, log = _store_run(tmp_path, iv, data, teacher_cache_dir=str(cache))
+    finally:
+        alive.kill()
+        alive.wait()
+    assert live_tmp.is_dir() and not dead_tmp.exists()
+    assert "written by another run meanwhile" in log and again == loss
+    assert sorted(p.name for p in cache.iterdir()) == sorted([store.name, live_tmp.name])
