@@ -92,9 +92,7 @@ class LMEvalCallback(TrainerCallback):
         self._tokenizer = tokenizer
         saved = Path(args.output_dir) / RESULTS_JSON
         if state.global_step > 0 and not self.history and saved.is_file():  # a resumed run: continue
-            self.history = [
-                e for e in json.loads(saved.read_text())["evaluations"] if e["step"] <= state.global_step
-            ]
+            self.history = _earlier_evaluations(saved, state.global_step)
         if self.at_start and state.global_step == 0:
             self._evaluate(args, state, control, model)
 
@@ -154,6 +152,22 @@ class LMEvalCallback(TrainerCallback):
             tmp.write_text(json.dumps({"settings": settings, "evaluations": self.history}, indent=1))
         with atomic_file(output_dir / RESULTS_MD) as tmp:
             tmp.write_text(results_table(self.history))
+
+
+def _earlier_evaluations(saved: Path, step: int) -> list[dict[str, Any]]:
+    """The evaluations a resumed run continues (those up to its step), refused with the fix when
+    the file is not what this callback writes."""
+    try:
+        entries = json.loads(saved.read_text())["evaluations"]
+        kept = [e for e in entries if e["step"] <= step]
+        if not all(isinstance(e["scores"], dict) and isinstance(e["epoch"], (int, float)) for e in kept):
+            raise ValueError("an evaluation without its scores or epoch")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(
+            f"{saved} is not LMEvalCallback's record of this run ({type(exc).__name__}: {exc}): delete it to start "
+            "the record over, or restore it"
+        ) from None
+    return kept
 
 
 def results_table(history: Sequence[dict[str, Any]]) -> str:

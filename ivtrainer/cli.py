@@ -57,6 +57,8 @@ def _extract_iv(args: argparse.Namespace) -> int:
     from ivtrainer.utils.outputs import atomic_dir, check_output_dir
 
     # Everything that can be checked without the model is checked before loading it.
+    if args.batch_size < 1:
+        raise IVTrainerError(f"--batch-size must be >= 1, got {args.batch_size}")
     examples = load_examples(args.task)
     held_out: list = []
     if args.eval_split is not None:

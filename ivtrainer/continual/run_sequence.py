@@ -20,6 +20,7 @@ with the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from ivtrainer.continual.metrics import continual_scores
 from ivtrainer.continual.sequence_tasks import ORDERS, SEQUENCE_TASKS, load_sequence_task
 from ivtrainer.datasets.tasks import load_examples
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.utils.checks import finite_number
 from ivtrainer.utils.outputs import atomic_dir, atomic_file
 from ivtrainer.utils.progress import with_progress_bar
 
@@ -45,6 +47,7 @@ __all__ = ["METHODS", "QUICK", "ContinualSettings", "run_sequence", "task_rows"]
 logger = logging.getLogger(__name__)
 
 METHODS = ("plain", "replay", "kl-anchor", "iv-guided")
+LORA_TARGETS = ("q_proj", "v_proj")
 Method = Literal["plain", "replay", "kl-anchor", "iv-guided"]
 
 
@@ -87,9 +90,39 @@ class ContinualSettings:
             )
         if len(set(self.tasks)) != len(self.tasks):
             raise InvalidInputError(f"a task appears twice in {list(self.tasks)}")
+        # each task is one column of the accuracy matrix, under its name: two tasks must not share one
+        seen: dict[str, str] = {}
+        for task in self.tasks:
+            key = task if task in SEQUENCE_TASKS else str(Path(task).expanduser().resolve())
+            if key in seen:
+                raise InvalidInputError(f"{seen[key]!r} and {task!r} are the same task file: name it once")
+            seen[key] = task
+        names: dict[str, str] = {}
+        for task in self.tasks:
+            if _name(task) in names:
+                raise InvalidInputError(
+                    f"tasks {names[_name(task)]!r} and {task!r} would share the name {_name(task)!r} in the results: "
+                    "rename one file (a task file's name, without its extension, names its column; built-in "
+                    f"names {sorted(SEQUENCE_TASKS)} are taken)"
+                )
+            names[_name(task)] = task
+        for name in ("n_train", "n_test"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidInputError(
+                    f"{name} must be a whole number >= 1 (or left out: all rows), got {value!r}"
+                )
+        if finite_number("epochs", self.epochs) <= 0:
+            raise InvalidInputError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.learning_rate is not None and finite_number("learning_rate", self.learning_rate) <= 0:
+            raise InvalidInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        for name in ("iv_mean_prompts", "iv_cie_prompts", "iv_calibration_prompts"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.method not in METHODS:
             raise InvalidInputError(f"method must be one of {METHODS}, not {self.method!r}")
-        if not 0 <= self.replay_fraction <= 1:
+        if not 0 <= finite_number("replay_fraction", self.replay_fraction) <= 1:
             raise InvalidInputError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
         if self.icl_demos not in ("fixed", "per-query"):
             raise InvalidInputError(f"icl_demos must be 'fixed' or 'per-query', not {self.icl_demos!r}")
@@ -182,16 +215,42 @@ def run_sequence(
     rows = {
         t: {s: task_rows(t, s) for s in ("train", "test")} for t in config.tasks
     }  # every task checked now
+    _check_sizes(config, rows)
     out = Path(out).expanduser()
-    _check_resume(out, config)
+    # every check that needs no model, before it loads: the folder, a resumed run's inputs and stages
+    resuming = _check_out(out, config)
+    inputs: dict[str, Any] = {"tasks": {_name(t): _digest(rows[t]) for t in config.tasks}}
+    if resuming:
+        _check_inputs(out, inputs)
+        _check_stages(out, config)
+    heads = _head_set(config)
+    # the model's files and, from its config alone (no weights read), what depends on the model
+    folder = _model_folder(config.model)
+    if folder is not None:
+        inputs["model_files"] = _files_digest(folder)
+        if resuming:
+            _check_inputs(out, inputs)
+        if (folder / "config.json").is_file():
+            _check_model(_empty_model(folder), config, heads)
     from transformers import set_seed
 
+    from ivtrainer.iv_guided.precomputed_teacher import model_fingerprint
     from ivtrainer.modeling.loading import load_model
 
     set_seed(config.seed)
     current, tokenizer = load_model(config.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _check_model(current, config, heads)  # again: a .gguf file has no config to check it from
+    inputs["model"] = model_fingerprint(current)
+    if resuming:
+        _check_inputs(out, inputs)
+    # written once every check has passed: a refused run leaves nothing that blocks its corrected rerun
+    for name, values in (("settings.json", dataclasses.asdict(config)), ("inputs.json", inputs)):
+        if not (out / name).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_file(out / name) as tmp:
+                tmp.write_text(json.dumps(json.loads(json.dumps(values)), indent=1))
     stages: list[dict[str, Any]] = []
     for stage in range(len(config.tasks) + 1):
         folder = out / "stages" / str(stage)
@@ -229,11 +288,20 @@ def run_sequence(
 _BEFORE_THE_FIELD: dict[str, Any] = {"icl_demos": "per-query"}
 
 
-def _check_resume(out: Path, config: ContinualSettings) -> None:
+def _check_out(out: Path, config: ContinualSettings) -> bool:
+    """Whether ``out`` holds a run of these settings to continue (True) or may take a new one
+    (False); anything else is refused."""
     path = out / "settings.json"
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as saved: tuples are lists
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or "tasks" not in saved:
+                raise ValueError("not a continual run's settings")
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"{path} is not a continual run's settings ({exc}): give another --out, or delete it to start over"
+            ) from None
         for field in dataclasses.fields(config):  # settings added since that run was made
             saved.setdefault(field.name, _BEFORE_THE_FIELD.get(field.name, field.default))
         saved = json.loads(json.dumps(saved))
@@ -243,19 +311,183 @@ def _check_resume(out: Path, config: ContinualSettings) -> None:
                 f"{out} holds a run with other settings ({', '.join(diff)} differ): give another --out, or the same "
                 "settings to continue it"
             )
-        return
+        return True
     from ivtrainer.utils.outputs import OutputExistsError, check_output_dir
 
-    inputs = [t for t in (*config.tasks, config.model) if Path(t).expanduser().exists()]
+    inputs = [
+        t for t in (*config.tasks, config.model, config.iv_heads) if t and Path(t).expanduser().exists()
+    ]
     try:  # the rules of every --out: not an input, the home or the current directory, not a file
         check_output_dir(out, inputs=inputs)
     except OutputExistsError:
         raise InvalidInputError(
             f"--out {out} is not empty and holds no continual run (no settings.json): give a new or empty folder"
         ) from None
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(wanted, indent=1))
+    return False
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _check_inputs(out: Path, inputs: dict[str, Any]) -> None:
+    """Refuse to continue a run whose task rows or model weights are not those it began with."""
+    path = out / "inputs.json"
+    if not path.is_file():  # a run made before inputs were recorded: they are recorded now
+        return
+    try:
+        saved = json.loads(path.read_text())
+        saved_tasks, saved_model = dict(saved["tasks"]), saved.get("model")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{path} is unreadable ({exc}): start over with a new --out") from None
+    changed = [name for name, digest in inputs["tasks"].items() if saved_tasks.get(name) != digest]
+    if changed:
+        raise InvalidInputError(
+            f"the rows of task {changed[0]!r} changed since {out} began (its file was edited): the stages already "
+            "trained used the old rows; give a new --out to run with these, or restore the file"
+        )
+    files = inputs.get("model_files")
+    if ("model" in inputs and saved_model is not None and inputs["model"] != saved_model) or (
+        files is not None and saved.get("model_files") not in (None, files)
+    ):
+        raise InvalidInputError(
+            f"the model at --model is not the one {out} began with (other weights at the same path): give a new "
+            "--out, or point --model at the original weights"
+        )
+
+
+def _check_stages(out: Path, config: ContinualSettings) -> None:
+    """The finished stages a resumed run builds on, checked before the model loads: each one's
+    scores, its adapter (LoRA) or, with full fine-tuning, the latest model, which is the only one kept."""
+    names = sorted(_name(t) for t in config.tasks)
+    stages = out / "stages"
+    finished = 0
+    while (stages / str(finished) / "scores.json").is_file():
+        finished += 1
+    later = (
+        [p.name for p in stages.iterdir() if p.name.isdigit() and int(p.name) > finished]
+        if stages.is_dir()
+        else []
+    )
+
+    def damaged(stage: int, why: str) -> InvalidInputError:
+        fix = (
+            f"delete {stages / str(stage)} and the stages after it, then run the same command to train them again"
+            if config.lora or stage <= 1
+            else "start over with a new --out (with --full only the latest stage's model is kept)"
+        )
+        return InvalidInputError(f"stage {stage} of {out} is damaged ({why}): {fix}")
+
+    if later:
+        raise damaged(finished, f"stages {sorted(later, key=int)} exist after it, but it has no scores.json")
+    for stage in range(finished):
+        folder = stages / str(stage)
+        try:
+            scores = json.loads((folder / "scores.json").read_text())
+            if sorted(scores["tasks"]) != names or not isinstance(scores["abilities"], dict):
+                raise ValueError(f"its scores are for tasks {sorted(scores['tasks'])}, not {names}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise damaged(stage, f"scores.json: {exc}") from None
+        if stage == 0:
+            continue
+        weights = (folder / "adapter" / "adapter_model.safetensors") if config.lora else (folder / "model")
+        if config.lora or stage == finished - 1:
+            try:
+                _check_weights(weights)
+            except (OSError, ValueError) as exc:
+                what = "the adapter" if config.lora else "the model (the only one kept with --full)"
+                raise damaged(stage, f"{what}: {exc}") from None
+
+
+def _check_weights(path: Path) -> None:
+    """A LoRA adapter's safetensors file (with its config), or a model folder's files, present
+    and whole: each file as long as its header says."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    config = path / "config.json" if path.is_dir() else path.parent / "adapter_config.json"
+    if not config.is_file() or not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"{path if not config.is_file() or not files else files[0]} is missing")
+    for file in files:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if file.stat().st_size < 8 + length + end:
+            raise ValueError(f"{file.name} is truncated ({file.stat().st_size} of {8 + length + end} bytes)")
+
+
+def _model_folder(model: str) -> Path | None:
+    """The local folder or .gguf file ``--model`` names (the default model's converted folder, a
+    Hub id's cached snapshot), or None when there is none yet."""
+    from ivtrainer.modeling.loading import DEFAULT_MODEL, default_model_path
+
+    if model == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model.split("@", 1)[0], "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _files_digest(path: Path) -> str:
+    """The model's identity on disk: config.json's content and each weights file's name, size and
+    modification time (a weights file rewritten in place changes them; cheap for 7B weights)."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    parts: list[list[Any]] = []
+    for f in files:
+        if f.name == "config.json":
+            parts.append(["config.json", f.read_text()])
+        elif f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+            st = f.stat()
+            parts.append([f.name, st.st_size, st.st_mtime_ns])
+    return _digest(parts)
+
+
+def _empty_model(folder: Path) -> nn.Module:
+    """The model's modules from its config, on the meta device: no weights read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInputError(f"--model {folder}: cannot read its config ({exc})") from None
+
+
+def _check_sizes(config: ContinualSettings, rows) -> None:
+    """Enough rows for what the method does with them, before any work."""
+    from ivtrainer.steering.icl import check_extraction_sizes
+
+    for task in config.tasks:
+        train = rows[task]["train"][: config.n_train]
+        if config.method == "iv-guided":  # the own-task IV: 10-shot prompts from the training rows
+            check_extraction_sizes(train, n_shots=10, source=_name(task))
+
+
+def _head_set(config: ContinualSettings):
+    """The saved head set for the own-task IVs (read before the model loads), or None."""
+    if config.iv_heads is None:
+        return None
+    from ivtrainer.steering.head_set import HeadSet
+
+    return HeadSet.from_pretrained(config.iv_heads)
+
+
+def _check_model(model: nn.Module, config: ContinualSettings, heads) -> None:
+    """What depends on the model, checked right after it loads, before any stage."""
+    if config.lora:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in LORA_TARGETS if t not in present]
+        if missing:
+            raise InvalidInputError(
+                f"LoRA trains {' and '.join(LORA_TARGETS)} (FvForgetting's setting), but the model "
+                f"({getattr(model.config, 'model_type', '?')}) has no module named {missing[0]}: use --full, or a "
+                "Llama-family model"
+            )
+    if heads is not None:
+        heads.check_compatible(model)
 
 
 def _training_args(
@@ -314,7 +546,7 @@ def _train_stage(
     if config.lora:  # a new adapter over the earlier ones, merged (FvForgetting's --create_new_adapter)
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
         student = get_peft_model(current, lora)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
     scratch = folder / "trainer"

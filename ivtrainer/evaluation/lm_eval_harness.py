@@ -67,7 +67,33 @@ def check_tasks(tasks: str | Sequence[str], manager) -> list[str]:
             close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; `lm_eval ls tasks` lists them"
             raise InvalidInputError(f"unknown lm-eval task {name!r}{hint}")
+    _check_data(names, manager)
     return names
+
+
+def _check_data(names: list[str], manager) -> None:
+    """Load the tasks (their documents) now, so that data that cannot be had (offline, not in the
+    local cache) is refused in one line before any work, not at the first evaluation."""
+    lm_logger = logging.getLogger("lm_eval")
+    level = lm_logger.level
+    lm_logger.setLevel(logging.ERROR)
+    try:
+        load = getattr(manager, "load", None)
+        if callable(load):
+            load(names)
+        else:  # lm-eval before TaskManager.load
+            from lm_eval.tasks import get_task_dict
+
+            get_task_dict(names, manager)
+    except (ConnectionError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInputError(
+            f"lm-eval tasks {', '.join(names)}: their data cannot be loaded ({reason}); download it while online "
+            "first (it is then read from the local cache), or name tasks whose data ships with ivtrainer "
+            "(ivtrainer_abilities, ivtrainer_facts_*)"
+        ) from None
+    finally:
+        lm_logger.setLevel(level)
 
 
 def check_model(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ivtrainer.datasets.tasks import list_tasks, load_examples
 from ivtrainer.errors import InvalidInputError, IVTrainerError
-from ivtrainer.modeling.architectures import ModelLayout, get_layout
+from ivtrainer.modeling.architectures import ModelLayout, get_layout, unwrap_model
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
 from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes, check_prompts_fit
@@ -80,7 +80,16 @@ class HeadSet:
         return [divmod(int(i), self.n_heads) for i in order]
 
     def check_compatible(self, model: nn.Module) -> ModelLayout:
+        """The model's layout; raises :class:`IncompatibleHeadSetError` for another architecture
+        or other layers x heads (head rankings do not carry across models)."""
         layout = get_layout(model)
+        model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+        if model_type is not None and model_type != self.model_type:
+            raise IncompatibleHeadSetError(
+                f"this head set was chosen on {self.model_name} (a {self.model_type} model) and cannot rank the heads "
+                f"of a {model_type} model, whatever their number; choose one for this model with "
+                "ivtrainer.extract_head_set(model, tokenizer)"
+            )
         if (layout.n_layers, layout.n_heads) != (self.n_layers, self.n_heads):
             raise IncompatibleHeadSetError(
                 f"this head set was chosen on {self.model_name} ({self.n_layers} layers x {self.n_heads} heads) and "

@@ -408,6 +408,7 @@ def _validate(
     edit_layer,
     strength,
     calibrate,
+    batch_size=1,
 ):
     if method not in ("exact", "atp"):
         raise InvalidInputError(f"method must be 'exact' or 'atp', not {method!r}")
@@ -415,8 +416,9 @@ def _validate(
         ("n_shots", n_shots, 0),
         ("n_mean_prompts", n_mean_prompts, 1),
         ("n_cie_prompts", n_cie_prompts, 1),
+        ("batch_size", batch_size, 1),
     ):
-        if not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
     check_extraction_sizes(examples, n_shots=n_shots)
     total = layout.n_layers * layout.n_heads
@@ -499,8 +501,9 @@ def extract_instruction_vector(
     data = load_examples(examples)
     layout = get_layout(model)
     _validate(
-        layout, data, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer, strength, calibrate
-    )
+        layout, data, n_heads, n_shots, n_mean_prompts, n_cie_prompts, method, edit_layer, strength, calibrate,
+        batch_size,
+    )  # fmt: skip
     head_set = HeadSet.from_pretrained(heads) if isinstance(heads, (str, os.PathLike)) else heads
     if head_set is not None:
         head_set.check_compatible(model)
