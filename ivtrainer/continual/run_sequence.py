@@ -106,20 +106,14 @@ class ContinualSettings:
                     f"names {sorted(SEQUENCE_TASKS)} are taken)"
                 )
             names[_name(task)] = task
-        for name in ("n_train", "n_test"):
-            value = getattr(self, name)
+        for name in ("n_train", "n_test", "iv_mean_prompts", "iv_cie_prompts", "iv_calibration_prompts"):
+            value = getattr(self, name)  # None: all rows, or the package's default
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InvalidInputError(
-                    f"{name} must be a whole number >= 1 (or left out: all rows), got {value!r}"
-                )
+                raise InvalidInputError(f"{name} must be a whole number >= 1 (or left out), got {value!r}")
         if finite_number("epochs", self.epochs) <= 0:
             raise InvalidInputError(f"epochs must be > 0, got {self.epochs!r}")
         if self.learning_rate is not None and finite_number("learning_rate", self.learning_rate) <= 0:
             raise InvalidInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        for name in ("iv_mean_prompts", "iv_cie_prompts", "iv_calibration_prompts"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.method not in METHODS:
             raise InvalidInputError(f"method must be one of {METHODS}, not {self.method!r}")
         if not 0 <= finite_number("replay_fraction", self.replay_fraction) <= 1:
@@ -220,18 +214,15 @@ def run_sequence(
     # every check that needs no model, before it loads: the folder, a resumed run's inputs and stages
     resuming = _check_out(out, config)
     inputs: dict[str, Any] = {"tasks": {_name(t): _digest(rows[t]) for t in config.tasks}}
+    folder = _model_folder(config.model)
+    if folder is not None:
+        inputs["model_files"] = _files_digest(folder)
     if resuming:
         _check_inputs(out, inputs)
         _check_stages(out, config)
     heads = _head_set(config)
-    # the model's files and, from its config alone (no weights read), what depends on the model
-    folder = _model_folder(config.model)
-    if folder is not None:
-        inputs["model_files"] = _files_digest(folder)
-        if resuming:
-            _check_inputs(out, inputs)
-        if (folder / "config.json").is_file():
-            _check_model(_empty_model(folder), config, heads)
+    if folder is not None and (folder / "config.json").is_file():  # from its config: no weights read
+        _check_model(_empty_model(folder), config, heads)
     from transformers import set_seed
 
     from ivtrainer.iv_guided.precomputed_teacher import model_fingerprint
