@@ -65,7 +65,7 @@ __all__ = [
 logger = logging.get_logger(__name__)
 
 CACHE_FOLDER = "_ivtrainer_teacher"
-FORMAT = 1
+FORMAT = 2  # 2: meta.json holds digests of itself and of every file
 # a mean top-k tail mass above this is pointed out in the log (the coarsened KL misses its shape)
 _TAIL_NOTE = 0.05
 # elements of float32 log-probabilities computed at once while storing (16 MiB)
@@ -284,6 +284,10 @@ class TeacherStore:
         shape and dtype. Raises :class:`DamagedStoreError` naming the first mismatch."""
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            if meta.get("format") != FORMAT:
+                raise DamagedStoreError(
+                    f"written in format {meta.get('format')}, this ivtrainer reads {FORMAT}"
+                )
             if meta.get("digest") != _digest({k: v for k, v in meta.items() if k != "digest"}):
                 raise DamagedStoreError("meta.json was edited")
             if _digest(meta["fingerprint"])[:20] != folder.name:
