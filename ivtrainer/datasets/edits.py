@@ -13,6 +13,7 @@ named explicitly)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -225,6 +226,7 @@ def target_predictions(
     batch_size: int = 32,
     desc: str | None = None,
     shared_prefix: bool = False,
+    intervene: Callable[[list[int], torch.Tensor], contextlib.AbstractContextManager] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Teacher-forced argmax at the target positions of ``prompt + " " + target`` (EasyEdit).
 
@@ -232,7 +234,9 @@ def target_predictions(
     leaves every real position's logits as in an unpadded forward. ``shared_prefix``: the prompts
     start with the same tokens (one task's instruction), computed once
     (:func:`~ivtrainer.modeling.shared_prefix.shared_prefix_logits`; plain batches where the model
-    cannot).
+    cannot). ``intervene(rows, mask)``: a context manager each batch's forward runs in, given the
+    batch's prompt indices and a ``(batch, seq)`` bool mask of each row's last prompt token (where
+    an IV goes: its effect on the answer is that of greedy decoding with the IV on the prompt).
     """
     if len(prompts) != len(targets):
         raise InvalidInputError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -245,7 +249,7 @@ def target_predictions(
         if n_prompt >= len(full):
             raise InvalidInputError(f"target {target!r} adds no tokens to prompt {prompt!r}")
         rows.append((full, n_prompt))
-    if shared_prefix:
+    if shared_prefix and intervene is None:
         wanted = [list(range(n - 1, len(full) - 1)) for full, n in rows]
         logits = shared_prefix_logits(model, [full for full, _ in rows], wanted)
         if logits is not None:
@@ -270,9 +274,15 @@ def target_predictions(
             # the LM head only where a target token is predicted (a tensor of positions)
             first = min(rows[row][1] for row in batch) - 1
             extra = {"logits_to_keep": torch.arange(first, width - 1)} if keep else {}
-            logits = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra
-            ).logits
+            context: contextlib.AbstractContextManager = contextlib.nullcontext()
+            if intervene is not None:
+                last_prompt = torch.zeros_like(mask, dtype=torch.bool)
+                last_prompt[torch.arange(len(batch)), torch.tensor([rows[r][1] - 1 for r in batch])] = True
+                context = intervene(batch, last_prompt.to(device))
+            with context:
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra
+                ).logits
             shift = first if keep else 0
             for i, row in enumerate(batch):
                 full, n = rows[row]

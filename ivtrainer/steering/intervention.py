@@ -61,7 +61,9 @@ def last_prompt_positions(labels: torch.Tensor, position_ids: torch.Tensor | Non
 class Intervention:
     """Handle of an active intervention; change ``strength`` or ``positions`` between forwards."""
 
-    def __init__(self, strength: float, positions: Positions, training_only: bool = False) -> None:
+    def __init__(
+        self, strength: float | torch.Tensor, positions: Positions, training_only: bool = False
+    ) -> None:
         self.strength = strength
         self.positions = positions
         self.training_only = training_only
@@ -82,6 +84,11 @@ class Intervention:
         """Set the (rows, cols) to edit in this forward from the model's own inputs."""
         batch, seq = input_shape
         positions = self.positions
+        if isinstance(self.strength, torch.Tensor) and tuple(self.strength.shape) != (batch,):
+            raise InvalidInputError(
+                f"per-row strengths have shape {tuple(self.strength.shape)} but the batch has {batch} rows: "
+                "give one strength per row (0 leaves a row alone)"
+            )
         if self.training_only and not training:  # evaluation, prediction, lm-eval: the model as it is
             self._where = None
             return
@@ -138,11 +145,14 @@ def add_to_residual(
     model: nn.Module,
     vectors: Sequence[tuple[int, torch.Tensor]],
     *,
-    strength: float = 1.0,
+    strength: float | torch.Tensor = 1.0,
     positions: Positions = "last",
     training_only: bool = False,
 ) -> Iterator[Intervention]:
     """Add ``strength * vector`` to the output hidden state of each ``(layer, vector)`` pair.
+
+    ``strength``: one number, or a ``(batch,)`` tensor of per-row strengths (0 leaves a row alone:
+    a batch of prompts of different tasks, each with its own IV).
 
     ``training_only``: only in forwards of the model in training mode (the student's IV during
     fine-tuning), so that evaluation, prediction and lm-eval see the model without it.
@@ -197,13 +207,22 @@ def add_to_residual(
 
         def hook(module: nn.Module, args: tuple, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if handle._where is None or handle.strength == 0 or handle.suspended:
+            strength = handle.strength
+            if (
+                handle._where is None
+                or handle.suspended
+                or (not isinstance(strength, torch.Tensor) and strength == 0)
+            ):
                 return output
             key = (hidden.device, hidden.dtype)
             if key not in cache:
                 cache[key] = vector.to(device=hidden.device, dtype=hidden.dtype)
             rows, cols = handle._where
-            edited = torch.index_put(hidden, (rows, cols), handle.strength * cache[key], accumulate=True)
+            if isinstance(strength, torch.Tensor):  # one strength per row
+                added = strength.to(device=hidden.device, dtype=hidden.dtype)[rows].unsqueeze(-1) * cache[key]
+            else:
+                added = strength * cache[key]
+            edited = torch.index_put(hidden, (rows, cols), added, accumulate=True)
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
         return hook

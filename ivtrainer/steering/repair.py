@@ -1,0 +1,223 @@
+"""IV repair: add the instruction vector of each prompt's task back at inference.
+
+The IV papers' mechanism claim is that fine-tuning mostly suppresses earlier skills rather than
+erasing them; if so, a task's IV added back should bring the task back. :class:`TaskVectors` holds
+one IV per task (each at its own edit layer and strength) and adds, in a batch of prompts of
+several tasks, each row's own IV at its last token; :class:`NearestTaskRouter` finds a prompt's
+task when the user does not name it.
+
+Routing rule: nearest centroid. A prompt's hidden state at its last token, at one decoder layer,
+minus the mean over all tasks' prompts, is compared by cosine similarity with each task's mean
+(centred) state; the most similar task wins. No training, one forward per prompt, and the layer is
+chosen on the prompts the router is fitted on (leave-one-out accuracy over a few layers): prompts of
+one task share an instruction and a format, which the residual stream carries at its last token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ivtrainer.errors import InvalidInputError
+from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.modeling.hooks import eval_mode
+from ivtrainer.steering.instruction_vector import InstructionVector
+from ivtrainer.steering.intervention import Positions, add_to_residual
+
+__all__ = ["NearestTaskRouter", "TaskVectors", "choose_strengths", "exact_match", "last_token_states"]
+
+#: The strengths :func:`choose_strengths` tries, as multiples of each IV's own (0: no repair).
+STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+
+class TaskVectors:
+    """Each task's IV, added back to the rows of its task.
+
+    Args:
+        vectors: task name -> its IV (captured on the model that knew the task, e.g. right after
+            training it).
+        strengths: task name -> a multiple of that IV's own strength (default 1; 0 switches the
+            task's repair off), chosen on the task's validation rows, never on its test rows.
+    """
+
+    def __init__(
+        self, vectors: Mapping[str, InstructionVector], strengths: Mapping[str, float] | None = None
+    ) -> None:
+        if not vectors:
+            raise InvalidInputError("TaskVectors needs at least one task's IV")
+        self.vectors = dict(vectors)
+        self.strengths = {name: 1.0 for name in self.vectors} | dict(strengths or {})
+        unknown = sorted(set(self.strengths) - set(self.vectors))
+        if unknown:
+            raise InvalidInputError(f"strengths for tasks without an IV: {unknown}")
+
+    @contextlib.contextmanager
+    def apply(
+        self, model: nn.Module, tasks: Sequence[str | None], *, positions: Positions = "last"
+    ) -> Iterator[None]:
+        """While the block runs, add to row ``i`` of every forward the IV of ``tasks[i]`` (None:
+        nothing) at its last token, as ``InstructionVector.apply`` does for one IV: prompt
+        forwards and ``generate`` (its cached steps are left alone). ``positions``: a ``(batch,
+        seq)`` bool mask instead (each row's last prompt token in a teacher-forced forward)."""
+        unknown = sorted({t for t in tasks if t is not None and t not in self.vectors})
+        if unknown:
+            raise InvalidInputError(f"no IV for tasks {unknown}: known tasks are {sorted(self.vectors)}")
+        with contextlib.ExitStack() as stack:
+            for name in dict.fromkeys(t for t in tasks if t is not None):
+                iv = self.vectors[name]
+                iv.check_compatible(model)
+                rows = torch.tensor([iv.strength * self.strengths[name] if t == name else 0.0 for t in tasks])
+                stack.enter_context(
+                    add_to_residual(model, [(iv.edit_layer, iv.vector)], strength=rows, positions=positions)
+                )
+            yield
+
+
+@torch.no_grad()
+def last_token_states(
+    model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16
+) -> torch.Tensor:
+    """``(n_layers, len(prompts), hidden)``: each decoder layer's output at each prompt's last
+    token (float32, on the CPU)."""
+    device = next(model.parameters()).device
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+            mask = batch["attention_mask"].to(device)
+            hidden = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states[1:]  # fmt: skip
+            last = (mask * torch.arange(1, mask.shape[1] + 1, device=device)).argmax(
+                -1
+            )  # either padding side
+            rows = torch.arange(mask.shape[0], device=device)
+            out.append(torch.stack([h[rows, last].float().cpu() for h in hidden]))
+    return torch.cat(out, 1)
+
+
+class NearestTaskRouter:
+    """The task of a prompt: the nearest task centroid (cosine, centred states) at one layer."""
+
+    def __init__(self, layer: int, names: Sequence[str], centroids: torch.Tensor, mean: torch.Tensor) -> None:
+        self.layer, self.names = layer, list(names)
+        self.centroids, self.mean = centroids, mean
+
+    @classmethod
+    def fit(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        prompts: Mapping[str, Sequence[str]],
+        *,
+        layer: int | None = None,
+        batch_size: int = 16,
+    ) -> NearestTaskRouter:
+        """Centroids from each task's ``prompts`` (its validation prompts, say); ``layer`` None:
+        the layer, among a quarter, half and three quarters of the depth, whose leave-one-out
+        routing accuracy on these prompts is highest (the earliest on a tie)."""
+        names = [n for n, p in prompts.items() if len(p)]
+        if len(names) < 2:
+            raise InvalidInputError("routing needs prompts of at least two tasks")
+        n_layers = get_layout(model).n_layers
+        if layer is not None and not 0 <= layer < n_layers:
+            raise InvalidInputError(f"layer {layer} is out of range: the model has {n_layers} layers")
+        flat = [p for n in names for p in prompts[n]]
+        labels = torch.tensor([i for i, n in enumerate(names) for _ in prompts[n]])
+        states = last_token_states(model, tokenizer, flat, batch_size=batch_size)
+        candidates = (
+            [layer] if layer is not None else sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4})
+        )
+        best = max(candidates, key=lambda ly: (_leave_one_out(states[ly], labels, len(names)), -ly))
+        mean = states[best].mean(0)
+        centred = states[best] - mean
+        centroids = torch.stack([centred[labels == i].mean(0) for i in range(len(names))])
+        return cls(best, names, torch.nn.functional.normalize(centroids, dim=-1), mean)
+
+    def route(
+        self, model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16
+    ) -> list[str]:
+        """The task of each prompt."""
+        states = last_token_states(model, tokenizer, prompts, batch_size=batch_size)[self.layer]
+        scores = torch.nn.functional.normalize(states - self.mean, dim=-1) @ self.centroids.T
+        return [self.names[i] for i in scores.argmax(-1).tolist()]
+
+
+def _leave_one_out(states: torch.Tensor, labels: torch.Tensor, n_tasks: int) -> float:
+    """Nearest-centroid accuracy, each prompt routed by centroids made without it."""
+    centred = states - states.mean(0)
+    sums = torch.stack([centred[labels == i].sum(0) for i in range(n_tasks)])
+    counts = torch.bincount(labels, minlength=n_tasks).float()
+    correct = 0
+    for x, y in zip(centred, labels.tolist(), strict=True):
+        own_sums, own_counts = sums.clone(), counts.clone()
+        own_sums[y] -= x
+        own_counts[y] -= 1
+        centroids = own_sums / own_counts.clamp(min=1).unsqueeze(-1)
+        scores = torch.nn.functional.cosine_similarity(x.unsqueeze(0), centroids, dim=-1)
+        scores[own_counts == 0] = -2.0
+        correct += int(scores.argmax()) == y
+    return correct / len(labels)
+
+
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[Mapping[str, str]],
+    *,
+    repair: TaskVectors | None = None,
+    tasks: Sequence[str | None] | None = None,
+    batch_size: int = 32,
+) -> list[bool]:
+    """Per ``{"prompt", "output"}`` row, whether every answer token is the teacher-forced argmax
+    (greedy decoding's answer), with ``repair`` adding the IV of ``tasks[i]`` to row ``i`` at its
+    last prompt token."""
+    from ivtrainer.datasets.edits import target_predictions
+
+    intervene = None
+    if repair is not None:
+        if tasks is None or len(tasks) != len(rows):
+            raise InvalidInputError("repair needs one task (or None) per row")
+        chosen = list(tasks)
+
+        def intervene(batch: list[int], mask: torch.Tensor):
+            return repair.apply(model, [chosen[i] for i in batch], positions=mask)
+
+    predictions = target_predictions(
+        model, tokenizer, [r["prompt"] for r in rows], [r["output"] for r in rows], batch_size=batch_size,
+        intervene=intervene,
+    )  # fmt: skip
+    return [pred == target for pred, target in predictions]
+
+
+def choose_strengths(
+    model: nn.Module,
+    tokenizer,
+    repair: TaskVectors,
+    validation: Mapping[str, Sequence[Mapping[str, str]]],
+    *,
+    grid: Sequence[float] = STRENGTHS,
+    batch_size: int = 32,
+) -> dict[str, dict[float, float]]:
+    """Set each task's strength to the one in ``grid`` with the best exact match on its
+    ``validation`` rows (the task given; the smallest strength on a tie, so 0, no repair, wins
+    when the IV does not help), and return each task's accuracy at every strength tried."""
+    if not grid or any(g < 0 for g in grid):
+        raise InvalidInputError(f"grid must hold strengths >= 0, got {list(grid)}")
+    tried: dict[str, dict[float, float]] = {}
+    for name, rows in validation.items():
+        if name not in repair.vectors or not rows:
+            raise InvalidInputError(f"no IV or no validation rows for task {name!r}")
+        tried[name] = {}
+        for strength in sorted(grid):
+            single = TaskVectors({name: repair.vectors[name]}, {name: strength})
+            hits = exact_match(
+                model, tokenizer, rows, repair=single, tasks=[name] * len(rows), batch_size=batch_size
+            )
+            tried[name][strength] = sum(hits) / len(hits)
+        repair.strengths[name] = max(sorted(grid), key=lambda s: (tried[name][s], -s))
+    return tried
