@@ -275,6 +275,8 @@ def _continual(args: argparse.Namespace) -> int:
     settings = dict(QUICK) if args.quick else {}
     if args.lm_eval_tasks:
         settings["lm_eval_tasks"] = tuple(t.strip() for t in args.lm_eval_tasks.split(",") if t.strip())
+    if args.repair:
+        settings["repair"] = True
     for name in (
         "epochs",
         "n_train",
@@ -446,6 +448,13 @@ def _parser() -> argparse.ArgumentParser:
         "--teacher-top-k",
         type=int,
         help="with --teacher precomputed: tokens stored per position (64); 0: hidden states, exact",
+    )
+    co.add_argument(
+        "--repair",
+        action="store_true",
+        help="IV repair: capture each task's IV right after its stage and, at the end, add it back to its "
+        "prompts (the task given, and routed from the prompt; strengths chosen on validation rows); extra "
+        "results rows, no retraining (a LoRA run made without it can be scored again with it)",
     )
     co.set_defaults(func=_continual)
 

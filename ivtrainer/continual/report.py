@@ -40,11 +40,37 @@ def results_markdown(results: dict[str, Any]) -> str:
         if seconds
         else "Time: not recorded for every stage.",
     ]
+    if results.get("repair"):
+        lines += _repair_markdown(names, results["repair"])
     if results.get("lm_eval"):
         lines += ["", "| lm-eval | before | after | change |", "| --- | ---: | ---: | ---: |"]
         for name, values in results["lm_eval"].items():
             lines.append(f"| {name} | {values[0]:.3f} | {values[-1]:.3f} | {values[-1] - values[0]:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _repair_markdown(names: list[str], repair: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "IV repair on the final model: each task's IV, captured right after its stage, added to its test prompts "
+        f"(the task given, or routed: nearest prompt centroid at layer {repair['router_layer']}, routing accuracy "
+        f"{repair['routing_accuracy']:.2f}); strengths (multiples of each IV's own) chosen on validation rows.",
+        "",
+        "| task | final | + IV, task given | + IV, routed | strength |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        lines.append(
+            f"| {name} | {repair['without'][name]:.2f} | {repair['task_given'][name]:.2f} | "
+            f"{repair['routed'][name]:.2f} | {repair['strengths'][name]:g} |"
+        )
+    given, routed = repair["task_given_scores"], repair["routed_scores"]
+    lines += [
+        "",
+        f"With repair: **AP** {given['AP']:.3f} (task given), {routed['AP']:.3f} (routed); **BWT** "
+        f"{given['BWT']:+.3f}, {routed['BWT']:+.3f}.",
+    ]
+    return lines
 
 
 def write_report(out: Path, results: dict[str, Any]) -> None:

@@ -82,6 +82,9 @@ class ContinualSettings:
     # (IVGuidedConfig.teacher; its top-k, 0 for the exact hidden-state store)
     teacher: Literal["live", "precomputed"] = "live"
     teacher_top_k: int = 64
+    # IV repair: each task's IV captured right after its stage, added back at the end to the prompts
+    # of its task (named, or routed from the prompt); evaluation only, so not part of a run's identity
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -206,14 +209,16 @@ def run_sequence(
         tasks=tuple(tasks) if tasks is not None else tuple(ORDERS["order1"]),
         method=method, model=model, lora=lora, seed=seed, **settings,
     )  # fmt: skip
-    rows = {
-        t: {s: task_rows(t, s) for s in ("train", "test")} for t in config.tasks
-    }  # every task checked now
+    splits = ("train", "test", "validation") if config.repair else ("train", "test")
+    rows = {t: {s: task_rows(t, s) for s in splits} for t in config.tasks}  # every task checked now
     _check_sizes(config, rows)
     out = Path(out).expanduser()
     # every check that needs no model, before it loads: the folder, a resumed run's inputs and stages
     resuming = _check_out(out, config)
-    inputs: dict[str, Any] = {"tasks": {_name(t): _digest(rows[t]) for t in config.tasks}}
+    # the rows the stages train and score on (validation rows serve --repair alone, computed anew)
+    inputs: dict[str, Any] = {
+        "tasks": {_name(t): _digest({s: rows[t][s] for s in ("train", "test")}) for t in config.tasks}
+    }
     folder = _model_folder(config.model)
     if folder is not None:
         inputs["model_files"] = _files_digest(folder)
@@ -249,6 +254,11 @@ def run_sequence(
             stages.append(json.loads((folder / "scores.json").read_text()))
             if stage > 0:
                 current = _restore(current, folder, config)
+                if config.repair and not (folder / TASK_IV).is_dir():  # a run made without --repair
+                    with atomic_dir(folder / TASK_IV) as tmp:
+                        _capture_task_iv(current, tokenizer, config, stage, rows, progress).save_pretrained(
+                            tmp
+                        )
             continue
         times = {"train": 0.0, "evaluate": 0.0, "iv": 0.0}  # this stage's, kept with its scores
         if stage > 0:
@@ -256,6 +266,10 @@ def run_sequence(
             logger.warning("stage %d of %d: %s (%s)", stage, len(config.tasks), _name(task), config.method)
             with atomic_dir(folder) as tmp:
                 current = _train_stage(current, tokenizer, config, stage, rows, tmp, times, progress)
+                if config.repair:  # the task's IV on the model that has just learnt it
+                    _capture_task_iv(current, tokenizer, config, stage, rows, progress).save_pretrained(
+                        tmp / TASK_IV
+                    )
                 start = time.perf_counter()
                 scores = _evaluate(current, tokenizer, config, rows)
                 times["evaluate"] += time.perf_counter() - start
@@ -272,8 +286,12 @@ def run_sequence(
             with atomic_file(folder / "scores.json") as tmp_file:
                 tmp_file.write_text(json.dumps(scores, indent=1))
         stages.append(scores)
-    return _write_results(out, config, stages)
+    repair = _repair(current, tokenizer, config, rows, out, stages) if config.repair else None
+    return _write_results(out, config, stages, repair)
 
+
+# Settings that change only what is measured at the end, not the stages.
+_NOT_IDENTITY = ("repair",)
 
 # What a run made before a setting existed did instead of that setting's default.
 _BEFORE_THE_FIELD: dict[str, Any] = {"icl_demos": "per-query"}
@@ -296,6 +314,9 @@ def _check_out(out: Path, config: ContinualSettings) -> bool:
         for field in dataclasses.fields(config):  # settings added since that run was made
             saved.setdefault(field.name, _BEFORE_THE_FIELD.get(field.name, field.default))
         saved = json.loads(json.dumps(saved))
+        for name in _NOT_IDENTITY:  # evaluation-only settings: the same run may be scored with or without
+            saved.pop(name, None)
+            wanted.pop(name, None)
         if saved != wanted:
             diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
             raise InvalidInputError(
@@ -371,6 +392,13 @@ def _check_stages(out: Path, config: ContinualSettings) -> None:
 
     if later:
         raise damaged(finished, f"stages {sorted(later, key=int)} exist after it, but it has no scores.json")
+    missing = [s for s in range(1, finished - 1) if not (stages / str(s) / TASK_IV).is_dir()]
+    if config.repair and not config.lora and missing:
+        raise InvalidInputError(
+            f"--repair needs each task's IV from right after its stage, and stages {missing} of this --full run were "
+            "trained without --repair (only the latest model is kept, so they cannot be captured now): start a new "
+            "--out with --repair"
+        )
     for stage in range(finished):
         folder = stages / str(stage)
         try:
@@ -564,6 +592,79 @@ def _train_stage(
     return student
 
 
+TASK_IV = "task_iv"
+
+
+def _capture_task_iv(model: nn.Module, tokenizer, config: ContinualSettings, stage: int, rows, progress):
+    """The IV of stage ``stage``'s task, extracted from its training rows on ``model`` (the model
+    right after the stage), as the own-task IVs are (``iv_heads``, sizes)."""
+    from datasets import Dataset
+
+    from ivtrainer.iv_guided.own_task_iv import own_task_iv
+
+    task = config.tasks[stage - 1]
+    train = rows[task]["train"][: config.n_train]
+    pairs = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train])
+    return own_task_iv(
+        model, tokenizer, pairs, name=_name(task), seed=config.seed, progress=progress, heads=config.iv_heads,
+        n_mean_prompts=config.iv_mean_prompts, n_cie_prompts=config.iv_cie_prompts,
+        n_calibration_prompts=config.iv_calibration_prompts,
+    )  # fmt: skip
+
+
+def _repair(
+    model: nn.Module, tokenizer, config: ContinualSettings, rows, out: Path, stages
+) -> dict[str, Any]:
+    """IV repair on the final model: each task's IV (captured after its stage) added to its test
+    prompts, the task given or routed from the prompt; strengths and the router's layer chosen on
+    the validation rows only."""
+    from ivtrainer.steering.instruction_vector import InstructionVector
+    from ivtrainer.steering.repair import NearestTaskRouter, TaskVectors, choose_strengths, exact_match
+
+    start = time.perf_counter()
+    names = [_name(t) for t in config.tasks]
+    vectors = {
+        _name(t): InstructionVector.from_pretrained(out / "stages" / str(s) / TASK_IV)
+        for s, t in enumerate(config.tasks, start=1)
+    }
+    repair = TaskVectors(vectors)
+    validation = {_name(t): rows[t]["validation"] for t in config.tasks}
+    tried = choose_strengths(model, tokenizer, repair, validation)
+    router = NearestTaskRouter.fit(
+        model, tokenizer, {n: [r["prompt"] for r in v] for n, v in validation.items()}
+    )
+    test = {_name(t): rows[t]["test"][: config.n_test] for t in config.tasks}
+    given, routed, correct, total = {}, {}, 0, 0
+    for name in names:
+        prompts = [r["prompt"] for r in test[name]]
+        hits = exact_match(model, tokenizer, test[name], repair=repair, tasks=[name] * len(prompts))
+        given[name] = sum(hits) / len(hits)
+        route = router.route(model, tokenizer, prompts)
+        hits = exact_match(model, tokenizer, test[name], repair=repair, tasks=route)
+        routed[name] = sum(hits) / len(hits)
+        correct, total = correct + sum(r == name for r in route), total + len(route)
+    final = stages[-1]["tasks"]
+    learnt = [stages[i + 1]["tasks"][n] for i, n in enumerate(names)]  # right after each task's stage
+
+    def summary(accuracy: dict[str, float]) -> dict[str, float]:
+        ap = sum(accuracy.values()) / len(names)
+        bwt = sum(accuracy[n] - learnt[i] for i, n in enumerate(names[:-1])) / max(len(names) - 1, 1)
+        return {"AP": ap, "BWT": bwt if len(names) > 1 else 0.0}
+
+    return {
+        "strengths": dict(repair.strengths),
+        "validation_accuracy": {n: {str(k): v for k, v in t.items()} for n, t in tried.items()},
+        "router_layer": router.layer,
+        "routing_accuracy": correct / total,
+        "task_given": given,
+        "routed": routed,
+        "without": {n: final[n] for n in names},
+        "task_given_scores": summary(given),
+        "routed_scores": summary(routed),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def _restore(current: nn.Module, folder: Path, config: ContinualSettings) -> nn.Module:
     """The model after a finished stage, from ``current`` (the model before it)."""
     if config.lora:
@@ -602,7 +703,9 @@ def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> d
     return scores
 
 
-def _write_results(out: Path, config: ContinualSettings, stages: list[dict[str, Any]]) -> dict[str, Any]:
+def _write_results(
+    out: Path, config: ContinualSettings, stages: list[dict[str, Any]], repair: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from ivtrainer.continual.report import write_report
 
     names = [_name(t) for t in config.tasks]
@@ -630,6 +733,7 @@ def _write_results(out: Path, config: ContinualSettings, stages: list[dict[str, 
             if config.lm_eval_tasks
             else {}
         ),
+        **({"repair": repair} if repair is not None else {}),
         # every stage's own times, whichever run it ran in (None: a stage written before they were kept)
         "seconds": (
             {k: round(sum(st["seconds"][k] for st in stages), 1) for k in ("train", "evaluate", "iv")}

@@ -164,3 +164,41 @@ def test_a_run_made_before_a_setting_existed(tmp_path, model_dir):
     with pytest.raises(ValueError, match=r"other settings \(icl_demos differ\)"):
         run_sequence(["brackets"], out=out, method="plain", model=model_dir, **FAST)
     run_sequence(["brackets"], out=out, method="plain", model=model_dir, icl_demos="per-query", **FAST)
+
+
+def test_iv_repair_rows_from_the_same_runs(tmp_path, model_dir, monkeypatch):
+    """--repair: each task's IV captured after its stage and saved with the run; strengths chosen
+    on validation rows only; the repair rows in results.json and results.md; a LoRA run made
+    without --repair scored with it afterwards gives the same rows, with no retraining."""
+    from ivtrainer.steering import repair as repair_module
+
+    seen: list[list[str]] = []
+    choose = repair_module.choose_strengths
+
+    def spy(model, tokenizer, repair, validation, **kw):  # the real choice, its rows recorded
+        seen.extend([r["prompt"] for r in rows] for rows in validation.values())
+        return choose(model, tokenizer, repair, validation, **kw)
+
+    monkeypatch.setattr(repair_module, "choose_strengths", spy)
+    tasks = ORDERS["quick"][:2]
+    kw = dict(
+        method="plain", model=model_dir, **FAST, iv_mean_prompts=4, iv_cie_prompts=2, iv_calibration_prompts=4
+    )
+    results = run_sequence(tasks, out=tmp_path / "a", repair=True, **kw)
+    repair = results["repair"]
+    assert (tmp_path / "a" / "stages" / "1" / "task_iv" / "instruction_vector.json").is_file()
+    assert set(repair["strengths"]) == {"brackets", "plural"} and 0 <= repair["routing_accuracy"] <= 1
+    assert all(set(v) == {"0.0", "0.5", "1.0", "2.0", "4.0"} for v in repair["validation_accuracy"].values())
+    test_prompts = {r["prompt"] for t in tasks for r in load_sequence_task(t, "test")}
+    validation_prompts = [[r["prompt"] for r in load_sequence_task(t, "validation")] for t in tasks]
+    assert seen == validation_prompts and not test_prompts & {p for rows in seen for p in rows}
+    assert "+ IV, routed" in (tmp_path / "a" / "results.md").read_text()
+
+    plain = run_sequence(tasks, out=tmp_path / "b", **kw)
+    assert "repair" not in plain and not (tmp_path / "b" / "stages" / "1" / "task_iv").exists()
+    adapter = (tmp_path / "b" / "stages" / "2" / "adapter" / "adapter_model.safetensors").read_bytes()
+    later = run_sequence(tasks, out=tmp_path / "b", repair=True, **kw)
+    assert (tmp_path / "b" / "stages" / "2" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert {k: v for k, v in later["repair"].items() if k != "seconds"} == {
+        k: v for k, v in repair.items() if k != "seconds"
+    }

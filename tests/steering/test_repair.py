@@ -138,6 +138,14 @@ def test_teacher_forced_repair_is_greedy_decoding_with_the_iv(iv, tokenizer):
     repair = TaskVectors({"say-is": towards}, {"say-is": 5.0})
     assert all(exact_match(model, tokenizer, rows, repair=repair, tasks=["say-is"] * len(rows)))
     assert not any(exact_match(model, tokenizer, rows))
+    # a wrong route: the rows get another task's IV (pointing at another token) and lose the answer
+    other = tokenizer(f"{prompts[0]} of")["input_ids"][-1]
+    away = dataclasses.replace(
+        towards, vector=model.lm_head.weight[other].detach() / model.lm_head.weight[other].norm()
+    )
+    both = TaskVectors({"say-is": towards, "say-of": away}, {"say-is": 5.0, "say-of": 5.0})
+    assert not any(exact_match(model, tokenizer, rows, repair=both, tasks=["say-of"] * len(rows)))
+    assert all(exact_match(model, tokenizer, rows, repair=both, tasks=["say-is"] * len(rows)))
     tried = choose_strengths(model, tokenizer, repair, {"say-is": rows}, grid=[0.0, 5.0])
     assert repair.strengths["say-is"] == 5.0 and tried["say-is"] == {0.0: 0.0, 5.0: 1.0}
     hopeless = [{"prompt": r["prompt"], "output": "zzzz zzzz"} for r in rows]
