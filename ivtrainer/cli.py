@@ -285,6 +285,9 @@ def _continual(args: argparse.Namespace) -> int:
         "icl_demos",
         "learning_rate",
         "replay_fraction",
+        "kl_scale",
+        "teacher_strength",
+        "eval_split",
         "iv_heads",
         "lm_eval_limit",
         "teacher",
@@ -406,7 +409,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the built-in order, see --order)",
     )
     co.add_argument("--order", default="order1", choices=["order1", "order2"], help="the built-in task order")
-    co.add_argument("--method", default="iv-guided", choices=["plain", "replay", "kl-anchor", "iv-guided"])
+    co.add_argument(
+        "--method",
+        default="iv-guided",
+        choices=["plain", "replay", "kl-anchor", "iv-guided", "iv-guided-replay"],
+    )
     co.add_argument(
         "--out", required=True, help="output folder (a new one, or an interrupted run's to continue)"
     )
@@ -435,6 +442,19 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--learning-rate", type=float, help="default 5e-4 with LoRA, 2e-5 full")
     co.add_argument(
         "--replay-fraction", type=float, help="replay: share of each earlier task's rows (default 0.1)"
+    )
+    co.add_argument(
+        "--kl-scale", type=float, help="kl-anchor, iv-guided: a factor on the recipe's KL weights (default 1)"
+    )
+    co.add_argument(
+        "--teacher-strength",
+        type=float,
+        help="iv-guided: the teacher's IV strength, times the IV's own (default 1)",
+    )
+    co.add_argument(
+        "--eval-split",
+        choices=["test", "validation"],
+        help="the split every stage is scored on (default test; validation: to choose settings)",
     )
     co.add_argument(
         "--iv-heads", help="iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`)"

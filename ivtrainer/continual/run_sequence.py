@@ -10,7 +10,8 @@ weights themselves. Methods, all behind the same loop:
 - ``kl-anchor``: ``IVGuidedConfig.recipe("kl-anchor")``, the KL terms towards the model before this
   task, no IV;
 - ``iv-guided``: ``IVGuidedConfig.recipe("fvforgetting")`` with the task's own IV, extracted from
-  its training rows on the model before it is trained.
+  its training rows on the model before it is trained;
+- ``iv-guided-replay``: ``iv-guided`` on ``replay``'s rows.
 
 Every stage writes ``stages/<s>/`` (scores, the adapter or the IV) before the next begins, so a
 run killed in stage 3 and started again with the same settings continues from stage 3 and ends
@@ -46,9 +47,12 @@ __all__ = ["METHODS", "QUICK", "ContinualSettings", "run_sequence", "task_rows"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("plain", "replay", "kl-anchor", "iv-guided")
+METHODS = ("plain", "replay", "kl-anchor", "iv-guided", "iv-guided-replay")
 LORA_TARGETS = ("q_proj", "v_proj")
-Method = Literal["plain", "replay", "kl-anchor", "iv-guided"]
+Method = Literal["plain", "replay", "kl-anchor", "iv-guided", "iv-guided-replay"]
+_REPLAY = ("replay", "iv-guided-replay")
+_GUIDED = ("kl-anchor", "iv-guided", "iv-guided-replay")
+_OWN_IV = ("iv-guided", "iv-guided-replay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,12 @@ class ContinualSettings:
     # cheaper); "per-query": drawn for each query, as the forgetting benchmark does
     icl_demos: Literal["fixed", "per-query"] = "fixed"
     replay_fraction: float = 0.1
+    # kl-anchor, iv-guided: a factor on the recipe's KL weights, and the teacher's IV strength
+    # (iv-guided; a multiple of each IV's own): the knobs the benchmark tunes on validation rows
+    kl_scale: float = 1.0
+    teacher_strength: float = 1.0
+    # the split every stage is scored on: "validation" to choose settings without seeing test rows
+    eval_split: Literal["test", "validation"] = "test"
     iv_heads: str | None = None  # a saved head set for the own-task IVs (mean activations only)
     iv_mean_prompts: int | None = None  # the own-task IVs' extraction sizes (default: the package's)
     iv_cie_prompts: int = 25
@@ -121,6 +131,19 @@ class ContinualSettings:
             raise InvalidInputError(f"method must be one of {METHODS}, not {self.method!r}")
         if not 0 <= finite_number("replay_fraction", self.replay_fraction) <= 1:
             raise InvalidInputError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        if finite_number("kl_scale", self.kl_scale) <= 0:
+            raise InvalidInputError(
+                f"kl_scale must be > 0 (a factor on the KL weights), got {self.kl_scale!r}"
+            )
+        if finite_number("teacher_strength", self.teacher_strength) < 0:
+            raise InvalidInputError(f"teacher_strength must be >= 0, got {self.teacher_strength!r}")
+        if self.eval_split not in ("test", "validation"):
+            raise InvalidInputError(f"eval_split must be 'test' or 'validation', not {self.eval_split!r}")
+        if self.repair and self.eval_split != "test":
+            raise InvalidInputError(
+                "--repair chooses its strengths on the validation rows: it cannot also be scored on them; use "
+                "eval_split='test' with repair"
+            )
         if self.icl_demos not in ("fixed", "per-query"):
             raise InvalidInputError(f"icl_demos must be 'fixed' or 'per-query', not {self.icl_demos!r}")
         for name in ("batch_size", "n_icl"):
@@ -209,15 +232,17 @@ def run_sequence(
         tasks=tuple(tasks) if tasks is not None else tuple(ORDERS["order1"]),
         method=method, model=model, lora=lora, seed=seed, **settings,
     )  # fmt: skip
-    splits = ("train", "test", "validation") if config.repair else ("train", "test")
+    splits = ("train", "test", "validation")
     rows = {t: {s: task_rows(t, s) for s in splits} for t in config.tasks}  # every task checked now
     _check_sizes(config, rows)
     out = Path(out).expanduser()
     # every check that needs no model, before it loads: the folder, a resumed run's inputs and stages
     resuming = _check_out(out, config)
-    # the rows the stages train and score on (validation rows serve --repair alone, computed anew)
+    # the rows the stages train and score on (--repair's validation rows are computed anew)
     inputs: dict[str, Any] = {
-        "tasks": {_name(t): _digest({s: rows[t][s] for s in ("train", "test")}) for t in config.tasks}
+        "tasks": {
+            _name(t): _digest({s: rows[t][s] for s in ("train", config.eval_split)}) for t in config.tasks
+        }
     }
     folder = _model_folder(config.model)
     if folder is not None:
@@ -235,6 +260,8 @@ def run_sequence(
 
     set_seed(config.seed)
     current, tokenizer = load_model(config.model)
+    if torch.cuda.is_available():  # every stage's evaluation and IV too, not only the Trainer's steps
+        current = current.to("cuda")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _check_model(current, config, heads)  # again: a .gguf file has no config to check it from
@@ -265,7 +292,8 @@ def run_sequence(
             task = config.tasks[stage - 1]
             logger.warning("stage %d of %d: %s (%s)", stage, len(config.tasks), _name(task), config.method)
             with atomic_dir(folder) as tmp:
-                current = _train_stage(current, tokenizer, config, stage, rows, tmp, times, progress)
+                record: dict[str, Any] = {}
+                current = _train_stage(current, tokenizer, config, stage, rows, tmp, times, record, progress)
                 if config.repair:  # the task's IV on the model that has just learnt it
                     _capture_task_iv(current, tokenizer, config, stage, rows, progress).save_pretrained(
                         tmp / TASK_IV
@@ -274,6 +302,7 @@ def run_sequence(
                 scores = _evaluate(current, tokenizer, config, rows)
                 times["evaluate"] += time.perf_counter() - start
                 scores["seconds"] = times
+                scores.update(record)
                 (tmp / "scores.json").write_text(json.dumps(scores, indent=1))
             if not config.lora and stage > 1:  # only the latest full model is needed to continue
                 shutil.rmtree(out / "stages" / str(stage - 1) / "model", ignore_errors=True)
@@ -481,7 +510,7 @@ def _check_sizes(config: ContinualSettings, rows) -> None:
 
     for task in config.tasks:
         train = rows[task]["train"][: config.n_train]
-        if config.method == "iv-guided":  # the own-task IV: 10-shot prompts from the training rows
+        if config.method in _OWN_IV:  # the own-task IV: 10-shot prompts from the training rows
             check_extraction_sizes(train, n_shots=10, source=_name(task))
 
 
@@ -530,19 +559,20 @@ def _training_args(
 
 
 def _train_stage(
-    current: nn.Module, tokenizer, config, stage: int, rows, folder: Path, times, progress
+    current: nn.Module, tokenizer, config, stage: int, rows, folder: Path, times, record, progress
 ) -> nn.Module:
     """Train the stage's task on ``current``; the model after it (LoRA: the adapter merged in)."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+    from ivtrainer.callbacks.forgetting_monitor import ForgettingMonitorCallback
     from ivtrainer.iv_guided.iv_guided_config import RECIPES, IVGuidedConfig
     from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer, tokenize_prompt_completion
     from ivtrainer.iv_guided.own_task_iv import own_task_iv
 
     task = config.tasks[stage - 1]
     train = rows[task]["train"][: config.n_train]
-    if config.method == "replay":
+    if config.method in _REPLAY:
         rng = random.Random(config.seed + stage)
         for earlier in config.tasks[: stage - 1]:
             pool = rows[earlier]["train"][: config.n_train]
@@ -550,7 +580,7 @@ def _train_stage(
     pairs = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train])
     data = tokenize_prompt_completion(pairs, tokenizer)
     vectors = []
-    if config.method == "iv-guided":  # on the model before this task, as the public code does
+    if config.method in _OWN_IV:  # on the model before this task, as the public code does
         start = time.perf_counter()
         iv = own_task_iv(
             current, tokenizer, pairs, name=_name(task), seed=config.seed, progress=progress,
@@ -569,11 +599,14 @@ def _train_stage(
         student = get_peft_model(current, lora)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
     scratch = folder / "trainer"
-    if config.method in ("plain", "replay"):
+    if config.method not in _GUIDED:
         args = _training_args(TrainingArguments, config, scratch, stage, progress)
         trainer = Trainer(student, args, train_dataset=data, data_collator=collator)
     else:
-        recipe = RECIPES["fvforgetting" if config.method == "iv-guided" else "kl-anchor"]
+        recipe = dict(RECIPES["fvforgetting" if config.method in _OWN_IV else "kl-anchor"])
+        recipe["kl_weight"] = [w * config.kl_scale for w in recipe["kl_weight"]]
+        if config.method in _OWN_IV:
+            recipe["teacher_iv_strength"] = config.teacher_strength
         args = _training_args(
             IVGuidedConfig, config, scratch, stage, progress, **recipe,
             teacher=config.teacher, teacher_top_k=config.teacher_top_k,
@@ -581,9 +614,14 @@ def _train_stage(
         trainer = IVGuidedTrainer(
             student, args, instruction_vectors=vectors or None, train_dataset=data, data_collator=collator
         )
+    # how far the stage moves the model on its own rows (RL's Razor's predictor of forgetting): at
+    # the end of the stage only, so the training itself is untouched
+    monitor = ForgettingMonitorCallback(n_rows=MONITOR_ROWS, every=0)
+    trainer.add_callback(monitor)
     start = time.perf_counter()
     with_progress_bar(trainer, f"stage {stage}: {_name(task)}", disable=not progress).train()
     times["train"] += time.perf_counter() - start
+    record["forgetting_kl"] = {k: monitor.history[-1][f"kl_{k}"] for k in ("forward", "reverse")}
     shutil.rmtree(scratch, ignore_errors=True)
     if config.lora:
         student.save_pretrained(folder / "adapter")
@@ -593,6 +631,7 @@ def _train_stage(
 
 
 TASK_IV = "task_iv"
+MONITOR_ROWS = 16
 
 
 def _capture_task_iv(model: nn.Module, tokenizer, config: ContinualSettings, stage: int, rows, progress):
@@ -686,7 +725,7 @@ def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> d
 
     tasks = {}
     for t in config.tasks:  # a task's prompts share their instruction: computed once
-        test = rows[t]["test"][: config.n_test]
+        test = rows[t][config.eval_split][: config.n_test]
         predictions = target_predictions(
             model, tokenizer, [r["prompt"] for r in test], [r["output"] for r in test], shared_prefix=True
         )
@@ -721,6 +760,8 @@ def _write_results(
         "abilities": {a: [s["abilities"][a] for s in stages] for a in abilities},
         "abilities_mean": [sum(s["abilities"].values()) / len(abilities) for s in stages],
         "ability_retention": after - before,
+        # each stage's KL from the model before it, on 16 of its training rows (None: not measured)
+        "forgetting_kl": [s.get("forgetting_kl") for s in stages[1:]],
         # lm-eval's scores after every stage, and their change from before to after
         **(
             {
