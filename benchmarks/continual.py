@@ -131,11 +131,12 @@ def _job(args, order: str, method: str, setting: dict[str, float], seed: int, sp
     }
 
 
-def _choose(results: list[tuple[dict[str, float], dict[str, Any]]]) -> dict[str, float]:
-    """The setting with the best final validation AP; ties to the package default, then the first."""
+def _choose(method: str, results: list[tuple[dict[str, float], dict[str, Any]]]) -> dict[str, float]:
+    """The setting with the best final validation AP; ties to the package default, then to the
+    first in ``GRID`` order (whatever order the runs finished in)."""
     default = {k: v for k, v in DEFAULTS.items() if k in results[0][0]}
     best = max(r["AP"] for _, r in results)
-    tied = [s for s, r in results if r["AP"] == best]
+    tied = sorted((s for s, r in results if r["AP"] == best), key=GRID[method].index)
     return next((s for s in tied if s == default), tied[0])
 
 
@@ -178,7 +179,7 @@ def run_all(args) -> tuple[dict, dict, dict]:
                 elif len(tuning[tune_order].get(method, [])) < len(GRID[method]):
                     continue
                 else:
-                    chosen[order][method] = _choose(tuning[tune_order][method])
+                    chosen[order][method] = _choose(method, tuning[tune_order][method])
                 started.add((order, method))
                 test_jobs(order, method)
 
@@ -381,24 +382,25 @@ def plot_pareto(tests: dict, path: Path) -> None:
     from ivtrainer.evaluation.plotting import _pyplot, _save
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(tests), figsize=(6 * len(tests), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tests), figsize=(6 * len(tests) + 3, 4.5), squeeze=False)
     for ax, (order, methods) in zip(axes[0], tests.items(), strict=True):
-        for method, results in methods.items():
+        for i, (method, results) in enumerate(methods.items()):
             if not results:
                 continue
-            for label, ap, _, ability in rows(method, results):
+            for label, ap, _, ability in rows(method, results):  # colour: the method; marker: the repair
                 marker = "*" if "task given" in label else "^" if "routed" in label else "o"
                 ax.errorbar(
                     statistics.fmean(ability), statistics.fmean(ap),
                     xerr=[[statistics.fmean(ability) - min(ability)], [max(ability) - statistics.fmean(ability)]],
                     yerr=[[statistics.fmean(ap) - min(ap)], [max(ap) - statistics.fmean(ap)]],
-                    fmt=marker, markersize=8, capsize=2, label=label,
+                    fmt=marker, markersize=8, capsize=2, label=label, color=f"C{i}", alpha=0.6 if marker == "*" else 1,
                 )  # fmt: skip
         ax.set_xlabel("held-out abilities, change from before the sequence")
         ax.set_ylabel("AP (final mean accuracy over the tasks)")
         ax.set_title(f"{order}: means over seeds, [min, max]")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.79, 0.5))
+    fig.tight_layout(rect=(0, 0, 0.79, 1))
     _save(fig, path)
 
 
@@ -431,7 +433,8 @@ def _hardware(args) -> str:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         args.cache.mkdir(parents=True, exist_ok=True)
         path.write_text(f"run on {name}, {args.workers} at once")
-    return path.read_text().capitalize() if path.is_file() else "Hardware not recorded"
+    text = path.read_text() if path.is_file() else "hardware not recorded"
+    return text[0].upper() + text[1:]
 
 
 def main() -> None:
