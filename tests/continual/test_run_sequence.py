@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from ivtrainer.continual.run_sequence import run_sequence
 from ivtrainer.continual.sequence_tasks import ORDERS, load_sequence_task
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.testing import tiny_model, tiny_tokenizer
 
 FAST = {"n_train": 24, "n_test": 4, "n_icl": 2, "epochs": 1, "progress": False}
@@ -56,7 +57,13 @@ def test_results_and_a_resumed_run_ends_the_same(tmp_path, model_dir):
 
 @pytest.mark.parametrize(
     ("method", "teacher"),
-    [("iv-guided", "live"), ("iv-guided", "precomputed"), ("kl-anchor", "live"), ("replay", "live")],
+    [
+        ("iv-guided", "live"),
+        ("iv-guided", "precomputed"),
+        ("kl-anchor", "live"),
+        ("replay", "live"),
+        ("iv-guided-replay", "live"),
+    ],
 )
 def test_each_method(tmp_path, model_dir, method, teacher):
     out = tmp_path / method
@@ -66,7 +73,9 @@ def test_each_method(tmp_path, model_dir, method, teacher):
     assert results["settings"]["method"] == method and results["settings"]["teacher"] == teacher
     assert not list(out.rglob("_ivtrainer_teacher"))  # the stored teacher goes with its stage's scratch
     has_iv = (out / "stages/2/instruction_vector/instruction_vector.json").is_file()
-    assert has_iv == (method == "iv-guided")
+    assert has_iv == method.startswith("iv-guided")
+    # every stage records how far it moved the model on its own rows (the forgetting monitor)
+    assert len(results["forgetting_kl"]) == 2 and all(kl["forward"] > 0 for kl in results["forgetting_kl"])
     if has_iv:  # the second task's own IV, named after it
         assert (
             json.loads((out / "stages/2/instruction_vector/instruction_vector.json").read_text())["task"]
@@ -202,3 +211,48 @@ def test_iv_repair_rows_from_the_same_runs(tmp_path, model_dir, monkeypatch):
     assert {k: v for k, v in later["repair"].items() if k != "seconds"} == {
         k: v for k, v in repair.items() if k != "seconds"
     }
+
+
+def test_the_tuned_knobs_reach_training_and_validation_scoring(tmp_path, model_dir, monkeypatch):
+    """kl_scale multiplies the recipe's KL weights, teacher_strength sets the teacher's IV
+    strength, replay_fraction mixes rows into iv-guided-replay; eval_split='validation' scores
+    on the validation rows (never the test rows) and is refused with --repair."""
+    from ivtrainer.iv_guided import iv_guided_trainer
+
+    configs, datasets = [], []
+    real = iv_guided_trainer.IVGuidedTrainer.__init__
+
+    def spy(self, model, args, *a, train_dataset=None, **kw):
+        configs.append(args)
+        datasets.append(len(train_dataset))
+        real(self, model, args, *a, train_dataset=train_dataset, **kw)
+
+    monkeypatch.setattr(iv_guided_trainer.IVGuidedTrainer, "__init__", spy)
+    scored: list[list[str]] = []
+    from ivtrainer.datasets import edits
+
+    predictions = edits.target_predictions
+
+    def record(model, tokenizer, prompts, targets, **kw):
+        scored.append(list(prompts))
+        return predictions(model, tokenizer, prompts, targets, **kw)
+
+    monkeypatch.setattr(edits, "target_predictions", record)
+    run_sequence(
+        ["brackets", "plural"], out=tmp_path / "r", method="iv-guided-replay", model=model_dir, kl_scale=3.0,
+        teacher_strength=2.0, replay_fraction=0.5, eval_split="validation", **FAST,
+    )  # fmt: skip
+    assert [c.kl_weight for c in configs] == [[60.0, pytest.approx(0.3)]] * 2
+    assert [c.teacher_iv_strength for c in configs] == [2.0, 2.0]
+    assert datasets == [FAST["n_train"], FAST["n_train"] + FAST["n_train"] // 2]
+    validation = {r["prompt"] for t in ("brackets", "plural") for r in load_sequence_task(t, "validation")}
+    test = {r["prompt"] for t in ("brackets", "plural") for r in load_sequence_task(t, "test")}
+    task_prompts = {p for prompts in scored for p in prompts if p.startswith("Task:")}
+    assert task_prompts and task_prompts <= validation and not task_prompts & test
+    with pytest.raises(InvalidInputError, match="eval_split='test' with repair"):
+        run_sequence(
+            ["brackets"], out=tmp_path / "x", model=model_dir, eval_split="validation", repair=True, **FAST
+        )
+    for bad in ({"kl_scale": 0}, {"teacher_strength": -1.0}, {"eval_split": "train"}):
+        with pytest.raises(InvalidInputError):
+            run_sequence(["brackets"], out=tmp_path / "y", model=model_dir, **bad, **FAST)
