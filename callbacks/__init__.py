@@ -13,4 +13,10 @@ from ivtrainer.callbacks.iv_intervention import IVCallback, IVInterventionCallba
 from ivtrainer.callbacks.iv_kl import IVKLCallback
 from ivtrainer.callbacks.lm_evaluation import LMEvalCallback
 
-__all__ = ["ForgettingMonitorCallback", "IVCallback", "IVInterventionCallback", "IVKLCallback", "LMEvalCallback"]
+__all__ = [
+    "ForgettingMonitorCallback",
+    "IVCallback",
+    "IVInterventionCallback",
+    "IVKLCallback",
+    "LMEvalCallback",
+]
