@@ -21,7 +21,8 @@ __all__ = ["ForgettingMonitorCallback", "answer_log_probs"]
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = "forgetting_monitor_reference.safetensors"
+# its leading underscore keeps it out of Trainer.push_to_hub's uploads (which skip "_*")
+REFERENCE = "_forgetting_monitor_reference.safetensors"
 # what the model's forward must not get (the monitor computes no loss)
 _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch", "use_cache", "logits_to_keep", "return_dict")
 
@@ -51,7 +52,7 @@ class ForgettingMonitorCallback(TrainerCallback):
     eval mode, with no gradient: one forward of ``n_rows`` rows per measurement. The reference
     (the model's log-probabilities before the first step) is kept on the CPU, ``answer tokens x
     vocabulary`` float32 values (16 rows of 10 answer tokens with a 49k vocabulary: 31 MB), and
-    written to ``<output_dir>/forgetting_monitor_reference.safetensors`` so a resumed run measures
+    written to ``<output_dir>/_forgetting_monitor_reference.safetensors`` so a resumed run measures
     from the same model.
 
     Values go through ``trainer.log`` when the callback is given the ``trainer`` (``report_to``

@@ -26,6 +26,12 @@ class BaseTrainerMixin(NoTokenInArgsMixin, NoEmptyParamGroupsMixin, _TrainerBase
         if kwargs.get("model") is not None:  # a model read from a .gguf file saves as the plain model it is
             drop_gguf_marker(kwargs["model"])
         super().__init__(*args, **kwargs)
+        every = getattr(self.args, "forgetting_monitor_every", 0)
+        if every:  # how far training moves the model on its own rows, logged (RL's Razor's predictor)
+            from ivtrainer.callbacks.forgetting_monitor import ForgettingMonitorCallback
+
+            rows = getattr(self.args, "forgetting_monitor_rows", 16)
+            self.add_callback(ForgettingMonitorCallback(n_rows=rows, every=every, trainer=self))
 
     @staticmethod
     def _checked_args(args: Any, config_class: Any, trainer: str, settings: str) -> Any:

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.utils.checks import finite_number
+from ivtrainer.utils.monitor_args import ForgettingMonitorArguments
 
 __all__ = ["FLearningConfig", "variant_name"]
 
@@ -24,7 +25,7 @@ DEFAULT_OLD_LEARNING_RATE = {"full": 5e-5, "lora": 1e-3}
 
 
 @dataclasses.dataclass
-class FLearningConfig(TrainingArguments):
+class FLearningConfig(ForgettingMonitorArguments, TrainingArguments):
     """``TrainingArguments`` for :class:`~ivtrainer.FLearningTrainer`.
 
     The inherited arguments (epochs, learning rate, batch size, ...) drive the *learning* phase on

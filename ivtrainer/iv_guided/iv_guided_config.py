@@ -11,6 +11,7 @@ from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KL_POSITIONS, KLTerm
 from ivtrainer.iv_guided.schedules import SCHEDULES, Schedule
 from ivtrainer.utils.checks import finite_number, finite_numbers
+from ivtrainer.utils.monitor_args import ForgettingMonitorArguments
 
 __all__ = ["RECIPES", "IVGuidedConfig"]
 
@@ -67,7 +68,7 @@ _DEFAULT = RECIPES["fvforgetting"]
 
 
 @dataclasses.dataclass
-class IVGuidedConfig(TrainingArguments):
+class IVGuidedConfig(ForgettingMonitorArguments, TrainingArguments):
     """``TrainingArguments`` for :class:`~ivtrainer.IVGuidedTrainer`.
 
     Loss: ``CE(student + a(t) * IV) + sum_i w_i(t) * KL_i(student, teacher + teacher_iv_strength * IV)``

@@ -89,14 +89,20 @@ def test_iv_guided_trainer_and_sft_trainer(tmp_path, data, iv, tokenizer):
 
     from ivtrainer import IVGuidedTrainer
 
-    guided = IVGuidedTrainer(
-        tiny_model("llama"), guided_config(tmp_path, max_steps=2), instruction_vectors=iv,
-        train_dataset=data, data_collator=collator(),
-    )  # fmt: skip
-    guided.add_callback(ForgettingMonitorCallback(n_rows=4, every=1, trainer=guided))
-    guided.train()
-    logged = [e for e in guided.state.log_history if "forgetting/kl_forward" in e]
-    assert len(logged) == 2 and logged[-1]["forgetting/kl_forward"] > 0
+    def guided(**kw):
+        trainer = IVGuidedTrainer(
+            tiny_model("llama"), guided_config(tmp_path, max_steps=2, **kw), instruction_vectors=iv,
+            train_dataset=data, data_collator=collator(),
+        )  # fmt: skip
+        trainer.train()
+        return [e for e in trainer.state.log_history if "forgetting/kl_forward" in e]
+
+    # on by default in ivtrainer's trainers (at the end of a run shorter than the interval)
+    logged = guided()
+    assert len(logged) == 1 and logged[0]["step"] == 2 and logged[0]["forgetting/kl_forward"] > 0
+    logged = guided(forgetting_monitor_every=1, forgetting_monitor_rows=4)
+    assert [e["step"] for e in logged] == [1, 2]
+    assert guided(forgetting_monitor_every=0) == []
     rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i} x{i}"} for i in range(8)])
     args = SFTConfig(
         output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
