@@ -658,7 +658,13 @@ def _repair(
     prompts, the task given or routed from the prompt; strengths and the router's layer chosen on
     the validation rows only."""
     from ivtrainer.steering.instruction_vector import InstructionVector
-    from ivtrainer.steering.repair import NearestTaskRouter, TaskVectors, choose_strengths, exact_match
+    from ivtrainer.steering.repair import (
+        IVRepair,
+        NearestTaskRouter,
+        TaskVectors,
+        choose_strengths,
+        exact_match,
+    )
 
     start = time.perf_counter()
     names = [_name(t) for t in config.tasks]
@@ -672,6 +678,8 @@ def _repair(
     router = NearestTaskRouter.fit(
         model, tokenizer, {n: [r["prompt"] for r in v] for n, v in validation.items()}
     )
+    # what a user loads to repair the final model around generate (IVRepair.from_pretrained)
+    IVRepair(repair, router).save_pretrained(out / "repair")
     test = {_name(t): rows[t]["test"][: config.n_test] for t in config.tasks}
     given, routed, correct, total = {}, {}, 0, 0
     for name in names:

@@ -16,7 +16,10 @@ one task share an instruction and a format, which the residual stream carries at
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +30,16 @@ from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.steering.instruction_vector import InstructionVector
 from ivtrainer.steering.intervention import Positions, add_to_residual
 
-__all__ = ["NearestTaskRouter", "TaskVectors", "choose_strengths", "exact_match", "last_token_states"]
+__all__ = [
+    "IVRepair",
+    "NearestTaskRouter",
+    "TaskVectors",
+    "choose_strengths",
+    "exact_match",
+    "last_token_states",
+]
+
+REPAIR_CONFIG, ROUTER_WEIGHTS = "repair.json", "router.safetensors"
 
 #: The strengths :func:`choose_strengths` tries, as multiples of each IV's own (0: no repair).
 STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -145,6 +157,104 @@ class NearestTaskRouter:
         states = last_token_states(model, tokenizer, prompts, batch_size=batch_size)[self.layer]
         scores = torch.nn.functional.normalize(states - self.mean, dim=-1) @ self.centroids.T
         return [self.names[i] for i in scores.argmax(-1).tolist()]
+
+
+class IVRepair:
+    """What a model needs to repair itself at inference: each task's IV and strength, and the
+    router that names a prompt's task. Written by ``ivtrainer continual --repair`` (``<out>/repair``)
+    or by :meth:`save_pretrained`; used around ``generate``::
+
+        repair = IVRepair.from_pretrained("cl/repair")
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        with repair.apply(model, tokenizer, prompts) as tasks:  # routed, one task per row
+            out = model.generate(**batch, max_new_tokens=16)
+
+    Each row gets its own task's IV at its last prompt token (left or right padding), the
+    generated tokens none, as the repair was measured.
+    """
+
+    def __init__(self, vectors: TaskVectors, router: NearestTaskRouter | None = None) -> None:
+        if router is not None and sorted(router.names) != sorted(vectors.vectors):
+            raise InvalidInputError(
+                f"the router knows tasks {sorted(router.names)}, the vectors {sorted(vectors.vectors)}: they must match"
+            )
+        self.vectors, self.router = vectors, router
+
+    @contextlib.contextmanager
+    def apply(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        prompts: Sequence[str] | None = None,
+        *,
+        tasks: Sequence[str | None] | None = None,
+    ) -> Iterator[list[str | None]]:
+        """While the block runs, add to row ``i`` of every prompt forward the IV of its task:
+        ``tasks[i]`` when given (None: no IV), else the task the router finds for ``prompts[i]``
+        (the rows of the batch, in order). Yields the tasks used."""
+        if tasks is None:
+            if self.router is None:
+                raise InvalidInputError("this repair has no router: name each row's task with tasks=")
+            if prompts is None or tokenizer is None:
+                raise InvalidInputError(
+                    "routing needs the tokenizer and the batch's prompts (or give tasks=)"
+                )
+            tasks = self.router.route(model, tokenizer, prompts)
+        chosen = list(tasks)
+        with self.vectors.apply(model, chosen):
+            yield chosen
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """``repair.json`` (strengths, the router's layer and tasks), ``router.safetensors`` and
+        one IV folder per task, written to a temporary folder and renamed into place."""
+        from safetensors.torch import save_file
+
+        from ivtrainer.utils.outputs import atomic_dir
+
+        names = list(self.vectors.vectors)
+        config: dict = {"tasks": names, "strengths": dict(self.vectors.strengths), "router": None}
+        with atomic_dir(save_directory) as tmp:
+            for i, name in enumerate(names):
+                self.vectors.vectors[name].save_pretrained(tmp / f"task_{i}")
+            if self.router is not None:
+                config["router"] = {"layer": self.router.layer, "tasks": self.router.names}
+                save_file(
+                    {"centroids": self.router.centroids.contiguous(), "mean": self.router.mean.contiguous()},
+                    str(tmp / ROUTER_WEIGHTS),
+                )
+            (tmp / REPAIR_CONFIG).write_text(json.dumps(config, indent=1))
+        return Path(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> IVRepair:
+        """Load a folder written by :meth:`save_pretrained`; every problem is one clear error."""
+        folder = Path(path).expanduser()
+        config_file = folder / REPAIR_CONFIG
+        if not config_file.is_file():
+            raise InvalidInputError(
+                f"{folder} holds no IV repair ({REPAIR_CONFIG} missing): give the folder IVRepair.save_pretrained "
+                "or `ivtrainer continual --repair` wrote (<out>/repair)"
+            )
+        try:
+            config = json.loads(config_file.read_text())
+            names, strengths = list(config["tasks"]), dict(config["strengths"])
+            vectors = {
+                n: InstructionVector.from_pretrained(folder / f"task_{i}") for i, n in enumerate(names)
+            }
+            router = None
+            if config.get("router"):
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(folder / ROUTER_WEIGHTS))
+                router = NearestTaskRouter(
+                    int(config["router"]["layer"]),
+                    config["router"]["tasks"],
+                    tensors["centroids"],
+                    tensors["mean"],
+                )
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise InvalidInputError(f"{folder} is not a whole IV repair ({exc}): write it again") from None
+        return cls(TaskVectors(vectors, strengths), router)
 
 
 def _leave_one_out(states: torch.Tensor, labels: torch.Tensor, n_tasks: int) -> float:

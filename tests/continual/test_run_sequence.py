@@ -202,6 +202,10 @@ def test_iv_repair_rows_from_the_same_runs(tmp_path, model_dir, monkeypatch):
     validation_prompts = [[r["prompt"] for r in load_sequence_task(t, "validation")] for t in tasks]
     assert seen == validation_prompts and not test_prompts & {p for rows in seen for p in rows}
     assert "+ IV, routed" in (tmp_path / "a" / "results.md").read_text()
+    from ivtrainer.steering.repair import IVRepair  # what the user loads to repair the final model
+
+    kept = IVRepair.from_pretrained(tmp_path / "a" / "repair")
+    assert kept.vectors.strengths == repair["strengths"] and kept.router.layer == repair["router_layer"]
 
     plain = run_sequence(tasks, out=tmp_path / "b", **kw)
     assert "repair" not in plain and not (tmp_path / "b" / "stages" / "1" / "task_iv").exists()

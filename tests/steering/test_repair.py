@@ -151,3 +151,50 @@ def test_teacher_forced_repair_is_greedy_decoding_with_the_iv(iv, tokenizer):
     hopeless = [{"prompt": r["prompt"], "output": "zzzz zzzz"} for r in rows]
     choose_strengths(model, tokenizer, repair, {"say-is": hopeless}, grid=[0.0, 5.0])
     assert repair.strengths["say-is"] == 0.0  # a tie at 0 accuracy: no repair
+
+
+def test_iv_repair_saved_loaded_and_routed_around_generate(iv, tokenizer, tmp_path):
+    """IVRepair round-trips through its folder; routed around generate it gives, row by row, what
+    naming each row's task gives; a forced wrong route changes the answers; bad folders are
+    refused with what to give instead."""
+    from ivtrainer.steering.repair import IVRepair
+
+    model = tiny_model("llama", seed=1).eval()
+    words = ["hot", "up", "big", "cat", "dog", "sun", "red", "old", "new", "low", "wet", "fat"]
+    antonym, upper = [f"Q: {w}\nA:" for w in words], [f"Uppercase the word {w} ->" for w in words]
+    other = dataclasses.replace(iv, vector=-4 * iv.vector, task="upper")
+    router = NearestTaskRouter.fit(model, tokenizer, {"antonym": antonym[:8], "upper": upper[:8]})
+    repair = IVRepair(TaskVectors({"antonym": iv, "upper": other}, {"antonym": 4.0, "upper": 2.0}), router)
+    saved = repair.save_pretrained(tmp_path / "repair")
+    loaded = IVRepair.from_pretrained(saved)
+    assert loaded.vectors.strengths == {"antonym": 4.0, "upper": 2.0} and loaded.router.layer == router.layer
+    torch.testing.assert_close(loaded.router.centroids, router.centroids)
+
+    prompts = antonym[8:10] + upper[8:10]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+    def generate(**kw):
+        with loaded.apply(model, tokenizer, prompts, **kw) as tasks:
+            return tasks, model.generate(**batch, max_new_tokens=3, do_sample=False)
+
+    tasks, routed = generate()
+    assert tasks == ["antonym", "antonym", "upper", "upper"]
+    torch.testing.assert_close(routed, generate(tasks=tasks)[1])
+    assert not torch.equal(routed, generate(tasks=["upper", "upper", "antonym", "antonym"])[1])
+    assert not torch.equal(routed, model.generate(**batch, max_new_tokens=3, do_sample=False))
+
+    no_router = IVRepair(TaskVectors({"antonym": iv}))
+    with pytest.raises(InvalidInputError, match="no router"), no_router.apply(model, tokenizer, prompts):
+        pass
+    with pytest.raises(InvalidInputError, match="must match"):
+        IVRepair(TaskVectors({"antonym": iv}), router)
+    (tmp_path / "file").write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(saved)
+    assert IVRepair.from_pretrained(link).vectors.strengths == loaded.vectors.strengths
+    for bad in (tmp_path, tmp_path / "file", tmp_path / "missing", saved / "task_0"):
+        with pytest.raises(InvalidInputError, match="holds no IV repair"):
+            IVRepair.from_pretrained(bad)
+    (saved / "repair.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match="not a whole IV repair"):
+        IVRepair.from_pretrained(saved)
