@@ -5,6 +5,8 @@
 - :class:`IVKLCallback` adds the KL term towards the IV-intervened original model;
 - :class:`ForgettingMonitorCallback` logs the KL between the model before training and now on a fixed
   sample of the training rows (what "RL's Razor" reports as predicting forgetting);
+- :class:`TaskIVCallback` captures the IV of the task just trained, on the trained model (for IV
+  repair at inference);
 - :class:`LMEvalCallback` runs lm-evaluation-harness on the model being trained (``[eval]`` extra).
 """
 
@@ -12,6 +14,7 @@ from ivtrainer.callbacks.forgetting_monitor import ForgettingMonitorCallback
 from ivtrainer.callbacks.iv_intervention import IVCallback, IVInterventionCallback
 from ivtrainer.callbacks.iv_kl import IVKLCallback
 from ivtrainer.callbacks.lm_evaluation import LMEvalCallback
+from ivtrainer.callbacks.task_iv import TaskIVCallback
 
 __all__ = [
     "ForgettingMonitorCallback",
@@ -19,4 +22,5 @@ __all__ = [
     "IVInterventionCallback",
     "IVKLCallback",
     "LMEvalCallback",
+    "TaskIVCallback",
 ]
