@@ -13,7 +13,7 @@ import torch
 
 from ivtrainer.cli import main
 from ivtrainer.demo import DemoPlan, estimate_seconds, knowledge_table, new_task_table, run_demo
-from ivtrainer.demo.report import lm_eval_table, write_results
+from ivtrainer.demo.report import lm_eval_table, repair_line, write_results
 from ivtrainer.errors import IVTrainerError
 from ivtrainer.testing import tiny_model
 from ivtrainer.utils.outputs import MARKER
@@ -118,7 +118,7 @@ def test_quick_demo_end_to_end(tmp_path, default_model):
     assert set(results["seconds"]) == {
         "loading and preparing",
         "instruction vector",
-        "new task, plain vs IV-guided",
+        "new task, plain vs KL anchor vs IV-guided",
         "knowledge update",
         "total",
     }
@@ -176,17 +176,20 @@ def test_stages_on_tiny_models(tmp_path, model_type):
     iv = iv_result.pop("iv")
     assert InstructionVector.from_pretrained(tmp_path / "instruction_vector").heads == iv.heads
     assert (tmp_path / "cie_heatmap.png").read_bytes()[:8] == PNG
-    new_task = stage_new_task(model, tokenizer, records[4:], plan, tmp_path, tmp_path / "work")
+    new_task = stage_new_task(model, tokenizer, records[4:], plan, tmp_path, tmp_path / "work", iv=iv)
     own = InstructionVector.from_pretrained(tmp_path / "new_task_iv")  # the new task's own IV guided it
     assert own.task == "new task" and new_task["own_iv"]["edit_layer"] == own.edit_layer
     knowledge = stage_knowledge_update(model, tokenizer, records[:4], plan, tmp_path, tmp_path / "work")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
-    assert set(new_task["scores"]) == {"before", "plain", "iv_guided"}
+    assert set(new_task["scores"]) == {"before", "plain", "kl_anchor", "iv_guided"}
+    # the stage-1 IV added back to the plain fine-tuned model: scored with and without it
+    assert set(new_task["repair"]) == {"task", "without_iv", "with_iv", "n_prompts"}
+    assert new_task["repair"]["task"] == plan.iv_task and "IV repair" in repair_line(new_task)
     assert set(knowledge["scores"]) == {"before", "plain", "f_learning"}
-    for name in ("new_task_plain", "new_task_iv_guided", "old_knowledge"):
+    for name in ("new_task_plain", "new_task_kl_anchor", "new_task_iv_guided", "old_knowledge"):
         adapter = PeftModel.from_pretrained(tiny_model(model_type), tmp_path / "adapters" / name)
         assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapter.named_parameters())  # trained
-    assert new_task_table(new_task).count("\n") == 4 and knowledge_table(knowledge).count("\n") == 4
+    assert new_task_table(new_task).count("\n") == 5 and knowledge_table(knowledge).count("\n") == 4
 
     # results.md: every table, the lm-eval one (when asked for) as a table of its own
     results = {

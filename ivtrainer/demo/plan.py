@@ -120,7 +120,7 @@ def estimate_seconds(
         6 * math.ceil(plan.n_icl / 16) + math.ceil(plan.n_facts / 16) * 18 + 2,
         6 * plan.n_icl * 6 * shot + plan.n_facts * (12 + 40) + plan.n_test_words * 10,
     )
-    lora_steps = plan.train_steps * (f["lora"] + f["lora_guided"])
+    lora_steps = plan.train_steps * (f["lora"] + 2 * f["lora_guided"])  # plain, KL anchor, IV-guided
     edit_steps = plan.edit_steps * (f["lora"] + 2 * f["full"])
     run_overhead = 1.5  # copying the model, building a Trainer, saving
 
@@ -136,10 +136,11 @@ def estimate_seconds(
 
     return {
         "instruction vector": extraction(plan.n_calibration_prompts) + cost(4, 400) + 1.0,  # + the check
-        "new task, plain vs IV-guided": 3 * evaluation
+        "new task, plain vs KL anchor vs IV-guided": 4 * evaluation
+        + cost(4, 48 * 12)  # the stage-1 IV added back: its held-out prompts, without and with
         + extraction(plan.n_calibration_prompts // 2)  # the new task's own IV
         + cost(lora_steps, lora_steps * 8 * 12)
-        + 2 * run_overhead,
+        + 3 * run_overhead,
         "knowledge update": cost(
             edit_steps + 8, edit_steps * plan.edit_batch_size * 14 + 6 * plan.n_edits * 14
         )

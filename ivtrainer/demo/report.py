@@ -12,6 +12,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+#: Stage 2's runs, as the tables name them.
+NEW_TASK_RUNS = {
+    "before": "before",
+    "plain": "plain",
+    "kl_anchor": "KL anchor, no IV",
+    "iv_guided": "IV-guided",
+}
+
+
 def own_iv_line(result: dict[str, Any]) -> str:
     iv = result["own_iv"]
     steer = (
@@ -37,14 +46,16 @@ def new_task_table(result: dict[str, Any]) -> str:
         "| held-out mean | forgetting (points) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("before", "before"), ("plain", "plain"), ("iv_guided", "IV-guided")):
+    for name, label in NEW_TASK_RUNS.items():
+        if name not in scores:  # results written before the KL-anchor row existed
+            continue
         s = scores[name]
         icl = statistics.mean(v for k, v in s.items() if k.startswith("icl/"))
         drop = before - held_out_mean(s)
         forgetting = "-"
         if name != "before":
             forgetting = f"{100 * drop:.1f}"
-            if name == "iv_guided" and plain_drop > 0:
+            if name != "plain" and plain_drop > 0:
                 forgetting += f" ({drop / plain_drop:.2f} x plain)"
         lines.append(
             f"| {label} | {_pct(s['new_task'])} | {_pct(icl)} | {_pct(s['facts/completion'])} | "
@@ -60,9 +71,13 @@ def lm_eval_table(result: dict[str, Any]) -> str:
     names = sorted(k for k in scores["before"] if k.startswith("lm_eval/"))
     if not names:
         return ""
-    lines = ["| lm-eval | before | plain | IV-guided |", "|---|---:|---:|---:|"]
+    runs = [r for r in NEW_TASK_RUNS if r in scores]
+    lines = [
+        "| lm-eval | " + " | ".join(NEW_TASK_RUNS[r] for r in runs) + " |",
+        "|---" + "|---:" * len(runs) + "|",
+    ]
     for name in names:
-        cells = " | ".join(_pct(scores[run].get(name)) for run in ("before", "plain", "iv_guided"))
+        cells = " | ".join(_pct(scores[run].get(name)) for run in runs)
         lines.append(f"| {name.removeprefix('lm_eval/')} | {cells} |")
     return "\n".join(lines)
 
@@ -89,8 +104,19 @@ def knowledge_table(result: dict[str, Any]) -> str:
 def plot_new_task(result: dict[str, Any], path: Path, title: str) -> Path:
     from ivtrainer.evaluation.plotting import plot_scores
 
-    labels = {"before": "before", "plain": "LoRA, plain", "iv_guided": "LoRA, IV-guided"}
+    labels = {k: v if k == "before" else f"LoRA, {v}" for k, v in NEW_TASK_RUNS.items()}
     return plot_scores({labels[k]: v for k, v in result["scores"].items()}, path, title=title)
+
+
+def repair_line(result: dict[str, Any]) -> str:
+    """Stage 1's IV added back to the plain fine-tuned model; "" when the stage ran without it."""
+    r = result.get("repair")
+    if r is None:
+        return ""
+    return (
+        f"IV repair: the {r['task']} IV of stage 1 added to the plain fine-tuned model: zero-shot {r['task']} "
+        f"{_pct(r['with_iv'])}% on {r['n_prompts']} held-out words (without it: {_pct(r['without_iv'])}%)"
+    )
 
 
 def minutes(seconds: float) -> str:
@@ -120,9 +146,12 @@ def write_results(folder: Path, results: dict[str, Any]) -> None:
         f"## 1. Instruction vector ({plan['iv_task']})\n",
         iv_lines(results["instruction_vector"]).replace("\n", "\n\n") + "\n",
         "![CIE heatmap](cie_heatmap.png)\n",
-        "## 2. Forgetting: plain vs IV-guided LoRA fine-tuning\n",
-        own_iv_line(results["new_task"]) + " (IVGuidedConfig's defaults: FvForgetting's recipe).\n",
+        "## 2. Forgetting: plain vs KL-anchored vs IV-guided LoRA fine-tuning\n",
+        own_iv_line(results["new_task"])
+        + " (IVGuidedConfig's defaults: FvForgetting's recipe; the KL anchor "
+        "is the same KL terms with no IV).\n",
         new_task_table(results["new_task"]) + "\n",
+        *([line + "\n"] if (line := repair_line(results["new_task"])) else []),
         f"{results['new_task']['n_train_words']} training words, {plan['epochs']:g} epoch(s), batch 8, "
         f"lr {plan['learning_rate']:g}; {results['new_task']['n_test_words']} test words; "
         f"{plan['n_icl']} 5-shot prompts per ICL task; {plan['n_facts']} known facts.\n",

@@ -23,6 +23,7 @@ from ivtrainer.demo.report import (
     new_task_table,
     own_iv_line,
     plot_new_task,
+    repair_line,
     write_results,
 )
 from ivtrainer.demo.stages import stage_instruction_vector, stage_knowledge_update, stage_new_task
@@ -129,20 +130,21 @@ def run_demo(
             echo(f"\n[1/3] Instruction vector of '{plan.iv_task}' (causal mediation over all heads)")
             with _timed(seconds, "instruction vector"):
                 iv_result = stage_instruction_vector(model, tokenizer, plan, tmp)
-            iv_result.pop("iv")
+            stage_iv = iv_result.pop("iv")
             echo(iv_lines(iv_result))
 
             echo(
-                "\n[2/3] LoRA fine-tuning on a new task (Q: cold -> A: [cold]), plain and IV-guided "
-                "(the new task's own IV on the teacher)"
+                "\n[2/3] LoRA fine-tuning on a new task (Q: cold -> A: [cold]): plain, KL anchor (no IV) and "
+                "IV-guided (the new task's own IV on the teacher)"
             )
-            with _timed(seconds, "new task, plain vs IV-guided"):
-                new_task = stage_new_task(model, tokenizer, facts, plan, tmp, work)
+            with _timed(seconds, "new task, plain vs KL anchor vs IV-guided"):
+                new_task = stage_new_task(model, tokenizer, facts, plan, tmp, work, iv=stage_iv)
                 plot_new_task(
                     new_task, tmp / "forgetting.png", f"{Path(str(name)).name}: before and after LoRA"
                 )
             echo(own_iv_line(new_task))
             echo(new_task_table(new_task))
+            echo(repair_line(new_task))
             if table := lm_eval_table(new_task):
                 echo(f"\n{table}")  # a table of its own (Markdown merges adjacent ones)
 

@@ -1,5 +1,6 @@
 """The demo's three stages, each a plain function of the model, the tokenizer and the plan: the
-instruction vector, plain vs IV-guided LoRA on a new task, plain FT vs F-Learning on edits."""
+instruction vector, plain vs KL-anchored vs IV-guided LoRA on a new task (and the stage-1 IV added
+back to the plain one), plain FT vs F-Learning on edits."""
 
 from __future__ import annotations
 
@@ -89,14 +90,18 @@ def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dic
     }
 
 
-def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Path) -> dict[str, Any]:
-    """Plain LoRA vs IV-guided LoRA (FvForgetting's recipe with the new task's own IV) on the new
-    task; held-out abilities before and after."""
+def stage_new_task(
+    model, tokenizer, facts, plan: DemoPlan, out: Path, work: Path, iv: Any = None
+) -> dict[str, Any]:
+    """Plain LoRA, the KL anchor (the same KL terms, no IV: the control) and IV-guided LoRA
+    (FvForgetting's recipe with the new task's own IV) on the new task; held-out abilities before
+    and after. With ``iv`` (stage 1's), that IV is added back to the plain fine-tuned model and
+    its task scored zero-shot on held-out pairs (IV repair)."""
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
     from ivtrainer.evaluation.forgetting import evaluate_abilities, new_task_dataset, new_task_words
-    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
+    from ivtrainer.iv_guided.iv_guided_config import RECIPES, IVGuidedConfig
     from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
     from ivtrainer.iv_guided.own_task_iv import own_task_iv
 
@@ -119,12 +124,16 @@ def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Pat
         n_mean_prompts=plan.n_mean_prompts, n_cie_prompts=plan.n_cie_prompts, n_calibration_prompts=plan.n_calibration_prompts // 2,
     )  # fmt: skip
     own.save_pretrained(out / "new_task_iv")
-    for name in ("plain", "iv_guided"):
+    repair = None
+    for name in ("plain", "kl_anchor", "iv_guided"):
         set_seed(plan.seed)
         student = get_peft_model(_fresh(model), _lora_config())
         if name == "plain":
             args = _training_args(TrainingArguments, work / name, plan)
             trainer = Trainer(student, args, train_dataset=data, data_collator=collator)
+        elif name == "kl_anchor":  # the control: FvForgetting's KL terms towards the model before, no IV
+            args = _training_args(IVGuidedConfig, work / name, plan, **RECIPES["kl-anchor"])
+            trainer = IVGuidedTrainer(student, args, train_dataset=data, data_collator=collator)
         else:  # IVGuidedConfig's defaults: FvForgetting's recipe, the task's own IV on the teacher
             args = _training_args(IVGuidedConfig, work / name, plan)
             trainer = IVGuidedTrainer(
@@ -133,6 +142,8 @@ def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Pat
         with_progress_bar(trainer, f"LoRA, {name.replace('_', '-')}").train()
         student.save_pretrained(out / "adapters" / f"new_task_{name}")
         scores[name] = evaluate(student)
+        if name == "plain" and iv is not None:
+            repair = _repair_line(student, tokenizer, iv, plan)
         del trainer, student
     calibration = own.metrics.get("calibration", {})
     return {
@@ -148,7 +159,22 @@ def stage_new_task(model, tokenizer, facts, plan: DemoPlan, out: Path, work: Pat
         },
         "scores": scores,
         "facts": list(facts),
+        **({"repair": repair} if repair is not None else {}),
     }
+
+
+def _repair_line(model, tokenizer, iv, plan: DemoPlan) -> dict[str, Any]:
+    """Stage 1's IV added back to a fine-tuned model: its task, zero-shot, on the held-out pairs
+    stage 1 scored (IV repair at inference)."""
+    from ivtrainer.datasets.tasks import load_task
+    from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
+
+    builder = PromptBuilder(tokenizer)
+    prompts = [builder.encode([], q) for q in load_task(plan.iv_task, "held_out")[:48]]
+    without = first_token_accuracy(model, prompts)
+    with iv.apply(model):
+        with_iv = first_token_accuracy(model, prompts)
+    return {"task": plan.iv_task, "without_iv": without, "with_iv": with_iv, "n_prompts": len(prompts)}
 
 
 def stage_knowledge_update(model, tokenizer, edits, plan: DemoPlan, out: Path, work: Path) -> dict[str, Any]:
