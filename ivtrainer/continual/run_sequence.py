@@ -610,6 +610,7 @@ def _train_stage(
         args = _training_args(
             IVGuidedConfig, config, scratch, stage, progress, **recipe,
             teacher=config.teacher, teacher_top_k=config.teacher_top_k,
+            forgetting_monitor_every=0,  # the stage's own monitor below measures once, at its end
         )  # fmt: skip
         trainer = IVGuidedTrainer(
             student, args, instruction_vectors=vectors or None, train_dataset=data, data_collator=collator
