@@ -4,7 +4,8 @@ second copy, its train/eval mode and the tokenizer's padding restored afterwards
 :func:`evaluate_lm` runs ``lm_eval.simple_evaluate`` with lm-eval's ``HFLM`` wrapping the model and
 returns flat scores (``<task>/<metric>``); :func:`task_manager` always includes the package's own
 tasks (:mod:`ivtrainer.evaluation.lm_eval_tasks`); :func:`check_tasks` refuses unknown names with
-close ones. ``LMEvalCallback`` runs it during training.
+close ones. ``LMEvalCallback`` runs it during training. With ``repair=`` the evaluation runs with
+an IV repair on (:class:`~ivtrainer.evaluation.lm_eval_repair.RepairedHFLM`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import difflib
 import functools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ivtrainer.errors import InvalidInputError, MissingDependencyError
 from ivtrainer.evaluation.lm_eval_tasks import documents_for, lm_eval_tasks_path
 from ivtrainer.modeling.architectures import unwrap_model
+
+if TYPE_CHECKING:
+    from ivtrainer.steering.repair import IVRepair
 
 __all__ = ["check_tasks", "evaluate_lm", "flat_scores", "task_manager"]
 
@@ -124,14 +128,31 @@ def evaluate_lm(
     batch_size: int = 8,
     apply_chat_template: bool = False,
     manager=None,
+    repair: IVRepair | None = None,
+    repair_tasks: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """``lm_eval.simple_evaluate`` on ``model`` as it is in memory; flat ``<task>/<metric>`` scores
-    (see :func:`flat_scores`). ``limit``: documents per task (lm-eval's ``--limit``)."""
+    (see :func:`flat_scores`). ``limit``: documents per task (lm-eval's ``--limit``).
+
+    ``repair``: an IV repair on every request (:class:`~ivtrainer.evaluation.lm_eval_repair.RepairedHFLM`),
+    each request's task routed from its prompt, or given by ``repair_tasks`` (lm-eval task name ->
+    the repair's task; lm-eval tasks not named get no IV). The scores then also hold
+    ``repair/<lm-eval task>/<repair task or none>``: the share of the task's requests that got
+    each IV (how the routing went)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     check_model(model)
     manager = manager or task_manager()
+    if repair_tasks is not None:
+        if repair is None:
+            raise InvalidInputError("repair_tasks names each lm-eval task's repair task: give the repair too")
+        check_tasks(list(repair_tasks), manager)
+        groups = sorted(set(repair_tasks) - set(manager.all_subtasks))
+        if groups:  # a request carries its task's name, never its group's: the IV would go nowhere
+            raise InvalidInputError(
+                f"repair_tasks names groups {groups}: name each of their tasks instead (e.g. ivtrainer_sequence_plural)"
+            )
     # what HFLM and simple_evaluate change (eval mode, the pad token, the global random generators:
     # lm-eval seeds them) is put back: the model is being trained, and training must go on as if
     # nothing had run
@@ -142,7 +163,18 @@ def evaluate_lm(
     level = lm_logger.level
     lm_logger.setLevel(logging.ERROR)  # HFLM warns that a model instance skips its loading options
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if repair is None:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        else:
+            from ivtrainer.evaluation.lm_eval_repair import RepairedHFLM
+
+            lm = RepairedHFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                repair=repair,
+                tasks=repair_tasks,
+            )
         with documents_for(tokenizer), _no_run_metadata():
             results = lm_eval.simple_evaluate(
                 model=lm,
@@ -160,7 +192,21 @@ def evaluate_lm(
         model.train(training)
         tokenizer.pad_token, tokenizer.padding_side = pad_token, padding_side
         _set_random_states(generators)
-    return flat_scores(results)
+    scores = flat_scores(results)
+    if repair is not None:
+        scores |= _route_shares(lm.routes)
+    return scores
+
+
+def _route_shares(routes: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """``repair/<lm-eval task>/<repair task>``: the share of each task's requests per IV, logged."""
+    out: dict[str, float] = {}
+    for name, counts in sorted(routes.items()):
+        total = sum(counts.values())
+        shares = {task: n / total for task, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+        logger.info("IV repair on %s: %s", name, ", ".join(f"{t} {v:.0%}" for t, v in shares.items()))
+        out |= {f"repair/{name}/{task}": share for task, share in shares.items()}
+    return out
 
 
 @contextlib.contextmanager

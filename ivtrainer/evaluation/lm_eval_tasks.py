@@ -11,7 +11,14 @@
   (:func:`~ivtrainer.datasets.edits.candidate_facts`, 306) as a plain completion, greedy first token;
 - ``ivtrainer_facts_instruction``: the same facts as chat questions, does the 16-token greedy reply
   contain the answer; run it with ``--apply_chat_template`` (the prompt is the user's turn);
-- group ``ivtrainer_abilities``: the six ICL tasks and the facts as completions.
+- group ``ivtrainer_abilities``: the six ICL tasks and the facts as completions;
+- ``ivtrainer_sequence_<task>`` for the continual benchmark's tasks
+  (:mod:`~ivtrainer.continual.sequence_tasks`): the 48 test rows of each, scored as
+  ``ivtrainer continual`` scores them (``acc``: every answer token is the teacher-forced argmax,
+  lm-eval's ``is_greedy``), and groups ``ivtrainer_sequence_order1``
+  and ``ivtrainer_sequence_order2``. With an IV repair on
+  (:func:`~ivtrainer.evaluation.lm_eval_harness.evaluate_lm`'s ``repair``) they score what
+  ``ivtrainer continual --repair`` scores.
 
 The documents are built from the package's own data by the functions below (the YAMLs name them),
 so a task scores what :func:`~ivtrainer.evaluation.forgetting.evaluate_abilities` scores on the
@@ -45,6 +52,7 @@ __all__ = [
     "first_token_match",
     "icl_docs",
     "lm_eval_tasks_path",
+    "sequence_docs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,16 @@ def facts_docs(kind: str, **metadata: Any):
             for f in candidate_facts()
         ]
     return DatasetDict({"test": Dataset.from_list(rows)})
+
+
+def sequence_docs(task: str, **metadata: Any):
+    """``{"test": Dataset}``: the test rows of a continual benchmark task (``prompt``,
+    ``completion`` with its leading space, ``input``, ``output``)."""
+    from datasets import Dataset, DatasetDict
+
+    from ivtrainer.continual.sequence_tasks import load_sequence_task
+
+    return DatasetDict({"test": Dataset.from_list(load_sequence_task(task, "test"))})
 
 
 # The tokenizer the documents are built for while evaluate_lm runs a model in memory.
