@@ -43,7 +43,7 @@ from ivtrainer.utils.checks import finite_number
 from ivtrainer.utils.outputs import atomic_dir, atomic_file
 from ivtrainer.utils.progress import with_progress_bar
 
-__all__ = ["METHODS", "QUICK", "ContinualSettings", "run_sequence", "task_rows"]
+__all__ = ["METHODS", "QUICK", "ContinualSettings", "load_final_model", "run_sequence", "task_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def run_sequence(
                 tmp_file.write_text(json.dumps(scores, indent=1))
         stages.append(scores)
     repair = _repair(current, tokenizer, config, rows, out, stages) if config.repair else None
-    return _write_results(out, config, stages, repair)
+    return _write_results(out, config, stages, repair, final_model=model_fingerprint(current))
 
 
 # Settings that change only what is measured at the end, not the stages.
@@ -713,6 +713,52 @@ def _repair(
     }
 
 
+def load_final_model(out: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """The model at the end of a finished run in ``out`` and its tokenizer: the run's model with
+    every stage restored in turn (LoRA: each stage's adapter merged), the model its results and
+    ``<out>/repair`` were measured on."""
+    from ivtrainer.modeling.loading import load_model
+
+    out = Path(out).expanduser()
+    try:
+        saved = json.loads((out / "settings.json").read_text())
+        config = ContinualSettings(
+            **{f.name: saved[f.name] for f in dataclasses.fields(ContinualSettings) if f.name in saved}
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidInputError(
+            f"{out} holds no continual run ({type(exc).__name__}: settings.json missing or unreadable): give the "
+            "--out of `ivtrainer continual`"
+        ) from None
+    folders = [out / "stages" / str(stage) for stage in range(1, len(config.tasks) + 1)]
+    unfinished = [f.name for f in folders if not (f / "scores.json").is_file()]
+    if unfinished:
+        raise InvalidInputError(
+            f"{out}: stages {unfinished} are not finished; run the same `ivtrainer continual` command again to finish them"
+        )
+    model, tokenizer = load_model(config.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not config.lora:  # only the latest full model is kept
+        folders = folders[-1:]
+    for folder in folders:
+        model = _restore(model, folder, config)
+    from ivtrainer.iv_guided.precomputed_teacher import model_fingerprint
+
+    try:
+        recorded = json.loads((out / "results.json").read_text()).get("final_model")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded and model_fingerprint(model) != recorded:  # other base weights, or merged on another device
+        logger.warning(
+            "%s: the rebuilt model's weights differ from those the run ended with (the model %r changed since, or "
+            "the run merged its adapters on another device): its results may not hold for this model",
+            out,
+            config.model,
+        )
+    return model.eval(), tokenizer
+
+
 def _restore(current: nn.Module, folder: Path, config: ContinualSettings) -> nn.Module:
     """The model after a finished stage, from ``current`` (the model before it)."""
     if config.lora:
@@ -752,7 +798,11 @@ def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> d
 
 
 def _write_results(
-    out: Path, config: ContinualSettings, stages: list[dict[str, Any]], repair: dict[str, Any] | None = None
+    out: Path,
+    config: ContinualSettings,
+    stages: list[dict[str, Any]],
+    repair: dict[str, Any] | None = None,
+    final_model: str | None = None,
 ) -> dict[str, Any]:
     from ivtrainer.continual.report import write_report
 
@@ -784,6 +834,8 @@ def _write_results(
             else {}
         ),
         **({"repair": repair} if repair is not None else {}),
+        # the weights the run ended with (load_final_model checks the model it rebuilds against it)
+        "final_model": final_model,
         # every stage's own times, whichever run it ran in (None: a stage written before they were kept)
         "seconds": (
             {k: round(sum(st["seconds"][k] for st in stages), 1) for k in ("train", "evaluate", "iv")}

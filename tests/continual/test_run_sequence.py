@@ -8,9 +8,11 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from ivtrainer.continual.run_sequence import run_sequence
+from ivtrainer.continual.run_sequence import load_final_model, run_sequence
 from ivtrainer.continual.sequence_tasks import ORDERS, load_sequence_task
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.evaluation.lm_eval_harness import evaluate_lm
+from ivtrainer.iv_guided.precomputed_teacher import model_fingerprint
 from ivtrainer.testing import tiny_model, tiny_tokenizer
 
 FAST = {"n_train": 24, "n_test": 4, "n_icl": 2, "epochs": 1, "progress": False}
@@ -206,10 +208,32 @@ def test_iv_repair_rows_from_the_same_runs(tmp_path, model_dir, monkeypatch):
 
     kept = IVRepair.from_pretrained(tmp_path / "a" / "repair")
     assert kept.vectors.strengths == repair["strengths"] and kept.router.layer == repair["router_layer"]
+    # the final model rebuilt from the run, through lm-eval with the repair on: the run's own rows
+    final, tokenizer = load_final_model(tmp_path / "a")
+    assert model_fingerprint(final) == results["final_model"]
+    lm_tasks = {f"ivtrainer_sequence_{t}": t for t in tasks}
+    for key, given in (("task_given", lm_tasks), ("routed", None)):
+        scores = evaluate_lm(
+            final, tokenizer, list(lm_tasks), limit=FAST["n_test"], repair=kept, repair_tasks=given
+        )
+        assert {t: scores[f"ivtrainer_sequence_{t}/acc"] for t in tasks} == repair[key]
+        assert sum(scores[f"repair/ivtrainer_sequence_{t}/{t}"] for t in tasks) / 2 == pytest.approx(
+            repair["routing_accuracy"] if given is None else 1.0
+        )
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "a")
+    assert model_fingerprint(load_final_model(link)[0]) == results["final_model"]
+    for bad in (tmp_path, tmp_path / "a" / "results.json", tmp_path / "missing"):
+        with pytest.raises(InvalidInputError, match="holds no continual run"):
+            load_final_model(bad)
 
     plain = run_sequence(tasks, out=tmp_path / "b", **kw)
     assert "repair" not in plain and not (tmp_path / "b" / "stages" / "1" / "task_iv").exists()
     adapter = (tmp_path / "b" / "stages" / "2" / "adapter" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "b" / "stages" / "2" / "scores.json").rename(tmp_path / "scores.json")
+    with pytest.raises(InvalidInputError, match=r"stages \['2'\] are not finished"):
+        load_final_model(tmp_path / "b")
+    (tmp_path / "scores.json").rename(tmp_path / "b" / "stages" / "2" / "scores.json")
     later = run_sequence(tasks, out=tmp_path / "b", repair=True, **kw)
     assert (tmp_path / "b" / "stages" / "2" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert {k: v for k, v in later["repair"].items() if k != "seconds"} == {
