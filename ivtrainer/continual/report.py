@@ -54,7 +54,7 @@ def _repair_markdown(names: list[str], repair: dict[str, Any]) -> list[str]:
         "",
         "IV repair on the final model: each task's IV, captured right after its stage, added to its test prompts "
         f"(the task given, or routed: nearest prompt centroid at layer {repair['router_layer']}, routing accuracy "
-        f"{repair['routing_accuracy']:.2f}); strengths (multiples of each IV's own) chosen on validation rows.",
+        f"{repair['routing_accuracy']:.2f}, {repair.get('unrouted', 0.0):.0%} taken for no known task); strengths (multiples of each IV's own) chosen on validation rows.",
         "",
         "| task | final | + IV, task given | + IV, routed | strength |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -682,7 +682,7 @@ def _repair(
     # what a user loads to repair the final model around generate (IVRepair.from_pretrained)
     IVRepair(repair, router).save_pretrained(out / "repair")
     test = {_name(t): rows[t]["test"][: config.n_test] for t in config.tasks}
-    given, routed, correct, total = {}, {}, 0, 0
+    given, routed, correct, total, unrouted = {}, {}, 0, 0, 0
     for name in names:
         prompts = [r["prompt"] for r in test[name]]
         hits = exact_match(model, tokenizer, test[name], repair=repair, tasks=[name] * len(prompts))
@@ -691,6 +691,7 @@ def _repair(
         hits = exact_match(model, tokenizer, test[name], repair=repair, tasks=route)
         routed[name] = sum(hits) / len(hits)
         correct, total = correct + sum(r == name for r in route), total + len(route)
+        unrouted += sum(r is None for r in route)
     final = stages[-1]["tasks"]
     learnt = [stages[i + 1]["tasks"][n] for i, n in enumerate(names)]  # right after each task's stage
 
@@ -704,6 +705,8 @@ def _repair(
         "validation_accuracy": {n: {str(k): v for k, v in t.items()} for n, t in tried.items()},
         "router_layer": router.layer,
         "routing_accuracy": correct / total,
+        # the task prompts the router's gate took for prompts of no known task (wrong routes too)
+        "unrouted": unrouted / total,
         "task_given": given,
         "routed": routed,
         "without": {n: final[n] for n in names},

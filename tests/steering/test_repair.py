@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -67,6 +70,17 @@ def test_prompts_are_routed_to_their_task(tokenizer):
     assert router.layer in (0, 1, 2)
     routed = router.route(model, tokenizer, antonym[8:] + upper[8:])
     assert routed == ["antonym"] * 4 + ["upper"] * 4
+    # prompts of no known task are left alone (the gate), unless it is switched off
+    strangers = ["The capital city of France is", "Translate to French: good morning", "hello"]
+    assert router.route(model, tokenizer, strangers) == [None] * 3
+    ungated = NearestTaskRouter.fit(
+        model, tokenizer, {"antonym": antonym[:8], "upper": upper[:8]}, margin=None
+    )
+    assert None not in ungated.route(model, tokenizer, strangers)
+    with pytest.raises(InvalidInputError, match="at least two prompts per task"):
+        NearestTaskRouter.fit(model, tokenizer, {"antonym": antonym[:1], "upper": upper[:8]})
+    with pytest.raises(InvalidInputError, match="margin must be > 0"):
+        NearestTaskRouter.fit(model, tokenizer, {"antonym": antonym[:8], "upper": upper[:8]}, margin=0)
     fixed = NearestTaskRouter.fit(model, tokenizer, {"antonym": antonym[:8], "upper": upper[:8]}, layer=0)
     assert fixed.layer == 0
     with pytest.raises(InvalidInputError, match="at least two tasks"):
@@ -153,7 +167,7 @@ def test_teacher_forced_repair_is_greedy_decoding_with_the_iv(iv, tokenizer):
     assert repair.strengths["say-is"] == 0.0  # a tie at 0 accuracy: no repair
 
 
-def test_iv_repair_saved_loaded_and_routed_around_generate(iv, tokenizer, tmp_path):
+def test_iv_repair_saved_loaded_and_routed_around_generate(iv, tokenizer, tmp_path, caplog):
     """IVRepair round-trips through its folder; routed around generate it gives, row by row, what
     naming each row's task gives; a forced wrong route changes the answers; bad folders are
     refused with what to give instead."""
@@ -169,6 +183,8 @@ def test_iv_repair_saved_loaded_and_routed_around_generate(iv, tokenizer, tmp_pa
     loaded = IVRepair.from_pretrained(saved)
     assert loaded.vectors.strengths == {"antonym": 4.0, "upper": 2.0} and loaded.router.layer == router.layer
     torch.testing.assert_close(loaded.router.centroids, router.centroids)
+    torch.testing.assert_close(loaded.router.radii, router.radii)
+    assert loaded.router.margin == router.margin
 
     prompts = antonym[8:10] + upper[8:10]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -179,6 +195,8 @@ def test_iv_repair_saved_loaded_and_routed_around_generate(iv, tokenizer, tmp_pa
 
     tasks, routed = generate()
     assert tasks == ["antonym", "antonym", "upper", "upper"]
+    with loaded.apply(model, tokenizer, ["The capital city of France is"]) as none:
+        assert none == [None]  # no known task: no IV
     torch.testing.assert_close(routed, generate(tasks=tasks)[1])
     assert not torch.equal(routed, generate(tasks=["upper", "upper", "antonym", "antonym"])[1])
     assert not torch.equal(routed, model.generate(**batch, max_new_tokens=3, do_sample=False))
@@ -195,6 +213,20 @@ def test_iv_repair_saved_loaded_and_routed_around_generate(iv, tokenizer, tmp_pa
     for bad in (tmp_path, tmp_path / "file", tmp_path / "missing", saved / "task_0"):
         with pytest.raises(InvalidInputError, match="holds no IV repair"):
             IVRepair.from_pretrained(bad)
+    # a repair saved before the gate: loads, warns, and routes every prompt to a task
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(saved, old)
+    tensors = load_file(str(old / "router.safetensors"))
+    save_file({k: tensors[k] for k in ("centroids", "mean")}, str(old / "router.safetensors"))
+    config = json.loads((old / "repair.json").read_text())
+    del config["router"]["margin"]
+    (old / "repair.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="ivtrainer.steering.repair"):
+        legacy = IVRepair.from_pretrained(old)
+    assert "saved before prompts of no known task" in caplog.text
+    assert legacy.router.route(model, tokenizer, ["The capital city of France is"]) != [None]
     (saved / "repair.json").write_text("{}")
     with pytest.raises(InvalidInputError, match="not a whole IV repair"):
         IVRepair.from_pretrained(saved)
