@@ -9,13 +9,15 @@ lm-evaluation-harness (``evaluate_lm``):
 - the run's tasks as ``ivtrainer_sequence_<task>`` (the run's own test rows: ``limit`` = its
   ``n_test``) without the repair, with it (task given) and routed, next to what the run measured
   itself (``results.json``): the two must agree;
-- ``ivtrainer_abilities`` (5-shot word tasks and facts, none of the run's tasks) without and with
-  the routed repair: what the repair costs prompts of no known task (the router always picks one).
+- ``ivtrainer_abilities`` (5-shot word tasks and facts, none of the run's tasks) without the
+  repair, with it routed, and routed with the router's gate off (every prompt gets some task's
+  IV): what the repair costs prompts of no known task.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -83,6 +85,10 @@ def main() -> None:
             + " / ".join(f"{v:.3f}" for v in theirs)
             + " |"
         )
+    ungated = IVRepair(repair.vectors, copy.copy(repair.router))
+    assert ungated.router is not None
+    ungated.router.margin = None  # every prompt routed to some task: the repair before the gate
+    repairs = {"without": None, "routed": repair, "no gate": ungated}
     abilities = {
         key: evaluate_lm(
             model,
@@ -90,27 +96,34 @@ def main() -> None:
             ["ivtrainer_abilities"],
             limit=args.abilities_limit,
             manager=manager,
-            repair=repair if key == "routed" else None,
+            repair=chosen,
         )
-        for key in ("without", "routed")
+        for key, chosen in repairs.items()
     }
     parts = sorted(k for k in abilities["without"] if k.endswith("/acc") and k != "ivtrainer_abilities/acc")
+    means = {k: v["ivtrainer_abilities/acc"] for k, v in abilities.items()}
     lines += [
         "",
-        f"`ivtrainer_abilities` ({args.abilities_limit} documents per task), routed repair on: "
-        f"{abilities['without']['ivtrainer_abilities/acc']:.3f} -> {abilities['routed']['ivtrainer_abilities/acc']:.3f}",
+        f"`ivtrainer_abilities` ({args.abilities_limit} documents per task): {means['without']:.3f} without the "
+        f"repair, {means['routed']:.3f} with it routed, {means['no gate']:.3f} routed without the router's gate "
+        "(every prompt gets some task's IV).",
         "",
-        "| ability | without | routed repair | routed to |",
+        "| ability | without | routed repair: score, routed to | without the gate: score, routed to |",
         "|---|---|---|---|",
     ]
+
+    def routed_to(key: str, task: str) -> str:
+        return ", ".join(
+            f"{k.rsplit('/', 1)[1]} {v:.0%}"
+            for k, v in abilities[key].items()
+            if k.startswith(f"repair/{task}/")
+        )
+
     for key in parts:
         task = key.removesuffix("/acc")
-        routes = {
-            k.rsplit("/", 1)[1]: v for k, v in abilities["routed"].items() if k.startswith(f"repair/{task}/")
-        }
-        shares = ", ".join(f"{t} {v:.0%}" for t, v in routes.items())
         lines.append(
-            f"| {task} | {abilities['without'][key]:.3f} | {abilities['routed'][key]:.3f} | {shares} |"
+            f"| {task} | {abilities['without'][key]:.3f} | {abilities['routed'][key]:.3f}: {routed_to('routed', task)} "
+            f"| {abilities['no gate'][key]:.3f}: {routed_to('no gate', task)} |"
         )
     command = f"python benchmarks/lm_eval_repair.py --run RUN --abilities-limit {args.abilities_limit}"
     header = (

@@ -195,7 +195,12 @@ class NearestTaskRouter:
         self, model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16
     ) -> list[str | None]:
         """The task of each prompt (None: no known task)."""
-        states = last_token_states(model, tokenizer, prompts, batch_size=batch_size)[self.layer]
+        return self.route_states(
+            last_token_states(model, tokenizer, prompts, batch_size=batch_size)[self.layer]
+        )
+
+    def route_states(self, states: torch.Tensor) -> list[str | None]:
+        """The task of each prompt from its ``(n, hidden)`` last-token states at :attr:`layer`."""
         scores = torch.nn.functional.normalize(states - self.mean, dim=-1) @ self.centroids.T
         best = scores.argmax(-1)
         routes: list[str | None] = [self.names[i] for i in best.tolist()]
