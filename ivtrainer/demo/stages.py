@@ -112,7 +112,7 @@ def stage_new_task(
 
     def evaluate(m):
         return evaluate_abilities(
-            m, tokenizer, facts, test_words, n_icl=plan.n_icl, progress=True,
+            m, tokenizer, facts, test_words, n_icl=plan.n_icl, fixed_demos=plan.icl_fixed_demos, progress=True,
             lm_eval_tasks=plan.lm_eval_tasks, lm_eval_limit=plan.lm_eval_limit,
         )  # fmt: skip
 

@@ -85,6 +85,7 @@ def evaluate_abilities(
     abilities: Mapping[str, Any] | None = None,
     lm_eval_tasks: Sequence[str] = (),
     lm_eval_limit: int | None = None,
+    fixed_demos: bool = False,
 ) -> dict[str, float]:
     """Accuracies (0-1): ``icl/<task>`` for each built-in task, ``facts/completion``,
     ``facts/instruction`` (only if the tokenizer has a chat template) and ``new_task``.
@@ -98,12 +99,13 @@ def evaluate_abilities(
     as the built-in ones (``icl/<name>``, :func:`icl_ability`); ``lm_eval_tasks`` are
     lm-evaluation-harness tasks (``lm_eval/<task>/<metric>``, ``[eval]`` extra; ``lm_eval_limit``
     documents each). Both count in :func:`held_out_mean` only through the ICL mean (yours) or not
-    at all (lm-eval's, whose metrics differ by task).
+    at all (lm-eval's, whose metrics differ by task). ``fixed_demos``: the built-in tasks' queries
+    share one draw of demonstrations (:func:`icl_abilities`; about 5x cheaper).
     """
     own = {name: _ability_pairs(name, source) for name, source in (abilities or {}).items()}  # checked first
     scores: dict[str, float] = {}
     with tqdm(total=4, desc="evaluating", unit="part", disable=not progress, leave=False) as bar:
-        scores.update(icl_abilities(model, tokenizer, split=split, n_icl=n_icl))
+        scores.update(icl_abilities(model, tokenizer, split=split, n_icl=n_icl, fixed_demos=fixed_demos))
         for name, pairs in own.items():
             scores[f"icl/{name}"] = icl_ability(model, tokenizer, pairs, name=name, split=split, n_icl=n_icl)
         if lm_eval_tasks:
