@@ -134,7 +134,14 @@ def test_quick_demo_end_to_end(tmp_path, default_model):
     test_words = new_task_words()[1][: plan["n_test_words"]]
     plain = PeftModel.from_pretrained(model, out / "adapters" / "new_task_plain")
     try:
-        again = evaluate_abilities(plain, tokenizer, new_task["facts"], test_words, n_icl=plan["n_icl"])
+        again = evaluate_abilities(
+            plain,
+            tokenizer,
+            new_task["facts"],
+            test_words,
+            n_icl=plan["n_icl"],
+            fixed_demos=plan["icl_fixed_demos"],
+        )
     finally:
         plain.unload()
     assert again == pytest.approx(new_task["scores"]["plain"], abs=1e-6)
