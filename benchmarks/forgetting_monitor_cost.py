@@ -40,9 +40,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from datasets import Dataset
-    from ivtrainer.callbacks import ForgettingMonitorCallback
     from peft import LoraConfig, get_peft_model
 
+    from ivtrainer.callbacks import ForgettingMonitorCallback
     from ivtrainer.continual.sequence_tasks import load_sequence_task
     from ivtrainer.iv_guided.iv_guided_trainer import tokenize_prompt_completion
     from ivtrainer.modeling.loading import load_default_model

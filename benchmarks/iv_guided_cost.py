@@ -80,7 +80,7 @@ out = {"step_s": statistics.median(times[1:]), "peak_kib": peak_kib(),
        "begin_s": begin["first_step"] - begin["t"], "rows": len(rows)}
 if mode == "precomputed":
     callback = trainer.iv_callbacks[-1]
-    store = callback._store
+    store = callback.guidance.store
     # the LM head (teacher_top_k=0) is stored once, whatever the number of rows
     out["head_bytes"] = sum(f.stat().st_size for f in store.folder.glob("head_*.npy"))
     out["bytes_per_row"] = (store.n_bytes - out["head_bytes"]) / len(store.keys)
@@ -90,8 +90,8 @@ if mode in ("live", "precomputed"):  # the live teacher's passes for one batch (
     passes = []
     for _ in range(3):
         t = time.perf_counter()
-        callback._live_teacher(model, batch["input_ids"], batch["attention_mask"],
-                               last_prompt_positions(batch["labels"]), None)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        callback.guidance._live_teacher(model, inputs, last_prompt_positions(batch["labels"]), None)
         passes.append(time.perf_counter() - t)
     out["teacher_pass_s"] = statistics.median(passes)
 if mode == "plain":  # what one extra no-grad forward of the batch costs: the floor of the teacher pass

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from _readme import replace_block
-from ivtrainer.callbacks import LMEvalCallback
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from ivtrainer import load_default_model
+from ivtrainer.callbacks import LMEvalCallback
 from ivtrainer.evaluation.forgetting import new_task_dataset, new_task_words
 
 

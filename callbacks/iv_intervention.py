@@ -9,15 +9,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.schedules import Schedule
-from ivtrainer.steering.instruction_vector import InstructionVector
-from ivtrainer.steering.intervention import Positions, add_to_residual
-from ivtrainer.utils.checks import finite_numbers
+from ivtrainer.steering.instruction_vector import InstructionVector, load_vectors
+from ivtrainer.steering.intervention import Positions, add_to_residual, residual_pairs
 
 __all__ = [
     "IVCallback",
@@ -29,35 +27,6 @@ __all__ = [
 ]
 
 IVLike = InstructionVector | str | os.PathLike
-
-
-def load_vectors(instruction_vectors: IVLike | Sequence[IVLike] | None) -> list[InstructionVector]:
-    """InstructionVectors from objects, folders or Hub ids; at least one."""
-    if instruction_vectors is None:
-        raise InvalidInputError(
-            "no instruction vector given: pass instruction_vectors= (InstructionVector objects or folders "
-            "written by InstructionVector.save_pretrained / `ivtrainer extract-iv`)"
-        )
-    items = (
-        [instruction_vectors]
-        if isinstance(instruction_vectors, (InstructionVector, str, os.PathLike))
-        else list(instruction_vectors)
-    )
-    if not items:
-        raise InvalidInputError("instruction_vectors is empty: pass at least one InstructionVector or folder")
-    return [v if isinstance(v, InstructionVector) else InstructionVector.from_pretrained(v) for v in items]
-
-
-def residual_pairs(
-    vectors: Sequence[InstructionVector], weights: Sequence[float] | None = None
-) -> list[tuple[int, torch.Tensor]]:
-    """``(edit_layer, weight * strength * vector)`` for each IV: several IVs are added together,
-    each at its own layer and its own (calibrated) strength, so the strengths the callbacks and
-    configs take are multiples of each IV's own."""
-    weights = [1.0] * len(vectors) if weights is None else finite_numbers("iv_weights", list(weights))
-    if len(weights) != len(vectors):
-        raise InvalidInputError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
-    return [(iv.edit_layer, w * iv.strength * iv.vector) for iv, w in zip(vectors, weights, strict=True)]
 
 
 class IVCallback(TrainerCallback, ExportableState):
@@ -80,6 +49,9 @@ class IVCallback(TrainerCallback, ExportableState):
     def metrics(self) -> dict[str, float]:
         """Values since the last call (see the protocol above)."""
         return {}
+
+    def close(self) -> None:
+        """Remove the callback's hooks (see the protocol above)."""
 
     role = "iv"
 

@@ -14,11 +14,11 @@ SFTConfig with the IV and KL fields, which SFTTrainer ignores.
 from dataclasses import dataclass, field
 
 from datasets import Dataset
-from ivtrainer.callbacks import IVInterventionCallback
 from transformers import HfArgumentParser
 from trl import SFTTrainer
 
 from ivtrainer import IVGuidedSFTConfig, IVGuidedSFTTrainer, load_model
+from ivtrainer.callbacks import IVInterventionCallback
 from ivtrainer.datasets.edits import load_edits
 
 

@@ -198,7 +198,6 @@ def test_lm_eval_callback_resumed_with_an_edited_record(tmp_path):
     from types import SimpleNamespace
 
     from ivtrainer.callbacks import LMEvalCallback
-
     from ivtrainer.errors import InvalidInputError
     from ivtrainer.testing import tiny_tokenizer
 
@@ -215,7 +214,6 @@ def test_lm_eval_callback_resumed_with_an_edited_record(tmp_path):
 
 def test_lm_eval_data_that_cannot_be_had_offline_is_refused_at_construction():
     from ivtrainer.callbacks import LMEvalCallback
-
     from ivtrainer.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="arc_easy: their data cannot be loaded"):

@@ -32,8 +32,8 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # cr
     ``instruction_vectors``; ``args`` is an :class:`IVGuidedSFTConfig`.
 
     The KL needs the student's logits, which SFTTrainer's fused LM head never builds: the training
-    loss is the model's own (``Trainer.compute_loss``), so SFTTrainer's extra training metrics
-    (entropy, token accuracy) are not logged.
+    loss is the model's own (``Trainer.compute_loss``) plus the guidance's, so SFTTrainer's extra
+    training metrics (entropy, token accuracy) are not logged.
     """
 
     def __init__(
@@ -53,8 +53,10 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # cr
         super().__init__(model=model, args=args, **kwargs)
         check_deepspeed_config(self.accelerator)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = {k: v for k, v in inputs.items() if k not in _SFT_ONLY}
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    _not_model_inputs = _SFT_ONLY  # the SFT collators' masks are already in the labels
+
+    def _model_loss(self, model, inputs, num_items_in_batch):
+        # the model's own loss (with logits), not SFTTrainer's fused one
+        return Trainer.compute_loss(
+            self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )

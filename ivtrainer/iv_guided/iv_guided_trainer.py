@@ -1,5 +1,7 @@
-"""IV-guided training (Jiang et al. 2024) as a drop-in ``Trainer``: the Trainer plus the two
-callbacks of :mod:`ivtrainer.callbacks`, whose metrics it logs through ``Trainer.log``."""
+"""IV-guided training (Jiang et al. 2024) as a drop-in ``Trainer``: the KL terms and head term
+(:class:`~ivtrainer.iv_guided.guidance.IVGuidance`) added to the loss in ``compute_loss``, the
+student's annealed IV and the guidance's lifecycle kept by the callbacks of
+:mod:`ivtrainer.callbacks`, their metrics logged through ``Trainer.log``."""
 
 from __future__ import annotations
 
@@ -12,21 +14,24 @@ from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
 
 from ivtrainer.base_trainer import BaseTrainerMixin
 from ivtrainer.callbacks import IVCallback, IVInterventionCallback, IVKLCallback
-from ivtrainer.callbacks.iv_intervention import IVLike, check_labels_reach_the_model, load_vectors
+from ivtrainer.callbacks.iv_intervention import IVLike, check_labels_reach_the_model
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.iv_guided.guidance import IVGuidance
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
 from ivtrainer.iv_guided.own_task_iv import AUTO, own_task_iv
+from ivtrainer.steering.instruction_vector import load_vectors
 from ivtrainer.utils.distributed import check_deepspeed_config
 
 __all__ = ["IVGuidedMixin", "IVGuidedTrainer", "iv_guided_callbacks", "tokenize_prompt_completion"]
 
 
-def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors) -> list:
-    """The callbacks an :class:`IVGuidedConfig` describes (what IVGuidedTrainer adds); add them to
-    a plain ``Trainer`` or ``SFTTrainer`` for the same training: an
+def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors, *, in_forward: bool = True) -> list:
+    """The callbacks an :class:`IVGuidedConfig` describes; add them to a plain ``Trainer`` or
+    ``SFTTrainer`` for the same training as IVGuidedTrainer: an
     :class:`~ivtrainer.callbacks.IVInterventionCallback` when the student's IV strength is ever
-    non-zero (not in FvForgetting's recipe), and the :class:`~ivtrainer.callbacks.IVKLCallback`."""
+    non-zero (not in FvForgetting's recipe), and the :class:`~ivtrainer.callbacks.IVKLCallback`
+    (``in_forward=False``: its loss is left to the trainer's ``compute_loss``, as IVGuidedTrainer's)."""
     callbacks: list = []
     schedule = args.iv_schedule_obj()
     if schedule.start != 0 or schedule.end != 0:
@@ -49,20 +54,25 @@ def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors) -> list:
             teacher="precomputed" if args.teacher == "precomputed" else "auto",
             teacher_top_k=args.teacher_top_k,
             teacher_cache_dir=args.teacher_cache_dir,
+            in_forward=in_forward,
         )
     )
     return callbacks
 
 
 class IVGuidedMixin(BaseTrainerMixin):
-    """What IVGuidedTrainer and IVGuidedSFTTrainer add to their base trainer: the IV callbacks
-    built from the config, their metrics merged into ``Trainer.log``, hooks removed after
+    """What IVGuidedTrainer and IVGuidedSFTTrainer add to their base trainer: the guidance's loss
+    in ``compute_loss``, the IV callbacks built from the config (the student's IV; the guidance's
+    lifecycle and checkpoint state), their metrics merged into ``Trainer.log``, hooks removed after
     ``train()`` whatever happens."""
 
     args: IVGuidedConfig
+    _not_model_inputs: tuple[str, ...] = ()  # batch keys the model's forward does not take
 
     def _setup_iv(self, model: nn.Module, args, instruction_vectors, kwargs: dict) -> None:
-        check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
+        schedule = args.iv_schedule_obj()
+        if schedule.start != 0 or schedule.end != 0:  # the student's IV goes before the first label
+            check_labels_reach_the_model(args, kwargs.get("compute_loss_func"))
         given = instruction_vectors if instruction_vectors is not None else args.instruction_vectors
         if given == AUTO or given == [AUTO]:  # FvForgetting's recipe: the training data's own IV
             given = own_task_iv(
@@ -82,12 +92,54 @@ class IVGuidedMixin(BaseTrainerMixin):
         vectors = load_vectors(given) if given is not None else []
         for iv in vectors:
             iv.check_compatible(model)  # before any work
-        self.iv_callbacks = iv_guided_callbacks(args, vectors)
+        self.iv_callbacks = iv_guided_callbacks(args, vectors, in_forward=False)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.iv_callbacks]
 
     @property
     def instruction_vectors(self):
         return self.iv_callbacks[-1].vectors
+
+    def _guidance(self) -> IVGuidance:
+        """The guidance of the KL callback in use (a resumed run may have replaced the one built
+        with the trainer by one restored from the checkpoint)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, IVKLCallback):
+                return callback.guidance
+        raise InvalidInputError("IVGuidedTrainer's IVKLCallback was removed from its callbacks: add it back")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The base trainer's loss plus, in training, the KL terms and head term towards the
+        IV-intervened model before training."""
+        if not model.training or not torch.is_grad_enabled():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        guidance = self._guidance()
+        inputs = {k: v for k, v in inputs.items() if k not in self._not_model_inputs}
+        batch = dict(inputs)  # with its labels, which Trainer pops for label smoothing or compute_loss_func
+        loss, outputs = self._model_loss(model, inputs, num_items_in_batch)
+        # normalised as the CE is: by the batch's token count where the CE is, else per micro-batch
+        counted = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        items = num_items_in_batch if counted else None
+        scale = self._loss_scale(items)
+        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        # the teacher pass runs on the model itself (a PEFT model with its adapters off), not on
+        # its DDP or DeepSpeed wrapper
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss = loss + scale * guidance(unwrapped, batch, logits, loss.detach() / scale, items)
+        return (loss, outputs) if return_outputs else loss
+
+    def _model_loss(self, model, inputs, num_items_in_batch):
+        """The base trainer's own loss and the model's outputs."""
+        return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def _loss_scale(self, num_items_in_batch) -> int:
+        """What ``Trainer.compute_loss`` multiplies a loss normalised by the global token count by
+        (``average_tokens_across_devices``), so that the extra terms are scaled as the CE is."""
+        if not self.args.average_tokens_across_devices or num_items_in_batch is None:
+            return 1
+        if self.args.n_gpu > 1:
+            return self.args.n_gpu
+        get_tp_size = getattr(self, "get_tp_size", None)  # transformers >= 5.x: TP ranks share a batch
+        return self.accelerator.num_processes // (get_tp_size() if get_tp_size is not None else 1)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: ce, kl, iv_strength, kl_weight, through report_to

@@ -42,6 +42,7 @@ __all__ = [
     "InvalidVectorError",
     "extract_instruction_vector",
     "head_contributions",
+    "load_vectors",
 ]
 
 FORMAT_VERSION = 1
@@ -631,3 +632,22 @@ def _task_name(examples) -> str | None:
         path = Path(examples)
         return path.stem if path.exists() else os.fspath(examples)
     return None
+
+
+def load_vectors(
+    instruction_vectors: InstructionVector | str | os.PathLike | Sequence,
+) -> list[InstructionVector]:
+    """InstructionVectors from objects, folders or Hub ids; at least one."""
+    if instruction_vectors is None:
+        raise InvalidInputError(
+            "no instruction vector given: pass instruction_vectors= (InstructionVector objects or folders "
+            "written by InstructionVector.save_pretrained / `ivtrainer extract-iv`)"
+        )
+    items = (
+        [instruction_vectors]
+        if isinstance(instruction_vectors, (InstructionVector, str, os.PathLike))
+        else list(instruction_vectors)
+    )
+    if not items:
+        raise InvalidInputError("instruction_vectors is empty: pass at least one InstructionVector or folder")
+    return [v if isinstance(v, InstructionVector) else InstructionVector.from_pretrained(v) for v in items]

@@ -19,10 +19,18 @@ from transformers.utils import logging
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import get_layout, unwrap_model
 from ivtrainer.modeling.hooks import hooks
+from ivtrainer.utils.checks import finite_numbers
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["Intervention", "Positions", "add_to_residual", "last_prompt_positions", "suspend_interventions"]
+__all__ = [
+    "Intervention",
+    "Positions",
+    "add_to_residual",
+    "last_prompt_positions",
+    "residual_pairs",
+    "suspend_interventions",
+]
 
 #: ``"last"``: the last non-pad token of each row; ``"all"``: every non-pad token;
 #: ``"last_prompt"``: the token before each row's first label (the last prompt token of a training
@@ -251,3 +259,15 @@ def suspend_interventions(model: nn.Module) -> Iterator[None]:
     finally:
         for handle in suspended:
             handle.suspended = False
+
+
+def residual_pairs(
+    vectors: Sequence, weights: Sequence[float] | None = None
+) -> list[tuple[int, torch.Tensor]]:
+    """``(edit_layer, weight * strength * vector)`` for each IV: several IVs are added together,
+    each at its own layer and its own (calibrated) strength, so the strengths the callbacks and
+    configs take are multiples of each IV's own."""
+    weights = [1.0] * len(vectors) if weights is None else finite_numbers("iv_weights", list(weights))
+    if len(weights) != len(vectors):
+        raise InvalidInputError(f"{len(weights)} IV weights for {len(vectors)} instruction vectors")
+    return [(iv.edit_layer, w * iv.strength * iv.vector) for iv, w in zip(vectors, weights, strict=True)]

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from ivtrainer.callbacks import ForgettingMonitorCallback, IVInterventionCallback
-from ivtrainer.callbacks.forgetting_monitor import REFERENCE, answer_log_probs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ivtrainer.callbacks import ForgettingMonitorCallback, IVInterventionCallback
+from ivtrainer.callbacks.forgetting_monitor import REFERENCE, answer_log_probs
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.kl_loss import token_kl
 from ivtrainer.testing import tiny_model

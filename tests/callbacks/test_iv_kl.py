@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from ivtrainer import IVGuidedTrainer
+from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
 from ivtrainer.modeling.hooks import hooks
 from ivtrainer.testing import tiny_model
 from tests.utils import collator, grads_after_one_step, guided_config

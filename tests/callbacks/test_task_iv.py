@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from ivtrainer.callbacks import TaskIVCallback
 from transformers import Trainer, TrainingArguments
 
+from ivtrainer.callbacks import TaskIVCallback
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.own_task_iv import own_task_iv
 from ivtrainer.steering.instruction_vector import InstructionVector

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ivtrainer.callbacks import LMEvalCallback
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
+from ivtrainer.callbacks import LMEvalCallback
 from ivtrainer.datasets.edits import candidate_facts, target_predictions
 from ivtrainer.errors import InvalidInputError, MissingDependencyError
 from ivtrainer.evaluation.forgetting import QUESTIONS, icl_abilities, instruction_hits

@@ -6,10 +6,10 @@ import math
 
 import pytest
 from datasets import Dataset
-from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
 from transformers import HfArgumentParser
 
 from ivtrainer import IVGuidedConfig
+from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
 from ivtrainer.testing import tiny_model
 
 
@@ -102,7 +102,7 @@ def test_iv_guided_sft_trainer(tmp_path, iv, tokenizer, teacher, top_k):
     assert [e["iv_strength"] for e in logs] == [1.0, 0.0] and all(e["kl_weight"] == 2.0 for e in logs)
     assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[1]["kl"] > 0
     assert logs[1]["loss"] == pytest.approx(logs[1]["ce"] + 2.0 * logs[1]["kl"], rel=1e-3)
-    store = trainer.iv_callbacks[-1]._store
+    store = trainer.iv_callbacks[-1].guidance.store
     assert (store is not None) == (teacher == "precomputed")
     assert store is None or ("hidden" in store.parts[0]) == (top_k == "0")
     with pytest.raises(TypeError, match="needs an IVGuidedSFTConfig"):

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ivtrainer import IVGuidedTrainer
+from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.iv_guided_trainer import iv_guided_callbacks
 from ivtrainer.iv_guided.schedules import Schedule
@@ -124,7 +124,7 @@ def test_peft_teacher_is_the_base_without_a_copy(tmp_path, iv, data):
 
     class Spy(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            seen["reference"] = trainer.iv_callbacks[1]._reference
+            seen["reference"] = trainer.iv_callbacks[1].reference
 
     trainer = IVGuidedTrainer(
         model,
@@ -411,3 +411,55 @@ def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused(tmp_path,
     with pytest.raises(InvalidInputError, match="use_reentrant"):
         grads_after_one_step(tmp_path / "f", iv, data, model, **head)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_kl_is_added_in_compute_loss_so_a_custom_loss_keeps_it(tmp_path, iv, data):
+    """IVGuidedTrainer adds the KL terms in compute_loss, not in a forward hook: the model's own
+    forward returns its CE alone, and a compute_loss_func (or label smoothing), which makes the
+    Trainer take the labels out of the batch before the forward, keeps the KL term."""
+
+    def shifted_ce(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].flatten(0, 1).float()
+        total = torch.nn.functional.cross_entropy(
+            logits, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+        return total / (
+            num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+        )
+
+    no_student_iv = dict(iv_strength_start=0.0, iv_strength_end=0.0, teacher_iv_strength=2.0)
+    runs = {}
+    for name, kw in {
+        "model's loss": {},
+        "compute_loss_func": {"compute_loss_func": shifted_ce},
+    }.items():
+        trainer = IVGuidedTrainer(
+            tiny_model("llama", seed=5),
+            guided_config(tmp_path / name, **no_student_iv),
+            instruction_vectors=iv,
+            train_dataset=data,
+            data_collator=collator(),
+            **kw,
+        )
+        batch = collator()([data[i] for i in range(4)])
+        trainer.model.train()
+        plain = trainer.model(**batch).loss  # no hook adds anything to the forward
+        assert trainer.compute_loss(trainer.model, dict(batch)) > plain
+        trainer.train()
+        runs[name] = trainer
+    a, b = runs.values()
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    logs = [[e for e in t.state.log_history if "loss" in e] for t in (a, b)]
+    assert [e["kl"] for e in logs[0]] == pytest.approx([e["kl"] for e in logs[1]])
+    assert logs[0][-1]["kl"] > 0
+
+    smoothed = IVGuidedTrainer(
+        tiny_model("llama", seed=5),
+        guided_config(tmp_path / "smoothed", label_smoothing_factor=0.1, **no_student_iv),
+        instruction_vectors=iv,
+        train_dataset=data,
+        data_collator=collator(),
+    )
+    smoothed.train()
+    assert [e for e in smoothed.state.log_history if "loss" in e][-1]["kl"] > 0

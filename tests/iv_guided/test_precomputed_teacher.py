@@ -156,8 +156,10 @@ def test_training_with_the_stored_teacher_equals_the_live_teacher(tmp_path, iv, 
         torch.testing.assert_close(stored[name], grad, rtol=1e-3, atol=2e-5, msg=name)
     assert max(float((live[k] - no_kl[k]).abs().max()) for k in live) > 1e-4  # the KL mattered
     callback = trainer.iv_callbacks[-1]
-    assert callback.reference is None and callback._store is not None
-    assert (tmp_path / "stored" / "run" / CACHE_FOLDER / callback._store.folder.name / "meta.json").is_file()
+    assert callback.reference is None and callback.guidance.store is not None
+    assert (
+        tmp_path / "stored" / "run" / CACHE_FOLDER / callback.guidance.store.folder.name / "meta.json"
+    ).is_file()
 
 
 @pytest.mark.parametrize(
@@ -182,7 +184,7 @@ def test_stored_hidden_states_give_the_live_teachers_training(tmp_path, iv, data
     )
     for name, change in live.items():
         torch.testing.assert_close(stored[name], change, rtol=1e-4, atol=1e-6, msg=name)
-    store = trainer.iv_callbacks[-1]._store
+    store = trainer.iv_callbacks[-1].guidance.store
     part, rows = store.parts[0], [data[i] for i in range(4)]
     batch = collator()(rows)
     covered = stored_masks(
@@ -232,7 +234,7 @@ def test_full_fine_tuning_holds_no_reference_copy(tmp_path, iv, data):
 
 def test_rows_are_matched_whatever_the_padding_side_and_order(tmp_path, iv, data):
     trainer, _ = _one_step(tmp_path, iv, data, tiny_model("llama"), teacher="precomputed", teacher_top_k=16)
-    store = trainer.iv_callbacks[-1]._store
+    store = trainer.iv_callbacks[-1].guidance.store
     rows = [data[i] for i in range(4)]
     tokenizer = tiny_tokenizer()
 

@@ -135,7 +135,7 @@ def _teacher(trainer) -> str | None:
     kl = [c for c in trainer.callback_handler.callbacks if isinstance(c, IVKLCallback)]
     if not kl:
         return None
-    if kl[0]._store is not None:
+    if kl[0].guidance.store is not None:
         return "stored"
     if kl[0].reference is None:
         return "adapters disabled"

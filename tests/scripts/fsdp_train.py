@@ -33,7 +33,6 @@ def main() -> None:
 
     import torch
     import torch.distributed as dist
-    from ivtrainer.callbacks import IVKLCallback
     from transformers import (
         AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
@@ -43,6 +42,7 @@ def main() -> None:
     )
 
     from ivtrainer import InstructionVector
+    from ivtrainer.callbacks import IVKLCallback
     from ivtrainer.datasets.edits import edit_dataset
     from ivtrainer.iv_guided.kl_loss import KLTerm
     from ivtrainer.testing import tiny_edits, tiny_tokenizer
@@ -106,7 +106,7 @@ def main() -> None:
     if rank == 0:
         teacher = (
             "stored"
-            if callback._store is not None
+            if callback.guidance.store is not None
             else "reference"
             if callback.reference is not None
             else "self"

@@ -9,9 +9,9 @@ import random
 
 import pytest
 import torch
-from ivtrainer.callbacks import IVInterventionCallback
 
 from ivtrainer import extract_instruction_vector
+from ivtrainer.callbacks import IVInterventionCallback
 from ivtrainer.datasets.tasks import load_task
 from ivtrainer.modeling.architectures import get_layout
 from ivtrainer.steering.calibration import ZeroShotScorer
