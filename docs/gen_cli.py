@@ -12,17 +12,22 @@ PAGE = Path(__file__).resolve().parent / "cli.md"
 def render() -> str:
     import os
 
-    from ivtrainer.cli import _parser
+    from ivtrainer.cli import make_parser
 
     os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the page must not depend on it
-    parser = _parser()
+    parser = make_parser()
     parser.prog = "ivtrainer"
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     parts = [
         "# The `ivtrainer` command\n",
         "One entry point, one subcommand per job. Every command checks its input before any work and "
         "fails with one line and exit code 2 ([bad input and safety](safety.md)); `--debug` shows the "
-        "traceback. This page is generated from the parser (`python docs/gen_cli.py`).\n",
+        "traceback. Each command's flags are made from dataclasses (`transformers.HfArgumentParser`, as "
+        "trl's scripts): the library's configs give their defaults (`ExtractionConfig` for extract-iv and "
+        "extract-heads, the continual settings, the demo plan), so the defaults below are the library's. "
+        "A flag is written with underscores or dashes (`--n_heads`, `--n-heads`); a switch that is on by "
+        "default has a `--no_` form (`--no-calibrate`). This page is generated from the parser "
+        "(`python docs/gen_cli.py`).\n",
         "```text\n" + parser.format_help().rstrip() + "\n```\n",
     ]
     for name, command in sub.choices.items():

@@ -29,6 +29,7 @@ from ivtrainer.modeling.architectures import (
 )
 from ivtrainer.modeling.hooks import record_head_outputs
 from ivtrainer.modeling.loading import load_default_model, load_model
+from ivtrainer.steering.extraction_config import ExtractionConfig
 from ivtrainer.steering.head_set import HeadSet, extract_head_set
 from ivtrainer.steering.instruction_vector import (
     IncompatibleVectorError,
@@ -73,6 +74,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArchitectureSpec",
+    "ExtractionConfig",
     "FLearningConfig",
     "FLearningTrainer",
     "HeadSet",

@@ -423,3 +423,74 @@ def test_continual_runs_then_continues_and_refuses_bad_input(project, tmp_path, 
     _refused(capsys, [*base, "--tasks", "brackets", "--out", project / "notes.txt"], "is a file", project)
     monkeypatch.chdir(tmp_path)
     _refused(capsys, [*base, "--tasks", "brackets", "--out", "."], "is the current directory", tmp_path)
+
+
+def _command(name: str):
+    import argparse
+
+    from ivtrainer.cli import make_parser
+
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_a_default_changed_in_the_config_shows_in_the_cli(monkeypatch):
+    """The flags are made from the dataclasses (HfArgumentParser), not typed again: a default
+    changed in ExtractionConfig is extract-iv's default, in its help and in what it parses."""
+    import dataclasses
+
+    from ivtrainer.steering.extraction_config import ExtractionConfig
+
+    field = {f.name: f for f in dataclasses.fields(ExtractionConfig)}["n_cie_prompts"]
+    monkeypatch.setattr(field, "default", 7)
+    parser = _command("extract-iv")
+    assert "measured on (default: 7)" in " ".join(parser.format_help().split())
+    config = parser.parse_args_into_dataclasses(["--task", "antonym", "--out", "x"])[2]
+    assert isinstance(config, ExtractionConfig) and config.n_cie_prompts == 7
+
+
+def test_every_flag_default_is_the_librarys():
+    """Each command's defaults are the library's own: ExtractionConfig for extract-iv and
+    extract-heads, ContinualSettings for continual, DemoPlan for the demo, the functions' own
+    defaults elsewhere."""
+    import dataclasses
+
+    from ivtrainer.cli.common import default_of
+    from ivtrainer.continual.continual_config import ContinualSettings
+    from ivtrainer.demo.plan import DemoPlan
+    from ivtrainer.evaluation.edit_metrics import evaluate_edits
+    from ivtrainer.steering.dynamics import analyze_iv
+    from ivtrainer.steering.extraction_config import HEAD_SET_FIELDS, ExtractionConfig
+
+    def defaults(name: str) -> dict:
+        found: dict = {}
+        for action in _command(name)._actions:  # --calibrate before its --no_calibrate switch
+            found.setdefault(action.dest, action.default)
+        return found
+
+    extraction = {f.name: f.default for f in dataclasses.fields(ExtractionConfig)}
+    assert {k: defaults("extract-iv")[k] for k in extraction} == extraction
+    assert {k: defaults("extract-heads")[k] for k in HEAD_SET_FIELDS} == {
+        k: extraction[k] for k in HEAD_SET_FIELDS
+    }
+    assert "calibrate" not in defaults("extract-heads")  # a head set forms no vector
+    settings = {f.name: f.default for f in dataclasses.fields(ContinualSettings)}
+    continual = defaults("continual")
+    shared = [k for k in settings if continual.get(k) is not None]
+    assert len(shared) >= 9 and {k: continual[k] for k in shared} == {k: settings[k] for k in shared}
+    plan = DemoPlan()
+    demo = defaults("demo")
+    assert (demo["task"], demo["seed"], demo["recipe"], demo["lm_eval_limit"]) == (
+        plan.iv_task, plan.seed, plan.recipe, plan.lm_eval_limit,
+    )  # fmt: skip
+    assert defaults("evaluate-edits")["batch_size"] == default_of(evaluate_edits, "batch_size")
+    assert defaults("analyze")["n_prompts"] == default_of(analyze_iv, "n_prompts")
+
+
+def test_recipes_are_named_on_the_commands_that_train(capsys):
+    for command in ("demo", "continual"):
+        assert "--recipe {fvforgetting,iv-paper,kl-all,kl-anchor}" in _command(command).format_help()
+    code, _, err = _run(capsys, "continual", "--out", "x", "--method", "plain", "--recipe", "kl-all")
+    assert code == 2 and "a recipe sets the KL terms of the guided methods" in err
+    code, _, err = _run(capsys, "continual", "--out", "x", "--method", "kl-anchor", "--recipe", "iv-paper")
+    assert code == 2 and "adds an instruction vector, which kl-anchor does not have" in err

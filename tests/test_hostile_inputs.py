@@ -191,7 +191,7 @@ def test_full_fine_tuning_refuses_to_continue_from_a_pruned_model(project, tmp_p
 
 def test_extract_iv_batch_size_zero(project, tmp_path, capsys):  # noqa: F811
     args = ["extract-iv", "--model", project / "base", "--task", "antonym", "--out", tmp_path / "iv"]
-    _refused(capsys, [*args, "--batch-size", "0"], "--batch-size must be >= 1", tmp_path)
+    _refused(capsys, [*args, "--batch-size", "0"], "batch_size must be an integer >= 1", tmp_path)
 
 
 def test_lm_eval_callback_resumed_with_an_edited_record(tmp_path):

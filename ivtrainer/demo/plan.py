@@ -47,6 +47,14 @@ class DemoPlan:
     seed: int = 0
     lm_eval_tasks: tuple[str, ...] = ()  # lm-eval tasks scored with the held-out abilities (stage 2)
     lm_eval_limit: int | None = 50  # documents per lm-eval task
+    recipe: str = "fvforgetting"  # the IV-guided row's named recipe (IVGuidedConfig.recipe)
+
+    def __post_init__(self) -> None:
+        from ivtrainer.errors import InvalidInputError
+        from ivtrainer.iv_guided.recipes import RECIPES
+
+        if self.recipe not in RECIPES:
+            raise InvalidInputError(f"unknown recipe {self.recipe!r}: choose one of {sorted(RECIPES)}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoPlan:

@@ -148,8 +148,12 @@ def write_results(folder: Path, results: dict[str, Any]) -> None:
         "![CIE heatmap](cie_heatmap.png)\n",
         "## 2. Forgetting: plain vs KL-anchored vs IV-guided LoRA fine-tuning\n",
         own_iv_line(results["new_task"])
-        + " (IVGuidedConfig's defaults: FvForgetting's recipe; the KL anchor "
-        "is the same KL terms with no IV).\n",
+        + (
+            " (IVGuidedConfig's defaults: FvForgetting's recipe; "
+            if plan.get("recipe", "fvforgetting") == "fvforgetting"
+            else f" (recipe {plan['recipe']!r}; "
+        )
+        + "the KL anchor is FvForgetting's KL terms with no IV).\n",
         new_task_table(results["new_task"]) + "\n",
         *([line + "\n"] if (line := repair_line(results["new_task"])) else []),
         f"{results['new_task']['n_train_words']} training words, {plan['epochs']:g} epoch(s), batch 8, "

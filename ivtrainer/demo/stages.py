@@ -138,8 +138,10 @@ def stage_new_task(
                 IVGuidedConfig, work / name, plan, forgetting_monitor_every=0, **RECIPES["kl-anchor"]
             )
             trainer = IVGuidedTrainer(student, args, train_dataset=data, data_collator=collator)
-        else:  # IVGuidedConfig's defaults: FvForgetting's recipe, the task's own IV on the teacher
-            args = _training_args(IVGuidedConfig, work / name, plan, forgetting_monitor_every=0)
+        else:  # the plan's recipe (default FvForgetting's), the task's own IV on the teacher
+            args = _training_args(
+                IVGuidedConfig, work / name, plan, forgetting_monitor_every=0, **RECIPES[plan.recipe]
+            )
             trainer = IVGuidedTrainer(
                 student, args, instruction_vectors=[own], train_dataset=data, data_collator=collator
             )

@@ -21,6 +21,7 @@ from ivtrainer.errors import InvalidInputError, IVTrainerError
 from ivtrainer.modeling.architectures import ModelLayout, get_layout, unwrap_model
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
+from ivtrainer.steering.extraction_config import HEAD_SET_FIELDS, ExtractionConfig
 from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes, check_prompts_fit
 from ivtrainer.steering.mediation import mean_cie, mean_head_activations
 from ivtrainer.utils.checks import finite_tensor
@@ -203,19 +204,28 @@ def extract_head_set(
     model: nn.Module,
     tokenizer: Any,
     tasks: Sequence[Any] | None = None,
+    config: ExtractionConfig | None = None,
     *,
-    n_shots: int = 10,
-    n_mean_prompts: int = 100,
-    n_cie_prompts: int = 25,
-    method: str = "exact",
-    chat_template: bool = False,
-    seed: int = 0,
-    batch_size: int = 16,
     progress: bool | None = None,
+    **settings: Any,
 ) -> HeadSet:
     """Rank the model's heads by CIE averaged over ``tasks`` (default: every built-in task; or
     built-in names, task files, lists of ``{"input", "output"}`` pairs), each measured as in
-    :func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector` on its extraction pairs."""
+    :func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector` on its extraction pairs.
+
+    ``config``/``settings``: the :class:`~ivtrainer.steering.extraction_config.ExtractionConfig`
+    fields a head set uses (``HEAD_SET_FIELDS``: prompts, method, seed, batch size;
+    ``n_mean_prompts=None`` is 100); no vector is formed, so the head count, layer, strength and
+    calibration do not apply and are refused by name."""
+    vector_only = sorted(set(settings) - set(HEAD_SET_FIELDS))
+    if vector_only:
+        raise TypeError(
+            f"{vector_only} do not apply to a head set (no vector is formed): use {list(HEAD_SET_FIELDS)}"
+        )
+    c = ExtractionConfig.of(config, **settings)
+    n_shots, n_cie_prompts, method, chat_template = c.n_shots, c.n_cie_prompts, c.method, c.chat_template
+    n_mean_prompts = 100 if c.n_mean_prompts is None else c.n_mean_prompts
+    seed, batch_size = c.seed, c.batch_size
     items = list(tasks) if tasks is not None else list_tasks()
     if not items:
         raise InvalidInputError(

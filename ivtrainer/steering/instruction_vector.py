@@ -13,7 +13,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.modeling.loading import model_source
 from ivtrainer.steering.calibration import HEAD_COUNTS, MIN_HITS, MIN_PAIRS, warn_unusual_strength
 from ivtrainer.steering.calibration import calibrate as calibrate_vector
+from ivtrainer.steering.extraction_config import ExtractionConfig
 from ivtrainer.steering.head_set import HeadSet
 from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes, check_prompts_fit
 from ivtrainer.steering.intervention import Intervention, Positions, add_to_residual
@@ -449,24 +450,17 @@ def extract_instruction_vector(
     model: nn.Module,
     tokenizer,
     examples,
+    config: ExtractionConfig | None = None,
     *,
-    n_heads: int | None = None,
-    n_shots: int = 10,
-    n_mean_prompts: int | None = None,
-    n_cie_prompts: int = 25,
-    method: Literal["exact", "atp"] = "exact",
-    calibrate: bool = True,
-    edit_layer: int | Literal["auto"] | None = None,
-    strength: float | None = None,
-    n_calibration_prompts: int = 64,
-    chat_template: bool = False,
-    seed: int = 0,
-    batch_size: int = 16,
     name: str | None = None,
     heads: HeadSet | str | os.PathLike | None = None,
     progress: bool | None = None,
+    **settings: Any,
 ) -> InstructionVector:
     """Extract the instruction vector of a task (Todd et al.'s function-vector procedure).
+
+    How (``config`` and ``settings``: an :class:`~ivtrainer.steering.extraction_config.ExtractionConfig`
+    and any of its fields by name, e.g. ``n_heads=10, calibrate=False``):
 
     1. Mean head outputs at the last token over ``n_mean_prompts`` clean ``n_shots``-shot prompts
        (default 100, Todd et al.'s; 25 with ``heads=``, where the mean only forms the vector:
@@ -484,18 +478,27 @@ def extract_instruction_vector(
     Args:
         examples: ``{"input", "output"}`` dicts, a ``datasets.Dataset``, a JSON/JSONL path or a
             built-in task name (its extraction split).
-        n_heads, edit_layer, strength: fix that part of the choice (not searched). ``edit_layer``
-            may also be ``"auto"``: with ``calibrate=False``, search the layer only.
+        config: the extraction settings (default: ``ExtractionConfig()``); ``settings`` change
+            single fields of it. ``n_heads``, ``edit_layer``, ``strength`` fix that part of the
+            choice (not searched); ``edit_layer="auto"`` with ``calibrate=False`` searches the layer only.
         name: the task's name in the artifact (default: the built-in task's name or the file's stem).
         heads: a :class:`~ivtrainer.steering.head_set.HeadSet` (or its folder / Hub id): rank the
             heads by its mean CIE over many tasks instead of measuring this task's (step 2 skipped;
             the public FvForgetting code's universal heads; the mean activations are read only
             up to the deepest candidate head's layer).
-        chat_template: wrap prompts in the tokenizer's chat template.
         progress: progress bars; ``None`` shows them in a terminal only.
 
     All arguments are checked before any forward pass. The tokenizer needs no pad token.
     """
+    c = ExtractionConfig.of(config, **settings)
+    n_heads, n_shots, n_mean_prompts, n_cie_prompts = c.n_heads, c.n_shots, c.n_mean_prompts, c.n_cie_prompts
+    method, calibrate, edit_layer, strength = c.method, c.calibrate, c.edit_layer, c.strength
+    n_calibration_prompts, chat_template, seed, batch_size = (
+        c.n_calibration_prompts,
+        c.chat_template,
+        c.seed,
+        c.batch_size,
+    )
     task = name or _task_name(examples)
     if n_mean_prompts is None:
         n_mean_prompts = 100 if heads is None else HEAD_SET_MEAN_PROMPTS

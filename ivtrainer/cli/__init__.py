@@ -1,0 +1,88 @@
+"""The ``ivtrainer`` command: one entry point, one module per subcommand.
+
+Each command's flags are made from dataclasses with ``transformers.HfArgumentParser`` (as trl's
+scripts are): the library's configs (:class:`~ivtrainer.steering.extraction_config.ExtractionConfig`,
+the continual settings, the demo plan) give the defaults, the flags several commands share are
+declared once in :mod:`ivtrainer.cli.common`, and each module's ``main`` takes the parsed
+dataclasses. Flags are written ``--n_heads`` or ``--n-heads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from ivtrainer.cli import (
+    analyze,
+    continual,
+    demo,
+    evaluate_edits,
+    extract_heads,
+    extract_iv,
+    forget,
+    info,
+    lm_eval_tasks,
+)
+from ivtrainer.cli.common import CommandParser
+from ivtrainer.errors import IVTrainerError
+from ivtrainer.version import __version__
+
+__all__ = ["main", "make_parser"]
+
+# subcommand -> its module, in the order `ivtrainer --help` lists them
+COMMANDS = {
+    "demo": demo,
+    "continual": continual,
+    "info": info,
+    "lm-eval-tasks": lm_eval_tasks,
+    "extract-iv": extract_iv,
+    "extract-heads": extract_heads,
+    "forget": forget,
+    "evaluate-edits": evaluate_edits,
+    "analyze": analyze,
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ivtrainer",
+        description="Instruction-vector-guided training and F-Learning for Hugging Face models.",
+    )
+    parser.add_argument("--version", action="version", version=f"ivtrainer {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
+    )
+    for module in COMMANDS.values():
+        module.make_parser(subparsers)
+    return parser
+
+
+def _dataclasses(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> list:
+    """The command's dataclasses from the parsed flags (what HfArgumentParser.parse_args_into_dataclasses
+    does, for a subcommand); their own checks run here, before any work."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command: CommandParser = sub.choices[namespace.command]
+    values = vars(namespace)
+    return [
+        dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init})
+        for dtype in command.dataclass_types
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    namespace = parser.parse_args(argv)
+    try:
+        return COMMANDS[namespace.command].main(*_dataclasses(parser, namespace))
+    except IVTrainerError as exc:
+        # Bad input: one line naming the problem and the fix. Anything else is a bug: a traceback.
+        if namespace.debug:
+            raise
+        print(f"ivtrainer {namespace.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ivtrainer {namespace.command}: interrupted", file=sys.stderr)
+        return 130
