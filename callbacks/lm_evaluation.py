@@ -39,8 +39,10 @@ class LMEvalCallback(TrainerCallback):
     Args:
         tasks: lm-eval task or group names (a list or ``"a,b"``); the package's own
             (``ivtrainer_abilities``, ...) are always available, more with ``include_path``.
-        num_fewshot, limit, batch_size, apply_chat_template: as ``lm_eval.simple_evaluate``
-            (``limit``: documents per task).
+        num_fewshot: as ``lm_eval.simple_evaluate``.
+        limit: documents per task (``lm_eval.simple_evaluate``'s).
+        batch_size: as ``lm_eval.simple_evaluate``.
+        apply_chat_template: as ``lm_eval.simple_evaluate``.
         every: ``"epoch"`` or a number of optimizer steps.
         at_start: evaluate before the first step (the reference the change is measured from).
         trainer: the Trainer, to log through ``trainer.log``.

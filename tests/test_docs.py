@@ -58,7 +58,7 @@ def _blocks_written(script: Path) -> set[str]:
 def test_every_benchmark_block_is_on_exactly_one_page():
     import re
 
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
     names = [n for p in pages for n in re.findall(r"<!-- ([\w-]+):begin -->", p.read_text())]
     assert names and len(names) == len(set(names)), names
     writers = {
@@ -67,3 +67,35 @@ def test_every_benchmark_block_is_on_exactly_one_page():
     for name in names:
         found = [script for script, written in writers.items() if name in written]
         assert len(found) == 1, f"{len(found)} benchmarks write the {name} block: {found}"
+
+
+def _config_classes():
+    from ivtrainer import ExtractionConfig, FLearningConfig, IVGuidedConfig
+
+    return [IVGuidedConfig, FLearningConfig, ExtractionConfig]
+
+
+def test_every_config_field_is_documented_with_its_default():
+    """Each config's "Parameters:" docstring (what the API page lists) names every field it adds
+    to TrainingArguments, with the default the field has."""
+    import dataclasses
+    import json
+    import re
+
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for cls in _config_classes():
+        section = (cls.__doc__ or "").split("Parameters:", 1)[-1]
+        for field in dataclasses.fields(cls):
+            if field.name in inherited:
+                continue
+            found = re.search(rf"^\s+{field.name} \(.*defaults to `(.+?)`\):$", section, re.M)
+            assert found, f"{cls.__name__}.{field.name} is not in its docstring's Parameters"
+            default = (
+                field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+            )
+            shown = str(default) if default is None or isinstance(default, bool) else json.dumps(default)
+            assert found.group(1) == shown, (
+                f"{cls.__name__}.{field.name}: docstring {found.group(1)}, field {shown}"
+            )

@@ -197,7 +197,7 @@ def _subtract_in_place(
 
 def subtract_adapter(
     model: nn.Module,
-    adapter=None,
+    adapter: Any = None,
     lam: float | Sequence[float] = 1.0,
     *,
     adapter_name: str | None = None,

@@ -39,7 +39,8 @@ class RepairedHFLM(HFLM):
         repair: the IVs, their strengths and the router (``IVRepair.from_pretrained``).
         tasks: lm-eval task name -> the repair's task for its requests (task given); None: each
             request's task found by the router from its context (routed).
-        *args, **kwargs: as ``HFLM`` (``pretrained=`` a model in memory or a name).
+        *args: as ``HFLM``.
+        **kwargs: as ``HFLM`` (``pretrained=`` a model in memory or a name).
 
     ``routes[lm-eval task][repair task or "none"]`` counts the requests that got each IV.
     """

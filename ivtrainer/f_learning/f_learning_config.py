@@ -31,7 +31,35 @@ class FLearningConfig(ForgettingMonitorArguments, TrainingArguments):
     The inherited arguments (epochs, learning rate, batch size, ...) drive the *learning* phase on
     the new knowledge; the ``old_*`` ones drive the fine-tuning on the old knowledge whose delta is
     subtracted first. Variants (the paper's names): FT = full/full, LoRA = lora/lora,
-    LoRA->FT = lora/full.
+    LoRA->FT = lora/full. The fields below come after ``TrainingArguments``' own.
+
+    Parameters:
+        forget_method (`str`, defaults to `"full"`):
+            How the old-knowledge delta is trained when `old_dataset` is given: `full` fine-tuning
+            or a `lora` adapter.
+        learn_method (`str`, defaults to `"full"`):
+            How the new knowledge is learned: `full` fine-tuning or `lora`.
+        forget_lambda (`float`, defaults to `1.0`):
+            lambda in theta' = theta - lambda * (theta_old - theta); 0 is plain fine-tuning. The
+            paper uses 0.1-3 depending on the variant: choose it on a validation split.
+        old_num_train_epochs (`float`, defaults to `3.0`):
+            Epochs of the old-knowledge fine-tuning (the paper's: 3).
+        old_learning_rate (`float` or `None`, defaults to `None`):
+            Learning rate of the old-knowledge fine-tuning; default 5e-5 with `forget_method="full"`
+            (the paper's) and 1e-3 with `lora` (at 5e-5 a LoRA adapter barely moves).
+        lora_r (`int`, defaults to `8`):
+            LoRA rank (both phases).
+        lora_alpha (`int`, defaults to `16`):
+            LoRA alpha (both phases).
+        lora_dropout (`float`, defaults to `0.0`):
+            LoRA dropout (both phases).
+        lora_target_modules (`list[str]` or `None`, defaults to `None`):
+            The modules LoRA adapts; default: PEFT's choice for the architecture (e.g. q_proj, v_proj).
+        forgetting_monitor_every (`int`, defaults to `50`):
+            Log the KL between the model before training and now on a fixed sample of the training
+            rows every N optimizer steps and at the end (~2% of training time at 50); 0: off.
+        forgetting_monitor_rows (`int`, defaults to `16`):
+            Training rows in the forgetting monitor's fixed sample.
     """
 
     forget_method: Literal["full", "lora"] = dataclasses.field(

@@ -21,12 +21,13 @@ import gc
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
@@ -60,33 +61,53 @@ _MARKER = "f_learning.json"
 class FLearningTrainer(BaseTrainerMixin, Trainer):
     """A ``Trainer`` that forgets the old knowledge before learning the new.
 
+    The arguments are ``transformers.Trainer``'s, in its order, plus trl's ``peft_config`` and,
+    by keyword, one source of the old knowledge:
+
     Args:
-        model: the model holding the old knowledge (a transformers model; a ``PeftModel`` when
-            ``learn_method="lora"`` and you brought your own adapter).
+        model: the model holding the old knowledge, or its name (``"default"``, a Hub id, a folder
+            or a ``.gguf`` file: loaded with its tokenizer); a ``PeftModel`` when
+            ``learn_method="lora"`` and you brought your own adapter.
         args: an :class:`~ivtrainer.FLearningConfig`.
         train_dataset: the new knowledge.
+        peft_config: with ``learn_method="lora"``, the learning phase's adapter (default:
+            ``args.lora_config()``).
         old_dataset: the old knowledge, to fine-tune on first (``args.forget_method``) ...
         old_adapter: ... or a LoRA adapter already trained on it (folder, Hub id or PeftModel) ...
         old_model: ... or a full fine-tune of ``model`` on it (module or folder).
 
-    Everything else is passed to ``transformers.Trainer`` unchanged; the old phase uses the same
-    data collator, processing class and callbacks.
+    The other arguments are ``transformers.Trainer``'s; the old phase uses the same
+    ``data_collator``, ``processing_class`` and ``callbacks``.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | str,
         args: FLearningConfig | None = None,
-        train_dataset=None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
         *,
-        old_dataset=None,
-        old_adapter=None,
+        old_dataset: Any = None,
+        old_adapter: Any = None,
         old_model: nn.Module | str | os.PathLike | None = None,
-        **kwargs: Any,
     ) -> None:
         from peft import get_peft_model
 
         args = self._checked_args(args, FLearningConfig, "FLearningTrainer", "forget_*")
+        if peft_config is not None and args.learn_method != "lora":
+            raise InvalidInputError(
+                "peft_config is the learning phase's adapter, but learn_method is 'full': set "
+                "learn_method='lora' (FLearningConfig), or leave peft_config out"
+            )
         given = [
             n
             for n, v in (("old_dataset", old_dataset), ("old_adapter", old_adapter), ("old_model", old_model))
@@ -99,7 +120,11 @@ class FLearningTrainer(BaseTrainerMixin, Trainer):
             )
         if train_dataset is None:
             raise InvalidInputError("pass train_dataset: the new knowledge to learn")
-        is_peft = is_peft_model(model)
+        module: Any
+        module, processing_class = self._model_from(model, processing_class)
+        if peft_config is not None:  # wrapped below, where args.lora_config() would be
+            self._check_peft_config(module, peft_config)
+        is_peft = is_peft_model(module)
         if args.learn_method == "full" and is_peft:
             raise InvalidInputError(
                 "learn_method='full' but model is a PeftModel: pass the base model, or set learn_method='lora'"
@@ -111,15 +136,25 @@ class FLearningTrainer(BaseTrainerMixin, Trainer):
             )
         if args.learn_method == "lora" and not is_peft:
             set_seed(args.seed)  # the adapter's initialisation, reproducible like the rest of the run
-            model = get_peft_model(model, args.lora_config())
+            module = get_peft_model(module, peft_config if peft_config is not None else args.lora_config())
         self.old_dataset, self.old_adapter, self.old_model = old_dataset, old_adapter, old_model
-        self._old_kwargs = {
-            k: kwargs[k] for k in ("data_collator", "processing_class", "callbacks") if k in kwargs
-        }
+        self._old_kwargs: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("data_collator", data_collator), ("processing_class", processing_class), ("callbacks", callbacks)
+            )
+            if v is not None
+        }  # fmt: skip
         self._forget_logs: dict[str, float] = {}
         self._forgotten = False  # the subtraction is done once per model
         self._deepspeed_template = _deepspeed_template(args)  # before the Trainer fills it in
-        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        super().__init__(
+            model=module, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )  # fmt: skip
         check_deepspeed_config(self.accelerator)
         if old_dataset is not None and args.learn_method == "lora" and deepspeed_enabled():
             raise InvalidInputError(

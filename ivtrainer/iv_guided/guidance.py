@@ -76,9 +76,10 @@ class IVGuidance:
         vectors: the IVs added to the teacher (empty: a plain KL anchor to the model before training).
         terms: the KL terms, all from one teacher pass.
         iv_weights: one multiple of each IV's own strength.
-        teacher_strength, direction, temperature, head_mse_weight, head_mse_threshold,
-        head_mse_reference, teacher, teacher_top_k, teacher_cache_dir: as
-            :class:`~ivtrainer.callbacks.IVKLCallback` documents them.
+
+    The other arguments (``teacher_strength``, ``direction``, ``temperature``, the ``head_mse_*``
+    settings, ``teacher``, ``teacher_top_k``, ``teacher_cache_dir``) are as
+    :class:`~ivtrainer.callbacks.IVKLCallback` documents them.
 
     Its lifecycle follows the Trainer's: :meth:`prepare` when the Trainer is built (the teacher is
     the model *before* fine-tuning, copied before a resumed run loads its checkpoint), :meth:`begin`

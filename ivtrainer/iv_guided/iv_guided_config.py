@@ -38,7 +38,69 @@ class IVGuidedConfig(ForgettingMonitorArguments, TrainingArguments):
     calibrated at extraction; 1 for an uncalibrated IV).
 
     The defaults are the public FvForgetting code's recipe (``IVGuidedConfig.recipe("fvforgetting")``);
-    :meth:`recipe` names the others.
+    :meth:`recipe` names the others. The fields below come after ``TrainingArguments``' own.
+
+    Parameters:
+        instruction_vectors (`list[str]` or `None`, defaults to `None`):
+            Instruction-vector folders or Hub ids, or `"auto"`: the training data's own IV, extracted
+            before training (FvForgetting's recipe); or pass them to the trainer.
+        auto_iv_heads (`str` or `None`, defaults to `None`):
+            With `instruction_vectors="auto"`: a saved head set (folder or Hub id) to extract the
+            training data's IV from (FvForgetting's universal heads: mean activations only, no CIE).
+        iv_weights (`list[float]` or `None`, defaults to `None`):
+            A weight per instruction vector (default 1 each).
+        iv_schedule (`str`, defaults to `"linear"`):
+            How the student's IV strength anneals: `constant`, `linear`, `cosine`, `exponential`, `step`.
+        iv_strength_start (`float`, defaults to `0.0`):
+            The student's IV strength at step 0 (FvForgetting: 0; the IV paper: 1).
+        iv_strength_end (`float`, defaults to `0.0`):
+            The student's IV strength once the annealing window is over.
+        iv_schedule_fraction (`float`, defaults to `0.5`):
+            Fraction of training the annealing takes, in [0, 1].
+        iv_positions (`str`, defaults to `"last_prompt"`):
+            Where the student's IV is added: the last prompt token (before the first label), the
+            last token, or all.
+        teacher_iv_strength (`float`, defaults to `1.0`):
+            The IV strength on the teacher (the model before this fine-tuning).
+        kl_positions (`list[str]`, defaults to `["last_prompt", "all"]`):
+            The tokens each KL term covers: `last_prompt`, `answer` or `all`.
+        kl_weight (`list[float]`, defaults to `[20.0, 0.1]`):
+            Each KL term's weight at step 0 (and throughout with the constant schedule).
+        kl_weight_end (`list[float]` or `None`, defaults to `None`):
+            Each KL weight after the schedule's window (default: `kl_weight`).
+        kl_schedule (`str`, defaults to `"constant"`):
+            How the KL weights change (the schedules of `iv_schedule`).
+        kl_schedule_fraction (`float`, defaults to `1.0`):
+            Fraction of training the KL schedule takes, in [0, 1].
+        kl_threshold (`list[float]`, defaults to `[0.1, 0.1]`):
+            Drop a micro-batch's KL term while its mean value is below this (FvForgetting: 0.1; 0
+            keeps gradient accumulation exact).
+        kl_direction (`str`, defaults to `"reverse"`):
+            `reverse`: KL(student || teacher) (FvForgetting's); `forward`: KL(teacher || student); `jsd`.
+        kl_temperature (`float`, defaults to `2.0`):
+            Softmax temperature of both distributions (FvForgetting: 2).
+        head_mse_weight (`float`, defaults to `1.0`):
+            Weight of the MSE between the student's and the teacher's outputs of the IV heads at the
+            last prompt token.
+        head_mse_threshold (`float`, defaults to `0.01`):
+            Count a head's MSE only above this value (FvForgetting: 0.01).
+        head_mse_reference (`str`, defaults to `"without_iv"`):
+            The teacher pass the heads are compared with: without the IV (FvForgetting's) or the
+            KL's, with it (`with_iv`: no extra forward).
+        teacher (`str`, defaults to `"live"`):
+            `live`: the teacher runs at every step (a PEFT model's base with adapters off, else a
+            frozen copy); `precomputed`: it runs once over the training set before the first step
+            and is stored under `output_dir` (no reference model, no teacher forward per step).
+        teacher_top_k (`int`, defaults to `64`):
+            With `teacher="precomputed"`: the teacher's top-k tokens stored per position (the rest is
+            one bucket); 0: its last hidden states instead, the LM head applied at each step (exact).
+        teacher_cache_dir (`str` or `None`, defaults to `None`):
+            With `teacher="precomputed"`: where it is stored (default `<output_dir>/_ivtrainer_teacher`).
+        forgetting_monitor_every (`int`, defaults to `50`):
+            Log the KL between the model before training and now on a fixed sample of the training
+            rows every N optimizer steps and at the end (~2% of training time at 50); 0: off.
+        forgetting_monitor_rows (`int`, defaults to `16`):
+            Training rows in the forgetting monitor's fixed sample.
     """
 
     instruction_vectors: list[str] | None = dataclasses.field(

@@ -4,11 +4,11 @@ packing, completion-only loss), with the IV intervention and KL term of IVGuided
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from ivtrainer.callbacks.iv_intervention import IVLike
@@ -28,8 +28,10 @@ class IVGuidedSFTConfig(SFTConfig, IVGuidedConfig):
 
 
 class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # create_model_card differs
-    """``SFTTrainer`` with IV-guided training. Takes the same arguments as ``SFTTrainer`` plus
-    ``instruction_vectors``; ``args`` is an :class:`IVGuidedSFTConfig`.
+    """``SFTTrainer`` with IV-guided training: SFTTrainer's arguments, in its order, plus
+    ``instruction_vectors`` (as :class:`~ivtrainer.IVGuidedTrainer`'s); ``args`` is an
+    :class:`IVGuidedSFTConfig`. ``model`` may be a name (``"default"``, a Hub id, a folder or a
+    ``.gguf`` file: loaded with its tokenizer); ``peft_config`` is SFTTrainer's.
 
     The KL needs the student's logits, which SFTTrainer's fused LM head never builds: the training
     loss is the model's own (``Trainer.compute_loss``) plus the guidance's, so SFTTrainer's extra
@@ -40,17 +42,32 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # cr
         self,
         model: nn.Module | str,
         args: IVGuidedSFTConfig | None = None,
-        *,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
         instruction_vectors: IVLike | Sequence[IVLike] | None = None,
-        **kwargs: Any,
     ) -> None:
         args = self._checked_args(args, IVGuidedSFTConfig, "IVGuidedSFTTrainer", "IV and KL")
-        if isinstance(model, str):
-            raise TypeError(
-                "pass the model object (IV compatibility is checked before any work), not its name"
-            )
-        self._setup_iv(model, args, instruction_vectors, kwargs)
-        super().__init__(model=model, args=args, **kwargs)
+        loaded, processing_class = self._model_from(model, processing_class)
+        kwargs: dict[str, Any] = dict(
+            data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config,
+            formatting_func=formatting_func,
+        )  # fmt: skip
+        self._setup_iv(loaded, args, instruction_vectors, kwargs)
+        super().__init__(model=loaded, args=args, **kwargs)
         check_deepspeed_config(self.accelerator)
 
     _not_model_inputs = _SFT_ONLY  # the SFT collators' masks are already in the labels

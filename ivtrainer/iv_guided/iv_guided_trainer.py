@@ -5,12 +5,12 @@ student's annealed IV and the guidance's lifecycle kept by the callbacks of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, default_data_collator
 
 from ivtrainer.base_trainer import BaseTrainerMixin
 from ivtrainer.callbacks import IVCallback, IVInterventionCallback, IVKLCallback
@@ -203,31 +203,59 @@ class IVGuidedMixin(BaseTrainerMixin):
 class IVGuidedTrainer(IVGuidedMixin, Trainer):
     """A ``Trainer`` whose loss keeps the model close to its IV-intervened original self.
 
+    The arguments are ``transformers.Trainer``'s, in its order, plus trl's ``peft_config`` and the
+    instruction vectors:
+
     Args:
-        model: the model to fine-tune (a PEFT model trains adapters and uses its own base, adapters
-            disabled, as the teacher; a plain model gets a frozen copy as the teacher).
+        model: the model to fine-tune, or its name: ``"default"``, a Hub id, a local folder or a
+            ``.gguf`` file (loaded with its tokenizer, the ``processing_class`` unless one is given).
+            A PEFT model trains adapters and uses its own base, adapters disabled, as the teacher; a
+            plain model gets a frozen copy as the teacher.
         args: an :class:`~ivtrainer.IVGuidedConfig`.
+        data_collator: default: pads ``labels`` with -100 (``DataCollatorForSeq2Seq``) when a
+            ``processing_class`` is given.
+        train_dataset: tokenised with ``labels`` (-100 on the prompt), or ``prompt``/``completion``
+            text columns (tokenised here with the ``processing_class``; the loss covers the completion).
+        eval_dataset: as ``train_dataset`` (or a dict of them).
+        peft_config: a ``peft.PeftConfig`` (e.g. ``LoraConfig``): the model is wrapped with it, as
+            trl's trainers do.
         instruction_vectors: InstructionVectors, folders or Hub ids (default:
             ``args.instruction_vectors``); several are added together, each at its own layer.
             ``"auto"``: the IV of the training data itself, extracted from ``model`` before training
             (FvForgetting's recipe; from the head set ``args.auto_iv_heads`` when given).
 
-    ``train_dataset`` and ``eval_dataset`` may be tokenised with ``labels`` or have
-    ``prompt``/``completion`` text columns (tokenised here with the ``processing_class``; the loss
-    covers the completion).
-    Everything else is ``transformers.Trainer``'s.
+    ``processing_class``, ``compute_loss_func``, ``compute_metrics``, ``callbacks``, ``optimizers``,
+    ``optimizer_cls_and_kwargs`` and ``preprocess_logits_for_metrics`` are ``transformers.Trainer``'s.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | str,
         args: IVGuidedConfig | None = None,
-        *,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
         instruction_vectors: IVLike | Sequence[IVLike] | None = None,
-        **kwargs: Any,
     ) -> None:
         args = self._checked_args(args, IVGuidedConfig, "IVGuidedTrainer", "IV and KL")
-        self._setup_iv(model, args, instruction_vectors, kwargs)
+        loaded, processing_class = self._model_from(model, processing_class)
+        module: nn.Module = self._with_peft(loaded, peft_config, args.seed)
+        kwargs: dict[str, Any] = dict(
+            data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )  # fmt: skip
+        self._setup_iv(module, args, instruction_vectors, kwargs)
         tokenizer = kwargs.get("processing_class")
         # prompt/completion text, for training and evaluation alike (eval_dataset may be a dict)
         for key in ("train_dataset", "eval_dataset"):
@@ -248,7 +276,7 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
             kwargs["data_collator"] = DataCollatorForSeq2Seq(tokenizer, padding=True)  # pads labels with -100
         if kwargs.get("train_dataset") is not None:
             _check_labels(kwargs["train_dataset"], kwargs.get("data_collator") or default_data_collator)
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=module, args=args, **kwargs)
         check_deepspeed_config(self.accelerator)
 
 

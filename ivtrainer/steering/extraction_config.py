@@ -24,8 +24,6 @@ class ExtractionConfig:
     the top heads' outputs summed, then the heads, layer and strength calibrated).
 
     Parameters:
-        > Prompts
-
         n_shots (`int`, defaults to `10`):
             Demonstrations in each in-context prompt.
         n_mean_prompts (`int` or `None`, defaults to `None`):
@@ -35,17 +33,11 @@ class ExtractionConfig:
             Shuffled-label prompts each head's causal indirect effect is measured on.
         chat_template (`bool`, defaults to `False`):
             Wrap the prompts in the tokenizer's chat template.
-
-        > Heads
-
         method (`str`, defaults to `"exact"`):
             `"exact"`: shared-prefix activation patching (equal to the plain loop); `"atp"`:
             attribution patching, one forward and one backward per prompt.
         n_heads (`int` or `None`, defaults to `None`):
             Heads summed into the vector. `None`: 5, 10 or 20 chosen by calibration (10 without).
-
-        > Calibration
-
         calibrate (`bool`, defaults to `True`):
             Choose the number of heads, the edit layer and the strength jointly by zero-shot
             accuracy on extraction pairs. `False`: the papers' fixed choice (10 heads, layer
@@ -57,9 +49,6 @@ class ExtractionConfig:
             Fix the vector's strength (not searched).
         n_calibration_prompts (`int`, defaults to `64`):
             Extraction pairs the calibration scores zero-shot.
-
-        > Run
-
         seed (`int`, defaults to `0`):
             Seed of the prompt sampling.
         batch_size (`int`, defaults to `16`):

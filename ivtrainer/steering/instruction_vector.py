@@ -448,8 +448,8 @@ def _validate(
 
 def extract_instruction_vector(
     model: nn.Module,
-    tokenizer,
-    examples,
+    tokenizer: Any,
+    examples: Any,
     config: ExtractionConfig | None = None,
     *,
     name: str | None = None,

@@ -129,10 +129,13 @@ class NearestTaskRouter:
     None for a prompt far from every task (see the module doc).
 
     Args:
-        layer, names, centroids, mean: the layer, the tasks, their normalised centred mean states
-            and the mean over all fitting prompts (what :meth:`fit` computes).
-        means, radii: each task's mean state and radius; None (a router saved before the gate):
-            every prompt is routed to a task.
+        layer: the layer whose states are compared (what :meth:`fit` computes, as the next three).
+        names: the tasks.
+        centroids: their normalised centred mean states.
+        mean: the mean state over all fitting prompts.
+        means: each task's mean state; None (a router saved before the gate): every prompt is
+            routed to a task.
+        radii: each task's radius (None with ``means``).
         margin: the gate, in radii; None: no gate.
     """
 

@@ -326,3 +326,35 @@ def test_push_never_uploads_the_old_phase_or_the_token(tmp_path, data, monkeypat
     assert not leaked, f"the Hub token is in {leaked}"
     old_args = [p for p in run.rglob("training_args.bin") if token.encode() in p.read_bytes()]
     assert not old_args, f"the Hub token is pickled in {old_args}"
+
+
+def test_a_model_by_name_and_the_learning_phases_peft_config(tmp_path, data, tokenizer):
+    """``model`` may be a folder (its tokenizer becomes the processing class); ``peft_config`` is
+    the learning phase's adapter (learn_method='lora'), refused with learn_method='full'."""
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(
+        ValueError, match="peft_config is the learning phase's adapter, but learn_method is 'full'"
+    ):
+        FLearningTrainer(
+            str(folder),
+            _config(tmp_path),
+            train_dataset=data["new"],
+            old_dataset=data["old"],
+            peft_config=lora,
+        )
+    trainer = FLearningTrainer(
+        str(folder),
+        _config(tmp_path, forget_method="lora", learn_method="lora"),
+        data["collator"],
+        data["new"],
+        old_dataset=data["old"],
+        peft_config=lora,
+    )
+    assert trainer.processing_class is not None
+    assert trainer.model.peft_config["default"].r == 2
+    assert trainer.model.peft_config["default"].target_modules == {"q_proj"}
+    trainer.train()
+    assert trainer.state.global_step > 0

@@ -463,3 +463,68 @@ def test_the_kl_is_added_in_compute_loss_so_a_custom_loss_keeps_it(tmp_path, iv,
     )
     smoothed.train()
     assert [e for e in smoothed.state.log_history if "loss" in e][-1]["kl"] > 0
+
+
+TRAINER_ORDER = [
+    "model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_loss_func",
+    "compute_metrics", "callbacks", "optimizers", "optimizer_cls_and_kwargs", "preprocess_logits_for_metrics",
+    "peft_config",
+]  # fmt: skip
+
+
+def test_the_trainers_take_trainers_arguments_in_its_order():
+    """transformers.Trainer's arguments (model_init aside), in its order, then trl's peft_config:
+    a positional call written for Trainer or SFTTrainer means the same here."""
+    import inspect
+
+    from trl import SFTTrainer
+
+    from ivtrainer import FLearningTrainer, IVGuidedSFTTrainer
+
+    def params(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    assert [p for p in params(Trainer) if p != "model_init"] == TRAINER_ORDER[:-1]
+    assert params(IVGuidedTrainer) == [*TRAINER_ORDER, "instruction_vectors"]
+    assert params(FLearningTrainer) == [*TRAINER_ORDER, "old_dataset", "old_adapter", "old_model"]
+    sft = [p for p in params(SFTTrainer) if p != "quantization_config"]  # trl >= 1.x adds it
+    assert params(IVGuidedSFTTrainer) == [*sft, "instruction_vectors"]
+
+
+def test_a_model_by_name_and_peft_config_as_trl_takes_them(tmp_path, iv, tokenizer):
+    """``model`` may be a folder (loaded with its tokenizer, the processing class) and
+    ``peft_config`` wraps it: the same training as wrapping it yourself."""
+    folder = tmp_path / "model"
+    tiny_model("llama", seed=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rows = Dataset.from_list([{"prompt": f"Q: word {i}\nA:", "completion": f" w{i}"} for i in range(4)])
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    by_name = IVGuidedTrainer(
+        str(folder),
+        guided_config(tmp_path / "a"),
+        train_dataset=rows,
+        peft_config=lora,
+        instruction_vectors=iv,
+    )
+    assert by_name.processing_class is not None and hasattr(by_name.model, "peft_config")
+    by_name.train()
+    from transformers import set_seed
+
+    set_seed(0)  # guided_config's seed, as peft_config= seeds the adapter's initialisation
+    wrapped = get_peft_model(tiny_model("llama", seed=4), LoraConfig(**lora.to_dict()))
+    by_hand = IVGuidedTrainer(
+        wrapped,
+        guided_config(tmp_path / "b"),
+        train_dataset=rows,
+        processing_class=tokenizer,
+        instruction_vectors=iv,
+    )
+    by_hand.train()
+    for (name, p), q in zip(by_name.model.named_parameters(), by_hand.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"peft_config must be a peft\.PeftConfig"):
+        IVGuidedTrainer(
+            tiny_model("llama"), guided_config(tmp_path), peft_config={"r": 4}, instruction_vectors=iv
+        )
+    with pytest.raises(ValueError, match="already a PeftModel and peft_config was given"):
+        IVGuidedTrainer(wrapped, guided_config(tmp_path), peft_config=lora, instruction_vectors=iv)
