@@ -20,7 +20,8 @@ import tempfile
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from ivtrainer import FLearningConfig, FLearningTrainer
-from ivtrainer.datasets.edits import build_counterfacts, edit_dataset, target_predictions
+from ivtrainer.datasets.edits import build_counterfacts, edit_dataset
+from ivtrainer.evaluation.predictions import target_predictions
 from ivtrainer.modeling.loading import load_default_model
 
 

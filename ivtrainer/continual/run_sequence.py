@@ -646,8 +646,8 @@ def _restore(current: nn.Module, folder: Path, config: ContinualSettings) -> nn.
 def _evaluate(model: nn.Module, tokenizer, config: ContinualSettings, rows) -> dict[str, Any]:
     """Exact-match accuracy (every answer token the argmax, teacher-forced: greedy decoding's
     answer) on each task's test rows; and the held-out abilities."""
-    from ivtrainer.datasets.edits import target_predictions
     from ivtrainer.evaluation.forgetting import icl_abilities
+    from ivtrainer.evaluation.predictions import target_predictions
 
     tasks = {}
     for t in config.tasks:  # a task's prompts share their instruction: computed once

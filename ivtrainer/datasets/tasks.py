@@ -1,6 +1,6 @@
 """Task data: built-in word-level tasks and loading of a user's ``{"input", "output"}`` pairs.
 
-Built-in tasks are JSON files shipped in the package (``ivtrainer/data/tasks``), written by hand
+Built-in tasks are JSON files shipped in the package (``ivtrainer/resources/tasks``), written by hand
 (antonym, country_capital, present_past, singular_plural) or generated from those words
 (uppercase, first_letter). Each splits deterministically into *extraction* pairs (two thirds:
 for extracting instruction vectors and choosing settings) and *held-out* pairs (one third: for
@@ -28,7 +28,7 @@ _FIELDS = ("input", "output")
 
 def list_tasks() -> list[str]:
     """Names of the built-in tasks."""
-    folder = resources.files("ivtrainer") / "data" / "tasks"
+    folder = resources.files("ivtrainer") / "resources" / "tasks"
     return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
 
 
@@ -39,7 +39,7 @@ def load_task(name: str, split: Split = "extraction") -> list[Example]:
         raise InvalidInputError(f"no built-in task {name!r}; choose one of {tasks} or pass a JSON/JSONL file")
     if split not in ("extraction", "held_out", "all"):
         raise InvalidInputError(f"split must be 'extraction', 'held_out' or 'all', not {split!r}")
-    data = json.loads((resources.files("ivtrainer") / "data" / "tasks" / f"{name}.json").read_text())
+    data = json.loads((resources.files("ivtrainer") / "resources" / "tasks" / f"{name}.json").read_text())
     pairs = [{"input": i, "output": o} for i, o in data["pairs"]]
     if split == "all":
         return pairs

@@ -1,6 +1,6 @@
 """Reliability, Generality and Locality of knowledge edits (EasyEdit semantics, METHODS 2.1).
 
-The same computation is shipped as the ``evaluate`` module ``ivtrainer/metrics/knowledge_update``.
+The same computation is shipped as the ``evaluate`` module ``ivtrainer/evaluation/metrics/knowledge_update``.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ivtrainer.datasets.edits import target_predictions
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.evaluation.predictions import target_predictions
 
 __all__ = ["evaluate_edits", "locality_reference", "score_tokens"]
 

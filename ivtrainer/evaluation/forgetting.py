@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ivtrainer.datasets.edits import target_predictions
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.datasets.tasks import Example, list_tasks, load_examples, load_task
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.evaluation.ability_prompts import QUESTIONS, icl_examples
+from ivtrainer.evaluation.predictions import target_predictions
 from ivtrainer.modeling.hooks import eval_mode
 from ivtrainer.steering.icl import PromptBuilder, draw, first_token_accuracy
 

@@ -1,5 +1,5 @@
 """The package's held-out abilities as lm-evaluation-harness tasks, shipped in
-``ivtrainer/data/lm_eval`` (``ivtrainer lm-eval-tasks`` prints the folder)::
+``ivtrainer/resources/lm_eval`` (``ivtrainer lm-eval-tasks`` prints the folder)::
 
     lm_eval --model hf --model_args pretrained=HuggingFaceTB/SmolLM2-135M-Instruct \\
         --include_path "$(ivtrainer lm-eval-tasks)" --tasks ivtrainer_abilities
@@ -63,7 +63,7 @@ N_ICL = 40
 
 def lm_eval_tasks_path() -> Path:
     """The folder to pass to lm-eval as ``--include_path`` (or ``TaskManager(include_path=...)``)."""
-    return Path(str(resources.files("ivtrainer") / "data" / "lm_eval"))
+    return Path(str(resources.files("ivtrainer") / "resources" / "lm_eval"))
 
 
 def icl_docs(task: str, n_prompts: int = N_ICL, **metadata: Any):

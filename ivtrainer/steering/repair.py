@@ -358,7 +358,7 @@ def exact_match(
     """Per ``{"prompt", "output"}`` row, whether every answer token is the teacher-forced argmax
     (greedy decoding's answer), with ``repair`` adding the IV of ``tasks[i]`` to row ``i`` at its
     last prompt token."""
-    from ivtrainer.datasets.edits import target_predictions
+    from ivtrainer.evaluation.predictions import target_predictions
 
     intervene = None
     if repair is not None:

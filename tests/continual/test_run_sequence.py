@@ -257,15 +257,15 @@ def test_the_tuned_knobs_reach_training_and_validation_scoring(tmp_path, model_d
 
     monkeypatch.setattr(iv_guided_trainer.IVGuidedTrainer, "__init__", spy)
     scored: list[list[str]] = []
-    from ivtrainer.datasets import edits
+    from ivtrainer.evaluation import predictions as module
 
-    predictions = edits.target_predictions
+    predictions = module.target_predictions
 
     def record(model, tokenizer, prompts, targets, **kw):
         scored.append(list(prompts))
         return predictions(model, tokenizer, prompts, targets, **kw)
 
-    monkeypatch.setattr(edits, "target_predictions", record)
+    monkeypatch.setattr(module, "target_predictions", record)
     run_sequence(
         ["brackets", "plural"], out=tmp_path / "r", method="iv-guided-replay", model=model_dir, kl_scale=3.0,
         teacher_strength=2.0, replay_fraction=0.5, eval_split="validation", **FAST,

@@ -7,12 +7,10 @@ import json
 import pytest
 import torch
 
-import ivtrainer.metrics
+import ivtrainer.evaluation.metrics
 from ivtrainer.cli import main
-from ivtrainer.datasets.edits import (
-    target_predictions,
-)
 from ivtrainer.evaluation.edit_metrics import evaluate_edits, locality_reference, score_tokens
+from ivtrainer.evaluation.predictions import target_predictions
 from ivtrainer.testing import tiny_edits, tiny_model
 from tests.utils import COUNTERFACT, ZSRE
 
@@ -66,13 +64,13 @@ def test_evaluate_edits_semantics(tokenizer):
 
 def test_evaluate_module_loads_offline_and_matches(monkeypatch):
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
-    metric = ivtrainer.metrics.load("knowledge_update")
+    metric = ivtrainer.evaluation.metrics.load("knowledge_update")
     preds, refs = [[1, 2], [3], [4, 4, 4]], [[1, 5], [3], [4, 0, 4]]
     kinds = ["reliability", "generality", "locality"]
     assert metric.compute(predictions=preds, references=refs) == pytest.approx(score_tokens(preds, refs))
     assert metric.compute(predictions=preds, references=refs, kinds=kinds) == score_tokens(preds, refs, kinds)
     with pytest.raises(ValueError, match="no metric"):
-        ivtrainer.metrics.path("bleu")
+        ivtrainer.evaluation.metrics.path("bleu")
 
 
 def test_evaluate_edits_cli(tmp_path, tokenizer, capsys):

@@ -14,11 +14,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from ivtrainer.callbacks import LMEvalCallback
-from ivtrainer.datasets.edits import candidate_facts, target_predictions
+from ivtrainer.datasets.edits import candidate_facts
 from ivtrainer.errors import InvalidInputError, MissingDependencyError
 from ivtrainer.evaluation.forgetting import QUESTIONS, icl_abilities, instruction_hits
 from ivtrainer.evaluation.lm_eval_harness import check_model, check_tasks, evaluate_lm, task_manager
 from ivtrainer.evaluation.lm_eval_tasks import lm_eval_tasks_path
+from ivtrainer.evaluation.predictions import target_predictions
 from ivtrainer.testing import tiny_model
 from tests.utils import collator
 

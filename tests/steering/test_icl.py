@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from ivtrainer.datasets.edits import target_predictions
 from ivtrainer.datasets.tasks import load_task
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.evaluation.predictions import target_predictions
 from ivtrainer.modeling import shared_prefix
 from ivtrainer.steering.icl import PromptBuilder, last_token_forward, shared_prefix_forward
 from ivtrainer.testing import tiny_model

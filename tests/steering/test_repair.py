@@ -106,7 +106,7 @@ def test_teacher_forced_repair_is_greedy_decoding_with_the_iv(iv, tokenizer):
     """exact_match puts each row's IV at its last prompt token of the teacher-forced sequence:
     the first answer token it predicts is the one greedy decoding gives with the IV on the
     prompt; and a strength is chosen where the IV helps, 0 where nothing does."""
-    from ivtrainer.datasets.edits import target_predictions
+    from ivtrainer.evaluation.predictions import target_predictions
     from ivtrainer.steering.repair import choose_strengths, exact_match
 
     model = tiny_model("llama").eval()

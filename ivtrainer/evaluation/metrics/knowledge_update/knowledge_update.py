@@ -35,7 +35,7 @@ Args:
 Returns:
     dict of mean per-record token agreement in [0, 1].
 Example:
-    >>> metric = evaluate.load(ivtrainer.metrics.path("knowledge_update"))
+    >>> metric = evaluate.load(ivtrainer.evaluation.metrics.path("knowledge_update"))
     >>> metric.compute(predictions=[[1, 2], [3]], references=[[1, 5], [3]])
     {'score': 0.75}
 """

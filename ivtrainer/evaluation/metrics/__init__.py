@@ -1,7 +1,7 @@
 """``evaluate`` modules shipped with ivtrainer, loadable offline from their local path.
 
->>> import evaluate, ivtrainer.metrics
->>> metric = evaluate.load(ivtrainer.metrics.path("knowledge_update"))
+>>> import evaluate, ivtrainer.evaluation.metrics
+>>> metric = evaluate.load(ivtrainer.evaluation.metrics.path("knowledge_update"))
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def path(name: str) -> str:
     """Local path of a shipped ``evaluate`` module script, for ``evaluate.load(path)``."""
     if name not in _NAMES:
         raise InvalidInputError(f"no metric {name!r}; ivtrainer ships {list(_NAMES)}")
-    return str(resources.files("ivtrainer") / "metrics" / name / f"{name}.py")
+    return str(resources.files("ivtrainer.evaluation") / "metrics" / name / f"{name}.py")
 
 
 def load(name: str, **kwargs):
