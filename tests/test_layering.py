@@ -23,7 +23,8 @@ def _modules() -> dict[str, Path]:
             if path.is_relative_to(ROOT / "ivtrainer" / "callbacks"):  # the link to callbacks/, read there
                 continue
             parts = (*prefix, *path.relative_to(base).with_suffix("").parts)
-            if parts[1:3] == ("evaluation", "metrics") and len(parts) > 4:  # evaluate's module scripts load alone
+            # evaluate's module scripts (evaluation/metrics/<name>/<name>.py) load on their own
+            if parts[1:3] == ("evaluation", "metrics") and len(parts) > 4:
                 continue
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
