@@ -379,10 +379,8 @@ def test_bad_input_is_refused_before_training(tmp_path, iv, data):
 def test_a_store_the_disk_cannot_hold_is_refused_before_it_is_written(tmp_path, iv, data, monkeypatch):
     import shutil
 
-    from ivtrainer.iv_guided import precomputed_teacher
-
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(precomputed_teacher.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     model = tiny_model("llama")
     before = [p.detach().clone() for p in model.parameters()]
     trainer = IVGuidedTrainer(
@@ -554,7 +552,7 @@ def test_runs_sharing_a_cache_folder_leave_each_other_alone(tmp_path, iv, data, 
     import subprocess
     import sys
 
-    from ivtrainer.iv_guided import precomputed_teacher
+    from ivtrainer.iv_guided.precomputed_teacher import write as write_pass
 
     cache = tmp_path / "shared"
     loss, _ = _store_run(tmp_path, iv, data, teacher_cache_dir=str(cache))
@@ -570,14 +568,14 @@ def test_runs_sharing_a_cache_folder_leave_each_other_alone(tmp_path, iv, data, 
         dead_tmp = cache / f".{store.name}.tmp-{int(dead.stdout)}-def"
         live_tmp.mkdir()
         dead_tmp.mkdir()
-        write = precomputed_teacher._write_part
+        write = write_pass._write_part
 
         def meanwhile(folder, *args, **kwargs):  # another run renames the same store into place first
             shapes = write(folder, *args, **kwargs)
             shutil.copytree(tmp_path / "saved", store)
             return shapes
 
-        monkeypatch.setattr(precomputed_teacher, "_write_part", meanwhile)
+        monkeypatch.setattr(write_pass, "_write_part", meanwhile)
         again, log = _store_run(tmp_path, iv, data, teacher_cache_dir=str(cache))
     finally:
         alive.kill()
