@@ -91,7 +91,7 @@ if mode in ("live", "precomputed"):  # the live teacher's passes for one batch (
     for _ in range(3):
         t = time.perf_counter()
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        callback.guidance._live_teacher(model, inputs, last_prompt_positions(batch["labels"]), None)
+        callback.guidance.live.run(model, inputs, last_prompt_positions(batch["labels"]))
         passes.append(time.perf_counter() - t)
     out["teacher_pass_s"] = statistics.median(passes)
 if mode == "plain":  # what one extra no-grad forward of the batch costs: the floor of the teacher pass

@@ -104,15 +104,17 @@ def test_configs_import_no_trainer_or_callback():
 
 
 def test_the_iv_guided_loss_and_teacher_import_no_trainer_or_callback():
-    """The guidance (loss + teacher) and the stored teacher sit below both training routes: the
-    trainers' compute_loss and the callbacks' forward hook."""
+    """The guidance (the loss), the live and stored teachers and the store sit below both training
+    routes: the trainers' compute_loss and the callbacks' forward hook."""
     core = [
         m
         for m in MODULES
-        if m in ("ivtrainer.iv_guided.guidance", "ivtrainer.iv_guided.kl_loss")
+        if m in ("ivtrainer.iv_guided.guidance", "ivtrainer.iv_guided.kl_loss", "ivtrainer.iv_guided.teacher")
         or m.startswith("ivtrainer.iv_guided.precomputed_teacher")
     ]
-    assert len(core) == 7, core  # the guidance, the maths, the store's package and its four modules
+    assert len(core) == 8, (
+        core
+    )  # the guidance, the maths, the teachers, the store's package and its 4 modules
     bad = _violations(core, lambda t: t.endswith("_trainer") or t.startswith("ivtrainer.callbacks"))
     assert not bad, "\n".join(bad)
 

@@ -11,14 +11,11 @@ calls it after the student's forward (as trl's trainers compute their extra loss
 from __future__ import annotations
 
 import contextlib
-import copy
-import inspect
 import json
 import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -26,7 +23,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, SparseTeacher, kl_positions, kl_terms
+from ivtrainer.iv_guided.kl_loss import KL_DIRECTIONS, KLTerm, kl_positions, kl_terms
 from ivtrainer.iv_guided.precomputed_teacher import (
     CACHE_FOLDER,
     TeacherStore,
@@ -35,24 +32,19 @@ from ivtrainer.iv_guided.precomputed_teacher import (
     precompute_teacher,
     vectors_fingerprint,
 )
-from ivtrainer.modeling.architectures import get_layout
-from ivtrainer.modeling.hooks import eval_mode, is_peft_model, record_head_outputs, stop_before
+from ivtrainer.iv_guided.teacher import LiveTeacher, StoredTeacher, Teacher
+from ivtrainer.modeling.hooks import is_peft_model, record_head_outputs
 from ivtrainer.steering.instruction_vector import InstructionVector
 from ivtrainer.steering.intervention import (
-    add_to_residual,
     last_prompt_positions,
     residual_pairs,
-    suspend_interventions,
 )
 from ivtrainer.utils.checks import finite_number
-from ivtrainer.utils.distributed import deepspeed_enabled, is_zero3_partitioned, zero3_copy
+from ivtrainer.utils.distributed import deepspeed_enabled
 
 __all__ = ["IVGuidance", "check_supported"]
 
 logger = logging.get_logger(__name__)
-
-# what the student's forward takes that the teacher's must not (its loss; set per pass)
-_NOT_TEACHER_INPUTS = ("labels", "num_items_in_batch", "use_cache", "logits_to_keep", "return_dict")
 
 # model -> {output_dir: the frozen teacher made when its Trainer was built}, all weak (the copy
 # lives as long as the guidance that made it): what a callback restored from a checkpoint
@@ -143,14 +135,15 @@ class IVGuidance:
                 f"teacher_top_k must be a whole number >= 0 (0: exact, from stored hidden states), got {teacher_top_k!r}"
             )
         self.teacher, self.teacher_top_k, self.teacher_cache_dir = teacher, teacher_top_k, teacher_cache_dir
-        self.store: TeacherStore | None = None
+        self.live = LiveTeacher(
+            self.pairs, strength=teacher_strength, heads=self.heads(), head_reference=head_mse_reference,
+            every_position=any(t.positions == "all" for t in self.terms),
+            module=teacher if isinstance(teacher, nn.Module) else None,
+        )  # fmt: skip
+        self.stored: StoredTeacher | None = None  # with teacher="precomputed", once computed or reused
         self.model_fingerprint: str | None = None  # the model before training, for the stored teacher
         self.kl_weights = [t.weight(0, 1) for t in self.terms]
         self.busy = False  # True during the teacher's own pass (a forward hook must not add a loss there)
-        self._reference: nn.Module | None = None
-        self._reference_ready = False
-        self._reference_engine: Any = None  # the DeepSpeed engine around the reference, when there is one
-        self._keeps_logits: bool | None = None
         self._stack: contextlib.ExitStack | None = None
         self._student_heads: dict[int, torch.Tensor] | None = None
         self._sums: dict[str, float | torch.Tensor] = dict.fromkeys(["ce", *self.kl_keys(), "head_mse"], 0.0)
@@ -169,10 +162,10 @@ class IVGuidance:
             if model is not None and self.model_fingerprint is None:
                 self.model_fingerprint = model_fingerprint(model)
             return
-        if model is not None and not self._reference_ready:
-            self._reference, self._reference_ready = self._make_reference(model), True
-            if self._reference is not None and not isinstance(self.teacher, nn.Module):
-                _TEACHERS.setdefault(model, {})[str(args.output_dir)] = weakref.ref(self._reference)
+        if model is not None and not self.live.ready:
+            reference = self.live.prepare(model)
+            if reference is not None and not isinstance(self.teacher, nn.Module):
+                _TEACHERS.setdefault(model, {})[str(args.output_dir)] = weakref.ref(reference)
 
     def begin(self, args, state, model: nn.Module, dataloader=None) -> None:
         """When training begins: the teacher ready (a stored one computed or reused), the student's
@@ -181,34 +174,30 @@ class IVGuidance:
         self.close()
         self._accumulation = args.gradient_accumulation_steps
         self._tokens_across = getattr(args, "average_tokens_across_devices", False)
-        if not self._reference_ready and state.global_step > 0 and model in _TEACHERS:
+        if not self.live.ready and state.global_step > 0 and model in _TEACHERS:
             # restore_callback_states_from_checkpoint: the Trainer replaced the callback built with
             # it by one made from the checkpoint's state; take the teacher the first one made
             made = _TEACHERS[model].get(str(args.output_dir))
-            self._reference = made() if made is not None else None
-            self._reference_ready = self._reference is not None
+            reference = made() if made is not None else None
+            if reference is not None:
+                self.live.adopt(reference)
         if self.teacher == "precomputed":
             self._prepare_store(args, state, model, dataloader)
-        elif not self._reference_ready:
+        elif not self.live.ready:
             if state.global_step > 0 and not is_peft_model(model) and not isinstance(self.teacher, nn.Module):
                 raise InvalidInputError(
                     "IVKLCallback was added after the Trainer was built, and training resumes from a checkpoint: "
                     "the teacher would be the resumed model, not the model before fine-tuning. Pass the callback "
                     "in Trainer(callbacks=[...]) or give it teacher=<the original model>"
                 )
-            self._reference, self._reference_ready = self._make_reference(model), True
-        if self._reference is not None and self._reference_engine is None and deepspeed_enabled():
-            # as trl does for its reference model: sharded under ZeRO-3, a replica (stage 0) otherwise
-            from accelerate.state import AcceleratorState
-            from trl.models.utils import prepare_deepspeed
-
-            self._reference_engine = prepare_deepspeed(
-                self._reference, SimpleNamespace(state=AcceleratorState())
-            )
-            self._reference = self._reference_engine.module
+            self.live.prepare(model)
+        if deepspeed_enabled():  # as trl does for its reference model
+            self.live.shard()
         self._stack = contextlib.ExitStack()
         if self.head_mse_weight > 0:
-            self._student_heads = self._stack.enter_context(record_head_outputs(model, self.head_layers()))
+            self._student_heads = self._stack.enter_context(
+                record_head_outputs(model, self.live.head_layers())
+            )
         self.update(state)
 
     def update(self, state) -> None:
@@ -229,15 +218,20 @@ class IVGuidance:
     def release(self) -> None:
         """Drop the frozen reference copy (full fine-tuning) or the stored teacher to free memory."""
         self.close()
-        self._reference, self._reference_ready, self._reference_engine = None, False, None
-        self.store = None
+        self.live.release()
+        self.stored = None
 
     @property
     def reference(self) -> nn.Module | None:
         """The frozen reference model (full fine-tuning; under DeepSpeed the module its engine
         wraps, ZeRO-3-partitioned with ZeRO-3), or None when the teacher is the trained PEFT model
         itself with its adapters disabled, or stored."""
-        return self._reference
+        return self.live.reference
+
+    @property
+    def store(self) -> TeacherStore | None:
+        """The stored teacher (``teacher="precomputed"``), once computed or reused."""
+        return self.stored.store if self.stored is not None else None
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -304,10 +298,7 @@ class IVGuidance:
                 "so IVKLCallback cannot add its KL term there: use it with transformers.Trainer or IVGuidedTrainer "
                 "(IVInterventionCallback alone works with SFTTrainer)"
             )
-        input_ids, attention_mask = inputs.get("input_ids"), inputs.get("attention_mask")
-        # the teacher sees what the student saw: a packed batch's position_ids (and the sequence
-        # boundaries trl adds for varlen kernels) keep its sequences apart
-        teacher_inputs = {k: v for k, v in inputs.items() if k not in _NOT_TEACHER_INPUTS and v is not None}
+        attention_mask = inputs.get("attention_mask")
         position_ids = inputs.get("position_ids")
         prompt_end = last_prompt_positions(labels, position_ids)
         masks = [kl_positions(t.positions, labels, attention_mask, position_ids) for t in self.terms]
@@ -320,18 +311,14 @@ class IVGuidance:
             and not all(h.requires_grad for h in student_heads.values())
         ):
             raise InvalidInputError(NO_HEAD_GRADIENT)
-        columns = None
-        teacher_logits: torch.Tensor | SparseTeacher
-        if self.store is not None:
-            teacher_logits, stored_heads = self.store.batch(input_ids, attention_mask, labels)
-            teacher_heads = self._stored_heads(stored_heads, prompt_end)
-        else:
-            self.busy = True
-            try:
-                columns = self._columns(model, torch.stack(masks).any(0))
-                teacher_logits, teacher_heads = self._live_teacher(model, teacher_inputs, prompt_end, columns)
-            finally:
-                self.busy = False
+        teacher: Teacher = self.stored if self.stored is not None else self.live
+        self.busy = True
+        try:
+            teacher_logits, teacher_heads, columns = teacher(
+                model, dict(inputs), prompt_end, torch.stack(masks).any(0)
+            )
+        finally:
+            self.busy = False
         scale = (
             1.0 if num_items_in_batch is not None else 1.0 / self._accumulation
         )  # per optimizer step, for logs
@@ -375,28 +362,6 @@ class IVGuidance:
 
     # -- the teacher -------------------------------------------------------------------------------
 
-    def _make_reference(self, model: nn.Module) -> nn.Module | None:
-        """None: the teacher is ``model`` itself with its adapters disabled (PEFT), or stored."""
-        if isinstance(self.teacher, nn.Module):
-            return self.teacher
-        if is_peft_model(model) or self.teacher == "precomputed":
-            return None
-        if is_zero3_partitioned(model):
-            reference = zero3_copy(model, "the KL teacher; or pass teacher=, or train LoRA adapters").eval()
-            reference.requires_grad_(False)
-            return reference
-        reference = copy.deepcopy(model).eval()
-        reference.requires_grad_(False)
-        for module in reference.modules():  # the copy would carry the student's hooks (its IV) along
-            module._forward_hooks.clear()
-            module._forward_pre_hooks.clear()
-            module._forward_hooks_with_kwargs.clear()
-            module._forward_pre_hooks_with_kwargs.clear()
-        return reference
-
-    def head_layers(self) -> list[int]:
-        return sorted({layer for iv in self.vectors for layer, _ in iv.heads})
-
     def heads(self) -> list[tuple[int, int]]:
         """The IV heads the head term compares, in order (a head in two IVs counted twice)."""
         return (
@@ -405,78 +370,10 @@ class IVGuidance:
             else []
         )
 
-    @torch.no_grad()
-    def _teacher_pass(self, module: nn.Module, inputs: dict, positions, columns, *, with_iv=True):
-        """Teacher logits (and head outputs if needed) with the IVs at ``teacher_strength``; logits
-        only at sequence positions ``columns`` when not None (the LM head's share of the pass saved).
-        ``with_iv=False``: the heads' outputs only, without the IVs, from a pass that ends there.
-        ``inputs``: the student's own model inputs (``position_ids`` of a packed batch included),
-        without its labels."""
-        teacher = self._reference if self._reference is not None else module
-        heads_here = self.head_mse_weight > 0 and (not with_iv or not self._separate_head_pass())
-        with contextlib.ExitStack() as stack:
-            if self._reference is None:  # the same modules: adapters and student IVs off
-                if is_peft_model(module):
-                    stack.enter_context(module.disable_adapter())  # type: ignore[operator]  # a PeftModel
-                stack.enter_context(suspend_interventions(module))
-            stack.enter_context(eval_mode(teacher))
-            if with_iv and self.pairs:
-                stack.enter_context(
-                    add_to_residual(teacher, self.pairs, strength=self.teacher_strength, positions=positions)
-                )
-            heads = (
-                stack.enter_context(record_head_outputs(teacher, self.head_layers())) if heads_here else None
-            )
-            if not with_iv:
-                stack.enter_context(stop_before(get_layout(teacher).attn_outputs[self.head_layers()[-1]]))
-            kwargs = {"logits_to_keep": columns} if columns is not None else {}
-            logits = teacher(**inputs, use_cache=False, **kwargs).logits
-        return logits if with_iv else None, (dict(heads) if heads is not None else None)
-
-    def _separate_head_pass(self) -> bool:
-        """Whether the head term needs its own teacher pass: its reference is the teacher without
-        the IVs, and some IV is added at or before a head's layer (the output of layer ``l``
-        changes the heads of later layers only)."""
-        if self.head_mse_reference == "with_iv" or self.teacher_strength == 0 or not self.pairs:
-            return False
-        return min(layer for layer, _ in self.pairs) < self.head_layers()[-1]
-
-    def _columns(self, module: nn.Module, mask: torch.Tensor) -> torch.Tensor | None:
-        """The sequence positions the KL needs teacher logits at, if fewer than all and the model
-        takes ``logits_to_keep`` (transformers' causal LMs do)."""
-        if any(t.positions == "all" for t in self.terms):
-            return None
-        if self._keeps_logits is None:
-            teacher = self._reference if self._reference is not None else module
-            base = teacher.get_base_model() if is_peft_model(teacher) else teacher  # type: ignore[operator]
-            self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
-        if not self._keeps_logits:
-            return None
-        columns = mask.any(0).nonzero().squeeze(1)
-        return columns if 0 < columns.numel() < mask.shape[1] else None
-
-    def _live_teacher(self, module: nn.Module, inputs: dict, prompt_end, columns):
-        """The teacher's logits (at ``columns``) and, with the head term, each IV head's teacher
-        output at ``prompt_end``'s positions (from the pass without the IVs when that is the
-        reference): what the stored teacher holds too."""
-        logits, heads = self._teacher_pass(module, inputs, prompt_end, columns)
-        if self.head_mse_weight > 0 and self._separate_head_pass():
-            _, heads = self._teacher_pass(module, inputs, prompt_end, None, with_iv=False)
-        if heads is None:
-            return logits, None
-        rows, cols = prompt_end.nonzero(as_tuple=True)
-        return logits, {(layer, head): heads[layer][rows, cols, head] for layer, head in self.heads()}
-
-    def _stored_heads(self, stored: torch.Tensor | None, prompt_end: torch.Tensor):
-        if stored is None:
-            return None
-        rows = prompt_end.nonzero(as_tuple=True)[0]
-        return {h: stored[rows, i] for i, h in enumerate(self.heads())}
-
     def _prepare_store(self, args, state, model: nn.Module, dataloader) -> None:
         """The stored teacher for this run: reused when its fingerprint matches, else computed now
         (before the first step, from the model as it is: the model before training)."""
-        if self.store is not None:
+        if self.stored is not None:
             return
         if dataloader is None:
             raise InvalidInputError(
@@ -492,7 +389,7 @@ class IVGuidance:
             self.model_fingerprint = model_fingerprint(model)
         settings = {
             "teacher_strength": self.teacher_strength, "head_mse_reference": self.head_mse_reference,
-            "separate_head_pass": self.head_mse_weight > 0 and self._separate_head_pass(),
+            "separate_head_pass": self.live.separate_head_pass(),
         }  # fmt: skip
         fingerprint = {
             "model": self.model_fingerprint,
@@ -505,9 +402,9 @@ class IVGuidance:
 
         def teacher(input_ids, attention_mask, prompt_end):
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            return self._live_teacher(model, inputs, prompt_end, None)
+            return self.live.run(model, inputs, prompt_end)
 
-        self.store = precompute_teacher(
+        store = precompute_teacher(
             cache, dataloader.dataset, dataloader.collate_fn, teacher, fingerprint=fingerprint,
             positions=[t.positions for t in self.terms], top_k=self.teacher_top_k, temperature=self.temperature,
             heads=self.heads(), lm_head=model.get_output_embeddings() if self.teacher_top_k == 0 else None,  # type: ignore[operator]
@@ -516,7 +413,8 @@ class IVGuidance:
             # a resumed full fine-tuning: the model is trained, only the stored teacher can serve
             compute=state.global_step == 0 or is_peft_model(model), prune=self.teacher_cache_dir is None,
         )  # fmt: skip
-        if self.teacher_top_k == 0 and self.store.share_head(model.get_output_embeddings()):  # type: ignore[operator]
+        self.stored = StoredTeacher(store, self.heads())
+        if self.teacher_top_k == 0 and store.share_head(model.get_output_embeddings()):  # type: ignore[operator]
             logger.info("the stored teacher applies the model's own frozen LM head (no copy in memory)")
 
 
