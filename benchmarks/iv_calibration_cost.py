@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNIPPET = """
 import json, time, torch
 from ivtrainer.modeling.loading import load_default_model
-from ivtrainer.steering.instruction_vector import extract_instruction_vector
+from ivtrainer.steering.extraction import extract_instruction_vector
 torch.manual_seed(0)
 model, tokenizer = load_default_model()
 model.eval()

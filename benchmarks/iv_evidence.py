@@ -27,8 +27,8 @@ from _readme import replace_block
 
 from ivtrainer.datasets.tasks import list_tasks, load_task
 from ivtrainer.modeling.loading import load_model
+from ivtrainer.steering.extraction import extract_instruction_vector
 from ivtrainer.steering.head_set import extract_head_set
-from ivtrainer.steering.instruction_vector import extract_instruction_vector
 
 
 def run_task(model, tokenizer, task: str, seeds: list[int], head_set) -> dict:

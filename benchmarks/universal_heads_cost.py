@@ -30,8 +30,8 @@ from _readme import replace_block
 
 from ivtrainer.datasets.tasks import list_tasks, load_task
 from ivtrainer.modeling.loading import load_default_model
+from ivtrainer.steering.extraction import extract_instruction_vector
 from ivtrainer.steering.head_set import HeadSet, extract_head_set
-from ivtrainer.steering.instruction_vector import extract_instruction_vector
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "head_set"
 RESULTS = CACHE.parent / "universal_heads_cost.json"

@@ -29,13 +29,10 @@ from ivtrainer.modeling.architectures import (
 )
 from ivtrainer.modeling.hooks import record_head_outputs
 from ivtrainer.modeling.loading import load_default_model, load_model
+from ivtrainer.steering.extraction import extract_instruction_vector
 from ivtrainer.steering.extraction_config import ExtractionConfig
 from ivtrainer.steering.head_set import HeadSet, extract_head_set
-from ivtrainer.steering.instruction_vector import (
-    IncompatibleVectorError,
-    InstructionVector,
-    extract_instruction_vector,
-)
+from ivtrainer.steering.instruction_vector import IncompatibleVectorError, InstructionVector
 
 if TYPE_CHECKING:
     from ivtrainer.f_learning.f_learning_config import FLearningConfig

@@ -66,9 +66,9 @@ def main(
     from ivtrainer.datasets.tasks import list_tasks, load_examples
     from ivtrainer.hub.push import check_push_target
     from ivtrainer.modeling.loading import load_model
+    from ivtrainer.steering.extraction import extract_instruction_vector
     from ivtrainer.steering.head_set import HeadSet
     from ivtrainer.steering.icl import check_extraction_sizes
-    from ivtrainer.steering.instruction_vector import extract_instruction_vector
     from ivtrainer.steering.vector_evaluation import split_pairs
     from ivtrainer.utils.outputs import atomic_dir, check_output_dir
 

@@ -59,8 +59,8 @@ def stage_instruction_vector(model, tokenizer, plan: DemoPlan, out: Path) -> dic
     """Extract the IV, save it and its heatmap, and measure whether it steers zero-shot prompts."""
     from ivtrainer.datasets.tasks import load_task
     from ivtrainer.evaluation.plotting import plot_cie
+    from ivtrainer.steering.extraction import extract_instruction_vector
     from ivtrainer.steering.icl import PromptBuilder, first_token_accuracy
-    from ivtrainer.steering.instruction_vector import extract_instruction_vector
 
     iv = extract_instruction_vector(
         model,

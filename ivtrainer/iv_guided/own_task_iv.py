@@ -3,7 +3,7 @@ FvForgetting code puts on the teacher (``instruction_vectors="auto"``).
 
 The pairs come from the training rows (prompt/completion or input/output text, or tokenised rows
 whose labels mark the answer), and the IV is extracted as any other
-(:func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector`: few-shot prompts built
+(:func:`~ivtrainer.steering.extraction.extract_instruction_vector`: few-shot prompts built
 from those pairs), on the model as it is before this training.
 """
 
@@ -17,8 +17,9 @@ from transformers.utils import logging
 
 from ivtrainer.datasets.tasks import Example
 from ivtrainer.errors import InvalidInputError
+from ivtrainer.steering.extraction import extract_instruction_vector
 from ivtrainer.steering.head_set import HeadSet
-from ivtrainer.steering.instruction_vector import InstructionVector, extract_instruction_vector
+from ivtrainer.steering.instruction_vector import InstructionVector
 
 __all__ = ["AUTO", "own_task_iv", "training_pairs"]
 
@@ -91,7 +92,7 @@ def own_task_iv(
     """The IV of the task in ``dataset``, extracted on ``model`` as it is now (the package's
     default extraction: calibrated; from a saved universal head set with ``heads=``, as the
     public FvForgetting code does, which costs only the mean activations). ``extraction``: more
-    :func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector` arguments."""
+    :func:`~ivtrainer.steering.extraction.extract_instruction_vector` arguments."""
     from ivtrainer.utils.distributed import is_zero3_partitioned
 
     if is_zero3_partitioned(model):

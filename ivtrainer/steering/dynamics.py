@@ -22,8 +22,9 @@ from ivtrainer.datasets.tasks import list_tasks, load_examples, load_task
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.modeling.architectures import get_layout
 from ivtrainer.modeling.hooks import hooks
+from ivtrainer.steering.extraction import extract_instruction_vector
 from ivtrainer.steering.icl import EncodedPrompt, PromptBuilder, first_token_accuracy, last_token_forward
-from ivtrainer.steering.instruction_vector import InstructionVector, extract_instruction_vector
+from ivtrainer.steering.instruction_vector import InstructionVector
 
 __all__ = ["IVDynamics", "analyze_iv", "hidden_state_similarity"]
 

@@ -1,5 +1,5 @@
 """How an instruction vector is extracted: the one home of the extraction knobs and their defaults,
-used by :func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector`,
+used by :func:`~ivtrainer.steering.extraction.extract_instruction_vector`,
 :func:`~ivtrainer.steering.head_set.extract_head_set`, the own-task IVs, the continual runner and the
 ``extract-iv``/``extract-heads`` commands (whose flags are made from it)."""
 

@@ -211,7 +211,7 @@ def extract_head_set(
 ) -> HeadSet:
     """Rank the model's heads by CIE averaged over ``tasks`` (default: every built-in task; or
     built-in names, task files, lists of ``{"input", "output"}`` pairs), each measured as in
-    :func:`~ivtrainer.steering.instruction_vector.extract_instruction_vector` on its extraction pairs.
+    :func:`~ivtrainer.steering.extraction.extract_instruction_vector` on its extraction pairs.
 
     ``config``/``settings``: the :class:`~ivtrainer.steering.extraction_config.ExtractionConfig`
     fields a head set uses (``HEAD_SET_FIELDS``: prompts, method, seed, batch size;

@@ -7,8 +7,8 @@ import torch
 
 from ivtrainer import HeadSet, extract_head_set, extract_instruction_vector
 from ivtrainer.modeling.architectures import get_layout
+from ivtrainer.steering.extraction import head_contributions
 from ivtrainer.steering.head_set import IncompatibleHeadSetError, InvalidHeadSetError
-from ivtrainer.steering.instruction_vector import head_contributions
 from ivtrainer.testing import tiny_model
 
 CHEAP = {"n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
@@ -37,7 +37,7 @@ def test_the_mean_over_tasks_of_each_tasks_own_cie(llama, tokenizer, head_set):
 
 
 def test_the_iv_uses_the_head_set_and_skips_mediation(llama, tokenizer, head_set, monkeypatch):
-    import ivtrainer.steering.instruction_vector as module
+    import ivtrainer.steering.extraction as module
 
     def no_mediation(*args, **kwargs):
         raise AssertionError("CIE measured although a head set was given")

@@ -13,7 +13,8 @@ from ivtrainer import InstructionVector, extract_instruction_vector
 from ivtrainer.errors import UnsupportedArchitectureError
 from ivtrainer.hub.push import HubError
 from ivtrainer.modeling.architectures import get_layout
-from ivtrainer.steering.instruction_vector import IncompatibleVectorError, head_contributions
+from ivtrainer.steering.extraction import head_contributions
+from ivtrainer.steering.instruction_vector import IncompatibleVectorError
 from ivtrainer.testing import tiny_model, tiny_tokenizer
 
 SMALL = {
