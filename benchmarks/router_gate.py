@@ -28,7 +28,7 @@ from ivtrainer.continual.sequence_tasks import ORDERS, load_sequence_task
 from ivtrainer.datasets.edits import candidate_facts
 from ivtrainer.evaluation.ability_prompts import QUESTIONS, icl_examples
 from ivtrainer.steering.icl import PromptBuilder
-from ivtrainer.steering.repair import MARGIN, NearestTaskRouter, last_token_states
+from ivtrainer.steering.routing import MARGIN, NearestTaskRouter, last_token_states
 
 
 def main() -> None:

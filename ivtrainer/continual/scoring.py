@@ -30,13 +30,8 @@ def _repair(
     prompts, the task given or routed from the prompt; strengths and the router's layer chosen on
     the validation rows only."""
     from ivtrainer.steering.instruction_vector import InstructionVector
-    from ivtrainer.steering.repair import (
-        IVRepair,
-        NearestTaskRouter,
-        TaskVectors,
-        choose_strengths,
-        exact_match,
-    )
+    from ivtrainer.steering.repair import IVRepair, TaskVectors, choose_strengths, exact_match
+    from ivtrainer.steering.routing import NearestTaskRouter
 
     start = time.perf_counter()
     names = [_name(t) for t in config.tasks]

@@ -16,7 +16,8 @@ from ivtrainer.errors import InvalidInputError
 from ivtrainer.evaluation.lm_eval_harness import evaluate_lm, task_manager
 from ivtrainer.evaluation.lm_eval_repair import RepairedHFLM
 from ivtrainer.evaluation.lm_eval_tasks import lm_eval_tasks_path
-from ivtrainer.steering.repair import IVRepair, NearestTaskRouter, TaskVectors, exact_match
+from ivtrainer.steering.repair import IVRepair, TaskVectors, exact_match
+from ivtrainer.steering.routing import NearestTaskRouter
 from ivtrainer.testing import tiny_model
 
 TASKS = ("brackets", "initial")

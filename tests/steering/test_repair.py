@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ivtrainer.errors import InvalidInputError
-from ivtrainer.steering.repair import NearestTaskRouter, TaskVectors
+from ivtrainer.steering.repair import TaskVectors
+from ivtrainer.steering.routing import NearestTaskRouter
 from ivtrainer.testing import tiny_model
 
 
