@@ -26,7 +26,10 @@ def render() -> str:
         "trl's scripts): the library's configs give their defaults (`ExtractionConfig` for extract-iv and "
         "extract-heads, the continual settings, the demo plan), so the defaults below are the library's. "
         "A flag is written with underscores or dashes (`--n_heads`, `--n-heads`); a switch that is on by "
-        "default has a `--no_` form (`--no-calibrate`). This page is generated from the parser "
+        "default has a `--no_` form (`--no-calibrate`). Every command takes `--config FILE`, a YAML or JSON "
+        "file of its flags (keys named as the flags: `n_heads: 10`, lists as lists); flags on the command "
+        "line override it, and an unknown key is refused with the closest flag. This page is generated from "
+        "the parser "
         "(`python docs/gen_cli.py`).\n",
         "```text\n" + parser.format_help().rstrip() + "\n```\n",
     ]

@@ -494,3 +494,46 @@ def test_recipes_are_named_on_the_commands_that_train(capsys):
     assert code == 2 and "a recipe sets the KL terms of the guided methods" in err
     code, _, err = _run(capsys, "continual", "--out", "x", "--method", "kl-anchor", "--recipe", "iv-paper")
     assert code == 2 and "adds an instruction vector, which kl-anchor does not have" in err
+
+
+def test_a_config_file_gives_the_flags_and_the_command_line_wins(tmp_path):
+    """``--config FILE`` (YAML or JSON, keys named as the flags) on every command; flags given on
+    the command line override it; the values go through argparse as flags do."""
+    from ivtrainer.cli import parse
+
+    (tmp_path / "c.yaml").write_text(
+        "out: run\nmethod: kl-anchor\nn_train: 5\nquick: true\nteacher_top_k: 0\n"
+    )
+    _, (_, args) = parse(["continual", "--config", str(tmp_path / "c.yaml"), "--n-train", "7"])
+    assert (args.out, args.method, args.n_train, args.quick, args.teacher_top_k) == (
+        "run",
+        "kl-anchor",
+        7,
+        True,
+        0,
+    )
+    (tmp_path / "e.json").write_text(
+        json.dumps({"task": "antonym", "out": "iv", "n_heads": 3, "calibrate": False})
+    )
+    _, (_, script, extraction, *_) = parse(["extract-iv", f"--config={tmp_path / 'e.json'}"])
+    assert (script.task, extraction.n_heads, extraction.calibrate) == ("antonym", 3, False)
+    _, (_, _, extraction, *_) = parse(["extract-iv", "--config", str(tmp_path / "e.json"), "--calibrate"])
+    assert extraction.calibrate is True
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("n_trian: 5\nout: x\n", "unknown key 'n_trian'; did you mean 'n_train'?"),
+        ("- out\n", "expected a mapping of flag names to values, got list"),
+        ("out: {a: 1}\n", "'out' is a mapping"),
+        ("out: [x\n", "not a readable YAML or JSON file"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_before_any_work(tmp_path, capsys, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    code, _, err = _run(capsys, "continual", "--config", tmp_path / "c.yaml")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    code, _, err = _run(capsys, "continual", "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "no such file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written

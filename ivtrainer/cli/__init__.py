@@ -29,7 +29,7 @@ from ivtrainer.cli.common import CommandParser
 from ivtrainer.errors import IVTrainerError
 from ivtrainer.version import __version__
 
-__all__ = ["main", "make_parser"]
+__all__ = ["main", "make_parser", "parse"]
 
 # subcommand -> its module, in the order `ivtrainer --help` lists them
 COMMANDS = {
@@ -72,11 +72,44 @@ def _dataclasses(parser: argparse.ArgumentParser, namespace: argparse.Namespace)
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the flags of the command's ``--config`` file put before its own (which win)."""
+    command = next((token for token in argv if token in COMMANDS), None)
+    if command is None:
+        return argv
+    at = argv.index(command)
+    rest = argv[at + 1 :]
+    path = next(
+        (rest[i + 1] for i, token in enumerate(rest[:-1]) if token == "--config"),
+        next((token.split("=", 1)[1] for token in rest if token.startswith("--config=")), None),
+    )
+    if path is None:
+        return argv
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command_parser: CommandParser = sub.choices[command]
+    return [*argv[: at + 1], *command_parser.config_args(path, rest), *rest]
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list]:
+    """The command's namespace and its dataclasses, from ``argv`` and its ``--config`` file."""
     parser = make_parser()
-    namespace = parser.parse_args(argv)
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    namespace = parser.parse_args(_with_config(parser, tokens))
+    return namespace, _dataclasses(parser, namespace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    command = next((token for token in tokens if token in COMMANDS), "")
     try:
-        return COMMANDS[namespace.command].main(*_dataclasses(parser, namespace))
+        namespace, arguments = parse(tokens)
+    except IVTrainerError as exc:  # a --config file or a dataclass's own check: nothing ran yet
+        if "--debug" in tokens[: tokens.index(command) if command else None]:
+            raise
+        print(f"ivtrainer {command}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[namespace.command].main(*arguments)
     except IVTrainerError as exc:
         # Bad input: one line naming the problem and the fix. Anything else is a bug: a traceback.
         if namespace.debug:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser
+
+from ivtrainer.errors import InvalidInputError
 
 __all__ = [
     "CommandParser",
@@ -37,6 +43,66 @@ class CommandParser(HfArgumentParser):
     def __init__(self, dataclass_types: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
+        self.add_argument(
+            "--config",
+            metavar="FILE",
+            help="a YAML or JSON file of this command's flags, named as below (n_heads: 10); flags on the "
+            "command line override it",
+        )
+
+    def config_args(self, path: str, given: Sequence[str]) -> list[str]:
+        """The flags a ``--config`` file holds, as command-line tokens (so that argparse converts and
+        checks them as it does flags), leaving out those ``given`` on the command line (they win).
+        An unknown key is refused with the closest flag, before any work."""
+        values = _read_config(path)
+        actions: dict[str, argparse.Action] = {}
+        for action in self._actions:  # a switch's --no_ form comes after its flag: the flag wins
+            if action.dest not in ("help", "config") and action.option_strings:
+                actions.setdefault(action.dest, action)
+        on_command_line = {
+            self._option_string_actions[token.split("=", 1)[0]].dest
+            for token in given
+            if token.startswith("--") and token.split("=", 1)[0] in self._option_string_actions
+        }
+        tokens: list[str] = []
+        for key, value in values.items():
+            dest = str(key).replace("-", "_")
+            if dest not in actions:
+                close = difflib.get_close_matches(dest, list(actions), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; the keys are {sorted(actions)}"
+                raise InvalidInputError(f"{path}: unknown key {key!r}{hint}")
+            if dest in on_command_line or value is None:
+                continue
+            if isinstance(value, dict):
+                raise InvalidInputError(f"{path}: {key!r} is a mapping; give a value or a list")
+            option = f"--{dest}"
+            if isinstance(value, bool):
+                tokens += [option, str(value).lower()]
+            elif isinstance(value, list):
+                tokens += [option, *(str(v) for v in value)]
+            else:
+                tokens += [option, str(value)]
+        return tokens
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidInputError(f"--config {path}: no such file")
+    try:
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise InvalidInputError(
+            f"--config {path}: not a readable YAML or JSON file ({type(exc).__name__})"
+        ) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise InvalidInputError(
+            f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}"
+        )
+    return values
 
 
 @dataclasses.dataclass
