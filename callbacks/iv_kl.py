@@ -101,8 +101,6 @@ class IVKLCallback(IVCallback):
         teacher_cache_dir: str | os.PathLike | None = None,
         in_forward: bool = True,
     ) -> None:
-        if instruction_vectors is None and (teacher_strength != 0 or head_mse_weight != 0):
-            IVGuidance((), teacher_strength=teacher_strength, head_mse_weight=head_mse_weight)  # says why
         super().__init__(instruction_vectors, iv_weights, required=False)
         if terms is None:
             terms = [KLTerm(positions, weight, threshold)]  # type: ignore[arg-type]  # checked there

@@ -537,3 +537,19 @@ def test_a_bad_config_file_is_one_line_before_any_work(tmp_path, capsys, text, m
     code, _, err = _run(capsys, "continual", "--config", tmp_path / "missing.yaml")
     assert code == 2 and "no such file" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written
+
+
+def test_config_paths_as_users_give_them(tmp_path, capsys, monkeypatch):
+    """The folder itself, its parent, the working directory are refused in one line; a symlink to the
+    file and a path relative to the working directory read the file."""
+    from ivtrainer.cli import parse
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text("out: run\nn_train: 5\n")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "cfg" / "c.yaml")
+    monkeypatch.chdir(tmp_path / "cfg")
+    for folder in (tmp_path / "cfg", tmp_path, "."):
+        code, _, err = _run(capsys, "continual", "--config", folder)
+        assert code == 2 and "is a folder: give the YAML or JSON file in it" in err, err
+    for path in (tmp_path / "link.yaml", "c.yaml"):
+        assert parse(["continual", "--config", str(path)])[1][1].n_train == 5

@@ -87,6 +87,8 @@ class CommandParser(HfArgumentParser):
 
 def _read_config(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise InvalidInputError(f"--config {path} is a folder: give the YAML or JSON file in it")
     if not file.is_file():
         raise InvalidInputError(f"--config {path}: no such file")
     try:

@@ -116,30 +116,14 @@ def main(model_args: ModelArguments, args: ContinualArguments) -> int:
         split_list(args.tasks) if args.tasks is not None else ORDERS["quick" if args.quick else args.order]
     )
     settings: dict[str, Any] = dict(QUICK) if args.quick else {}
+    # every flag that is a ContinualSettings field, as given (None: the settings' or --quick's value)
     given = {
-        name: getattr(args, name)
-        for name in ("epochs", "n_train", "n_test", "n_icl", "learning_rate", "iv_heads", "lm_eval_limit")
-        if getattr(args, name) is not None
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(args)
+        if f.name in _D and f.name != "tasks" and getattr(args, f.name) is not None
     }
-    run_sequence(
-        tasks,
-        out=args.out,
-        model=model_args.model,
-        lora=not args.full,
-        method=args.method,  # type: ignore[arg-type]  # a choice of METHODS
-        seed=args.seed,
-        **{**settings, **given},
-        recipe=args.recipe,
-        icl_demos=args.icl_demos,
-        replay_fraction=args.replay_fraction,
-        kl_scale=args.kl_scale,
-        teacher_strength=args.teacher_strength,
-        eval_split=args.eval_split,
-        teacher=args.teacher,
-        teacher_top_k=args.teacher_top_k,
-        lm_eval_tasks=tuple(split_list(args.lm_eval_tasks)),
-        repair=args.repair,
-    )
+    given["lm_eval_tasks"] = tuple(split_list(args.lm_eval_tasks))  # a comma-separated flag
+    run_sequence(tasks, out=args.out, model=model_args.model, lora=not args.full, **{**settings, **given})
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0

@@ -76,10 +76,10 @@ class LiveTeacher:
 
     # -- the reference model -----------------------------------------------------------------------
 
-    def prepare(self, model: nn.Module, *, copy_model: bool = True) -> nn.Module | None:
+    def prepare(self, model: nn.Module) -> nn.Module | None:
         """Fix the teacher: the given module, or a frozen copy of ``model`` as it is now (none for a
-        PEFT model, whose base with adapters off is the teacher, or with ``copy_model=False``)."""
-        self.reference, self.ready = self._make_reference(model, copy_model), True
+        PEFT model, whose base with adapters off is the teacher)."""
+        self.reference, self.ready = self._make_reference(model), True
         return self.reference
 
     def adopt(self, reference: nn.Module) -> None:
@@ -100,10 +100,10 @@ class LiveTeacher:
     def release(self) -> None:
         self.reference, self.ready, self.engine = None, False, None
 
-    def _make_reference(self, model: nn.Module, copy_model: bool) -> nn.Module | None:
+    def _make_reference(self, model: nn.Module) -> nn.Module | None:
         if self.module is not None:
             return self.module
-        if is_peft_model(model) or not copy_model:
+        if is_peft_model(model):
             return None
         if is_zero3_partitioned(model):
             reference = zero3_copy(model, "the KL teacher; or pass teacher=, or train LoRA adapters").eval()
