@@ -44,12 +44,12 @@ def main() -> None:
 
     from ivtrainer.callbacks import ForgettingMonitorCallback
     from ivtrainer.continual.sequence_tasks import load_sequence_task
-    from ivtrainer.iv_guided.iv_guided_trainer import tokenize_prompt_completion
+    from ivtrainer.datasets.formats import tokenize_rows
     from ivtrainer.modeling.loading import load_default_model
 
     model, tokenizer = load_default_model()
     rows = load_sequence_task("brackets", "train")[:128]
-    data = tokenize_prompt_completion(
+    data = tokenize_rows(
         Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]), tokenizer
     )
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))

@@ -24,15 +24,17 @@ from ivtrainer.cli import (
     forget,
     info,
     lm_eval_tasks,
+    train,
 )
 from ivtrainer.cli.common import CommandParser
-from ivtrainer.errors import IVTrainerError
+from ivtrainer.errors import InvalidInputError, IVTrainerError
 from ivtrainer.version import __version__
 
 __all__ = ["main", "make_parser", "parse"]
 
 # subcommand -> its module, in the order `ivtrainer --help` lists them
 COMMANDS = {
+    "train": train,
     "demo": demo,
     "continual": continual,
     "info": info,
@@ -45,7 +47,10 @@ COMMANDS = {
 }
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ivtrainer`` parser. ``train``'s flags depend on its trainer (``--trainer``, or its
+    ``--config`` file's ``trainer:``) and import the training stack, so they are built only when
+    ``argv`` runs ``train``."""
     parser = argparse.ArgumentParser(
         prog="ivtrainer",
         description="Instruction-vector-guided training and F-Learning for Hugging Face models.",
@@ -55,9 +60,19 @@ def make_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
     )
+    command, rest = _command(argv or [])
     for module in COMMANDS.values():
-        module.make_parser(subparsers)
+        if module is train:
+            train.make_parser(subparsers, rest if command == "train" else None)
+        else:
+            module.make_parser(subparsers)
     return parser
+
+
+def _command(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The subcommand ``argv`` runs and the tokens after it."""
+    at = next((i for i, token in enumerate(argv) if token in COMMANDS), None)
+    return (None, []) if at is None else (argv[at], list(argv[at + 1 :]))
 
 
 def _dataclasses(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> list:
@@ -66,10 +81,15 @@ def _dataclasses(parser: argparse.ArgumentParser, namespace: argparse.Namespace)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command: CommandParser = sub.choices[namespace.command]
     values = vars(namespace)
-    return [
-        dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init})
-        for dtype in command.dataclass_types
-    ]
+    out = []
+    for dtype in command.dataclass_types:
+        try:
+            out.append(dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init}))
+        except IVTrainerError:
+            raise
+        except ValueError as exc:  # a config's own rule (TrainingArguments'): one line, as ours are
+            raise InvalidInputError(" ".join(str(exc).split())) from None
+    return out
 
 
 def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -92,8 +112,8 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 
 def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list]:
     """The command's namespace and its dataclasses, from ``argv`` and its ``--config`` file."""
-    parser = make_parser()
     tokens = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(tokens)
     namespace = parser.parse_args(_with_config(parser, tokens))
     return namespace, _dataclasses(parser, namespace)
 

@@ -18,6 +18,7 @@ from ivtrainer.errors import InvalidInputError
 
 __all__ = [
     "CommandParser",
+    "read_config",
     "HubArguments",
     "ModelArguments",
     "OverwriteArguments",
@@ -50,11 +51,16 @@ class CommandParser(HfArgumentParser):
             "command line override it",
         )
 
+    def error(self, message: str):  # type: ignore[override]
+        """A bad flag or value is one line (``ivtrainer CMD: error: ...``, exit 2), as every other
+        input error, not argparse's usage block."""
+        raise InvalidInputError(f"{message} (see --help)")
+
     def config_args(self, path: str, given: Sequence[str]) -> list[str]:
         """The flags a ``--config`` file holds, as command-line tokens (so that argparse converts and
         checks them as it does flags), leaving out those ``given`` on the command line (they win).
         An unknown key is refused with the closest flag, before any work."""
-        values = _read_config(path)
+        values = read_config(path)
         actions: dict[str, argparse.Action] = {}
         for action in self._actions:  # a switch's --no_ form comes after its flag: the flag wins
             if action.dest not in ("help", "config") and action.option_strings:
@@ -85,7 +91,7 @@ class CommandParser(HfArgumentParser):
         return tokens
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def read_config(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if file.is_dir():
         raise InvalidInputError(f"--config {path} is a folder: give the YAML or JSON file in it")

@@ -90,7 +90,8 @@ def _train_stage(
 
     from ivtrainer.callbacks.forgetting_monitor import ForgettingMonitorCallback
     from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
-    from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer, tokenize_prompt_completion
+    from ivtrainer.datasets.formats import PROMPT_COMPLETION, tokenize_rows
+    from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
     from ivtrainer.iv_guided.own_task_iv import own_task_iv
 
     task = config.tasks[stage - 1]
@@ -101,7 +102,7 @@ def _train_stage(
             pool = rows[earlier]["train"][: config.n_train]
             train = train + rng.sample(pool, round(config.replay_fraction * len(pool)))
     pairs = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train])
-    data = tokenize_prompt_completion(pairs, tokenizer)
+    data = tokenize_rows(pairs, tokenizer, PROMPT_COMPLETION)
     vectors = []
     if config.method in _OWN_IV:  # on the model before this task, as the public code does
         start = time.perf_counter()

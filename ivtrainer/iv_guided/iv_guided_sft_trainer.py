@@ -3,23 +3,88 @@ packing, completion-only loss), with the IV intervention and KL term of IVGuided
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from ivtrainer.callbacks.iv_intervention import IVLike
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
-from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedMixin
+from ivtrainer.datasets.formats import INPUT_OUTPUT, MESSAGES, as_prompt_completion, detect_format, tokenize_rows
+from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedMixin, check_answer_marked
 from ivtrainer.utils.distributed import check_deepspeed_config
 
-__all__ = ["IVGuidedSFTConfig", "IVGuidedSFTTrainer"]
+__all__ = ["IVGuidedSFTConfig", "IVGuidedSFTTrainer", "trl_masks_assistant_turns"]
+
+logger = logging.get_logger(__name__)
 
 # what SFTTrainer's collators add besides the model's own inputs
 _SFT_ONLY = ("completion_mask", "assistant_masks")
+
+# chats labelled on every token (assistant_only_loss=False): no answer marked
+_CHAT_LABELLED_THROUGHOUT = dataclasses.replace(
+    MESSAGES, has_answer=False, description="'messages' chats with the loss on every token (assistant_only_loss=False)"
+)
+
+
+def trl_masks_assistant_turns(tokenizer: Any) -> bool:
+    """Whether trl can label a chat's assistant turns with this tokenizer's template: it has
+    ``{% generation %}`` markers, or trl has a training version of it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return False
+    if has_generation_markers(template):
+        return True
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        return False
+    return True
+
+
+def _prepared(args: IVGuidedSFTConfig, tokenizer: Any, dataset: Any) -> tuple[Any, bool]:
+    """``dataset`` as SFTTrainer takes it, refused where it marks no answer for the IV; and whether
+    its chats' assistant turns were masked here (``assistant_only_loss`` with a template trl cannot
+    mask, such as SmolLM2's: each turn's prefix rendered, as IVGuidedTrainer does)."""
+    if not getattr(dataset, "column_names", None) or "input_ids" in dataset.column_names:
+        return dataset, False
+    data_format = detect_format(dataset)
+    if data_format is INPUT_OUTPUT:  # ivtrainer's task files: trained as prompt/completion
+        return as_prompt_completion(dataset), False
+    if data_format is MESSAGES and not args.assistant_only_loss:
+        check_answer_marked(args, _CHAT_LABELLED_THROUGHOUT)
+    elif data_format is MESSAGES and not trl_masks_assistant_turns(tokenizer):
+        logger.warning(
+            "the chat template has no {% generation %} markers trl can use: ivtrainer labels the assistant "
+            "turns itself (each turn's prefix rendered with the template)"
+        )
+        return tokenize_rows(dataset, tokenizer, MESSAGES), True
+    elif data_format.name.endswith("prompt-completion") and args.completion_only_loss is False:
+        check_answer_marked(args, dataclasses.replace(data_format, has_answer=False))
+    else:
+        check_answer_marked(args, data_format)
+    return dataset, False
+
+
+@contextlib.contextmanager
+def _assistant_masks_made(args: IVGuidedSFTConfig, masked_here: bool) -> Iterator[None]:
+    """While SFTTrainer prepares the data, ``assistant_only_loss`` off when the chats were
+    labelled here already (trl would otherwise refuse tokenised rows, or re-mask them with a
+    template it cannot use); the config keeps the value the user gave."""
+    if not masked_here:
+        yield
+        return
+    given, args.assistant_only_loss = args.assistant_only_loss, False
+    try:
+        yield
+    finally:
+        args.assistant_only_loss = given
 
 
 @dataclasses.dataclass
@@ -66,8 +131,17 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # cr
             preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config,
             formatting_func=formatting_func,
         )  # fmt: skip
-        self._setup_iv(loaded, args, instruction_vectors, kwargs)
-        super().__init__(model=loaded, args=args, **kwargs)
+        self._setup_iv(loaded, args, instruction_vectors, kwargs)  # 'auto' reads the rows as given
+        masked_here = False
+        for key in ("train_dataset", "eval_dataset"):
+            given = kwargs[key]
+            named = given if isinstance(given, dict) else {None: given}
+            for name, dataset in named.items():
+                named[name], masked = _prepared(args, processing_class, dataset)
+                masked_here |= masked
+            kwargs[key] = named if isinstance(given, dict) else named[None]
+        with _assistant_masks_made(args, masked_here):
+            super().__init__(model=loaded, args=args, **kwargs)
         check_deepspeed_config(self.accelerator)
 
     _not_model_inputs = _SFT_ONLY  # the SFT collators' masks are already in the labels

@@ -15,7 +15,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, defau
 from ivtrainer.base_trainer import BaseTrainerMixin
 from ivtrainer.callbacks import IVCallback, IVInterventionCallback, IVKLCallback
 from ivtrainer.callbacks.iv_intervention import IVLike, check_labels_reach_the_model
-from ivtrainer.datasets.prompt_completion import encode_prompt_completion
+from ivtrainer.datasets.formats import EDITS, DataFormat, detect_format, tokenize_rows
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.guidance import IVGuidance
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
@@ -23,7 +23,7 @@ from ivtrainer.iv_guided.own_task_iv import AUTO, own_task_iv
 from ivtrainer.steering.instruction_vector import load_vectors
 from ivtrainer.utils.distributed import check_deepspeed_config
 
-__all__ = ["IVGuidedMixin", "IVGuidedTrainer", "iv_guided_callbacks", "tokenize_prompt_completion"]
+__all__ = ["IVGuidedMixin", "IVGuidedTrainer", "answer_uses", "check_answer_marked", "iv_guided_callbacks"]
 
 
 def iv_guided_callbacks(args: IVGuidedConfig, instruction_vectors, *, in_forward: bool = True) -> list:
@@ -214,8 +214,12 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         args: an :class:`~ivtrainer.IVGuidedConfig`.
         data_collator: default: pads ``labels`` with -100 (``DataCollatorForSeq2Seq``) when a
             ``processing_class`` is given.
-        train_dataset: tokenised with ``labels`` (-100 on the prompt), or ``prompt``/``completion``
-            text columns (tokenised here with the ``processing_class``; the loss covers the completion).
+        train_dataset: tokenised with ``labels`` (-100 on the prompt), or text rows tokenised here
+            with the ``processing_class`` (:func:`~ivtrainer.datasets.formats.tokenize_rows`):
+            ``prompt``/``completion`` (text or message lists; the loss covers the completion),
+            ``input``/``output``, or ``messages`` chats rendered with the chat template (the loss
+            covers the assistant turns, found by rendering each turn's prefix: any template whose
+            renderings extend each other, ``{% generation %}`` markers or not).
         eval_dataset: as ``train_dataset`` (or a dict of them).
         peft_config: a ``peft.PeftConfig`` (e.g. ``LoraConfig``): the model is wrapped with it, as
             trl's trainers do.
@@ -257,19 +261,20 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         )  # fmt: skip
         self._setup_iv(module, args, instruction_vectors, kwargs)
         tokenizer = kwargs.get("processing_class")
-        # prompt/completion text, for training and evaluation alike (eval_dataset may be a dict)
+        # text rows (prompt/completion, input/output, chats), for training and evaluation alike
+        # (eval_dataset may be a dict)
         for key in ("train_dataset", "eval_dataset"):
             given = kwargs.get(key)
             named = given if isinstance(given, dict) else {None: given}
-            if not any(d is not None and _is_prompt_completion(d) for d in named.values()):
+            formats = {name: _text_format(d) for name, d in named.items()}
+            if not any(formats.values()):
                 continue
             if tokenizer is None:
-                raise InvalidInputError(
-                    f"prompt/completion data ({key}) needs processing_class= (the tokenizer) to tokenise it"
-                )
+                raise InvalidInputError(f"text data ({key}) needs processing_class= (the tokenizer) to tokenise it")
+            for data_format in filter(None, formats.values()):
+                check_answer_marked(args, data_format)
             named = {
-                name: tokenize_prompt_completion(d, tokenizer) if _is_prompt_completion(d) else d
-                for name, d in named.items()
+                name: tokenize_rows(d, tokenizer, formats[name]) if formats[name] else d for name, d in named.items()
             }
             kwargs[key] = named if isinstance(given, dict) else named[None]
         if kwargs.get("data_collator") is None and tokenizer is not None:
@@ -280,19 +285,40 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
         check_deepspeed_config(self.accelerator)
 
 
-def _is_prompt_completion(dataset) -> bool:
-    columns = getattr(dataset, "column_names", None) or []
-    return "prompt" in columns and "completion" in columns and "input_ids" not in columns
+def _text_format(dataset) -> DataFormat | None:
+    """The format of a dataset of text rows (None: tokenised already, or not a ``datasets.Dataset``)."""
+    if not getattr(dataset, "column_names", None) or "input_ids" in dataset.column_names:
+        return None
+    data_format = detect_format(dataset)
+    if data_format is EDITS:
+        raise InvalidInputError(
+            "knowledge-edit records: tokenise them with ivtrainer.datasets.edits.edit_dataset(records, tokenizer)"
+        )
+    return data_format
 
 
-def tokenize_prompt_completion(dataset, tokenizer, *, add_eos: bool = True):
-    """``prompt``/``completion`` text rows -> input_ids, attention_mask and labels (-100 on the
-    prompt): the completion is what the model learns."""
+def answer_uses(args: IVGuidedConfig) -> list[str]:
+    """What in ``args`` works at the answer's first token (the IV's place): the ``last_prompt`` and
+    ``answer`` KL terms, the student's IV at ``last_prompt``, the head term."""
+    uses = [f"the {p} KL" for p in args.kl_positions if p != "all"]
+    schedule = args.iv_schedule_obj()
+    if (schedule.start or schedule.end) and args.iv_positions == "last_prompt":
+        uses.append("the student's IV at last_prompt")
+    if args.head_mse_weight > 0:
+        uses.append("the head term")
+    return uses
 
-    def encode(row):
-        return encode_prompt_completion(tokenizer, row["prompt"], row["completion"], add_eos=add_eos)
 
-    return dataset.map(encode, remove_columns=dataset.column_names)
+def check_answer_marked(args: IVGuidedConfig, data_format: DataFormat) -> None:
+    """Rows that mark no answer (``text``, chats labelled throughout) would leave what
+    :func:`answer_uses` lists with no tokens, a silent no-op: refused before any work."""
+    uses = answer_uses(args)
+    if not data_format.has_answer and uses:
+        raise InvalidInputError(
+            f"{data_format} marks no answer, but {', '.join(uses)} work on the answer's first token: give "
+            "prompt/completion or 'messages' data (on SFT with assistant_only_loss=True), or set "
+            "kl_positions=['all'] and head_mse_weight=0"
+        )
 
 
 def _check_labels(dataset, collator) -> None:

@@ -1,8 +1,8 @@
 """The instruction vector of the task being trained, from its own training data: what the public
 FvForgetting code puts on the teacher (``instruction_vectors="auto"``).
 
-The pairs come from the training rows (prompt/completion or input/output text, or tokenised rows
-whose labels mark the answer), and the IV is extracted as any other
+The pairs come from the training rows (prompt/completion or input/output text, chats, or tokenised
+rows whose labels mark the answer), and the IV is extracted as any other
 (:func:`~ivtrainer.steering.extraction.extract_instruction_vector`: few-shot prompts built
 from those pairs), on the model as it is before this training.
 """
@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
+from ivtrainer.datasets.formats import detect_format
 from ivtrainer.datasets.tasks import Example
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.steering.extraction import extract_instruction_vector
@@ -35,18 +36,26 @@ MAX_PAIRS = 512
 def training_pairs(dataset: Any, tokenizer: Any = None, *, limit: int = MAX_PAIRS) -> list[Example]:
     """``{"input", "output"}`` pairs from the first ``limit`` training rows.
 
-    Rows may have ``prompt``/``completion`` or ``input``/``output`` text, or ``input_ids`` with
-    ``labels`` (-100 on the prompt), decoded with ``tokenizer``. Rows with an empty side are skipped.
+    Rows may have ``prompt``/``completion`` or ``input``/``output`` text, ``input_ids`` with
+    ``labels`` (-100 on the prompt, decoded with ``tokenizer``), or be conversations (``messages``,
+    or conversational prompt/completion): each assistant turn is a pair, its input the user turn
+    before it and its output what the assistant says (see :func:`own_task_iv` for the prompts they
+    make). Rows with an empty side are skipped.
     """
-    columns = list(getattr(dataset, "column_names", None) or [])
     rows = [dataset[i] for i in range(min(limit, len(dataset)))] if hasattr(dataset, "__len__") else []
     if not rows:
         raise InvalidInputError(
             "instruction_vectors='auto' needs a training dataset with rows (a map-style datasets.Dataset or "
             "list) to extract the task's IV from; extract it first (`ivtrainer extract-iv`) for streamed data"
         )
-    columns = columns or list(rows[0])
-    if {"prompt", "completion"} <= set(columns):
+    try:
+        data_format = detect_format(dataset) if hasattr(dataset, "column_names") else None
+    except InvalidInputError:
+        data_format = None
+    columns = list(getattr(dataset, "column_names", None) or rows[0])
+    if data_format is not None and data_format.conversational:
+        pairs = [pair for row in rows for pair in _conversation_pairs(row)]
+    elif {"prompt", "completion"} <= set(columns):
         pairs = [(r["prompt"], r["completion"]) for r in rows]
     elif {"input", "output"} <= set(columns):
         pairs = [(r["input"], r["output"]) for r in rows]
@@ -60,13 +69,27 @@ def training_pairs(dataset: Any, tokenizer: Any = None, *, limit: int = MAX_PAIR
     else:
         raise InvalidInputError(
             f"instruction_vectors='auto' cannot find prompts and answers in the columns {columns}: give "
-            "prompt/completion or input/output text, or input_ids with labels (-100 on the prompt)"
+            "'messages' chats, prompt/completion or input/output text, or input_ids with labels (-100 on the prompt)"
         )
     out = []
-    for prompt, answer in pairs:
+    for prompt, answer in pairs[:limit]:
         if isinstance(prompt, str) and isinstance(answer, str) and prompt.strip() and answer.strip():
             out.append({"input": prompt.strip(), "output": answer.strip()})
     return out
+
+
+def _conversation_pairs(row: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(the user turn before it, the assistant's answer) for each assistant turn of a row."""
+    messages = row.get("messages") or [*(row.get("prompt") or []), *(row.get("completion") or [])]
+    pairs, user = [], None
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        if message.get("role") == "user":
+            user = message.get("content")
+        elif message.get("role") == "assistant" and user is not None:
+            pairs.append((user, message.get("content")))
+    return pairs
 
 
 def _decoded(tokenizer: Any, input_ids, labels) -> tuple[str, str]:
@@ -92,7 +115,12 @@ def own_task_iv(
     """The IV of the task in ``dataset``, extracted on ``model`` as it is now (the package's
     default extraction: calibrated; from a saved universal head set with ``heads=``, as the
     public FvForgetting code does, which costs only the mean activations). ``extraction``: more
-    :func:`~ivtrainer.steering.extraction.extract_instruction_vector` arguments."""
+    :func:`~ivtrainer.steering.extraction.extract_instruction_vector` arguments.
+
+    Conversations give pairs of (user turn, assistant answer), and their few-shot prompts are
+    wrapped in the tokenizer's chat template as one user turn (``chat_template=True``), so the IV
+    is read at the template's generation prompt: the token the KL's ``last_prompt`` position picks
+    in the training rows. Earlier turns and system messages do not enter the IV's prompts."""
     from ivtrainer.utils.distributed import is_zero3_partitioned
 
     if is_zero3_partitioned(model):
@@ -101,6 +129,8 @@ def own_task_iv(
             "(`ivtrainer extract-iv --task train.jsonl --out task-iv`) and pass the folder"
         )
     pairs = training_pairs(dataset, tokenizer)
+    if hasattr(dataset, "column_names") and detect_format(dataset).conversational:  # read the IV where the chat's answer starts: the generation prompt
+        extraction.setdefault("chat_template", True)
     iv = extract_instruction_vector(
         model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress, **extraction
     )

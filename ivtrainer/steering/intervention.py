@@ -44,12 +44,14 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[Intervention]] = weakref.Weak
 
 
 def last_prompt_positions(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``(batch, seq)`` bool mask of the position before each row's first label != -100 (whose
-    logits predict the first answer token); rows without labels, or whose first token is a label,
-    select nothing.
+    """``(batch, seq)`` bool mask of the position before each run of labels != -100 (whose logits
+    predict the answer's first token): one per prompt/completion row, one per assistant turn of a
+    chat labelled on its assistant turns. Rows without labels, or whose first token is a label,
+    select nothing there.
 
     With ``position_ids`` (a packed, padding-free batch: trl's ``packing=True``), each sequence
-    packed into a row starts where its position id is 0 and gets its own last prompt token."""
+    packed into a row starts where its position id is 0, and a sequence that starts with a label
+    has no prompt."""
     has = labels != -100
     seq = labels.shape[-1]
     index = torch.arange(seq, device=labels.device).expand_as(labels)
@@ -58,9 +60,9 @@ def last_prompt_positions(labels: torch.Tensor, position_ids: torch.Tensor | Non
     else:  # the index where each token's packed sequence starts
         starts = position_ids.to(labels.device).expand_as(labels) == 0
         start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
-    before = has.long().cumsum(-1) - has.long()  # labels before each position in the row
-    first = has & (before == before.gather(-1, start))  # no label earlier in its sequence
-    first &= index > start  # the prompt of a sequence that starts with a label is empty
+    after_label = torch.zeros_like(has)
+    after_label[:, 1:] = has[:, :-1]
+    first = has & ~after_label & (index > start)  # a run's first label, with a prompt before it
     mask = torch.zeros_like(has)
     mask[:, :-1] = first[:, 1:]
     return mask
