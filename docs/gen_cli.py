@@ -35,8 +35,29 @@ def render() -> str:
     ]
     for name, command in sub.choices.items():
         parts.append(f"## `ivtrainer {name}`\n")
+        if name == "train":  # its flags are the chosen trainer's config's: hundreds, listed by --help
+            parts.append(_train_section())
+            continue
         parts.append("```text\n" + command.format_help().rstrip() + "\n```\n")
     return "\n".join(parts)
+
+
+def _train_section() -> str:
+    from trl import ScriptArguments
+
+    from ivtrainer.cli import train
+    from ivtrainer.cli.common import CommandParser
+
+    own = CommandParser(
+        (train.TrainArguments, ScriptArguments), prog="ivtrainer train", description=train.DESCRIPTION
+    )
+    return (
+        "The command's own flags and trl's dataset flags are below. It also takes every field of the chosen "
+        "trainer's config (`IVGuidedSFTConfig`, trl's `SFTConfig`, `TrainingArguments` or `FLearningConfig`) and "
+        "of trl's `ModelConfig` (`model_name_or_path`, `use_peft`, `lora_r`, ...): `ivtrainer train --trainer "
+        "f-learning --help` lists them all. See [Train from the command line](train.md).\n\n"
+        "```text\n" + own.format_help().rstrip() + "\n```\n"
+    )
 
 
 if __name__ == "__main__":

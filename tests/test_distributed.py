@@ -220,3 +220,48 @@ def test_the_precomputed_teacher_on_fsdp2_shards(assets):
     assert len(set(one["loss"])) == len(one["loss"])  # it trained
     stderr = _torchrun(assets, assets / "fsdp-live", 2, extra=["--teacher", "auto"], fail=True)
     assert "live teacher does not support FSDP" in stderr and "teacher='precomputed'" in stderr
+
+
+def test_the_train_command_under_accelerate_matches_one_process(tmp_path, tokenizer):
+    """``accelerate launch --config_file ds_configs/accelerate_zero2.yaml -m ivtrainer train`` with 2
+    processes trains a chat recipe (IV-guided, the own-task IV, LoRA) to the losses of one process.
+    LoRA dropout and the per-micro-batch head threshold are off: each draws per process."""
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    chats = [
+        {"messages": [{"role": "user", "content": f"Task: brix\nInput: word {i}"}, {"role": "assistant", "content": f"[word {i}]"}]}
+        for i in range(24)
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    recipe = {
+        "trainer": "iv-guided", "instruction_vectors": "auto", "model_name_or_path": str(tmp_path / "tiny"),
+        "data_files": [str(tmp_path / "chat.jsonl")], "max_steps": 3, "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "bf16": False, "seed": 0, "disable_tqdm": True, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"], "kl_threshold": [0.0, 0.0],
+        "head_mse_threshold": 0.0,
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    train = ["-m", "ivtrainer", "train", "--config", str(tmp_path / "recipe.yaml")]
+    runs = {
+        "one": [sys.executable, *train, "--per_device_train_batch_size", "4", "--use_cpu", "true"],
+        "two": [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds_configs/accelerate_zero2.yaml",
+            "--num_processes", "2", "--main_process_port", str(_free_port()), *train,
+            "--per_device_train_batch_size", "2",
+        ],
+    }  # fmt: skip
+    logs = {}
+    for name, command in runs.items():
+        out = tmp_path / name
+        done = subprocess.run(
+            [*command, "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        logs[name] = [e for e in history if "loss" in e]
+    for key in ("loss", "ce", "kl_last_prompt", "kl_all", "head_mse"):
+        got, want = ([e[key] for e in logs[name]] for name in ("two", "one"))
+        assert len(want) == 3
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-7)
+    assert logs["one"][-1]["kl_last_prompt"] > 0 and logs["one"][-1]["head_mse"] > 0

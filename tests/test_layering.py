@@ -127,11 +127,13 @@ def test_callbacks_import_no_trainer():
 
 @pytest.mark.parametrize("front", ["ivtrainer.demo", "ivtrainer.cli"])
 def test_the_library_does_not_import_its_front_ends(front):
-    # the CLI runs the demo; a front end's own modules import each other
+    # the CLI runs the demo; a front end's own modules import each other; `python -m ivtrainer`
+    # (ivtrainer/__main__.py) is the CLI's entry point
     bad = [
         m
         for m in MODULES
         if not m.startswith("ivtrainer.cli")
+        and m != "ivtrainer.__main__"
         and not m.startswith(front)
         and any(t == front or t.startswith(front + ".") for t in _edges(m))
     ]

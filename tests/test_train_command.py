@@ -19,7 +19,12 @@ EXAMPLES = ROOT / "examples" / "configs"
 
 
 def _chat(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"Task: brix\nInput: w{i}"}, {"role": "assistant", "content": f"[w{i}]"}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"Task: brix\nInput: w{i}"},
+            {"role": "assistant", "content": f"[w{i}]"},
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,9 @@ def assets(tmp_path_factory, tokenizer):
     tiny_model("llama").save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
     rows = [_chat(i) for i in range(24)]
-    rows.append({"messages": [{"role": "user", "content": "a chat that ends on the user"}]})  # as public sets have
+    rows.append(
+        {"messages": [{"role": "user", "content": "a chat that ends on the user"}]}
+    )  # as public sets have
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompt_completion = [{"prompt": f"Q: w{i}\nA:", "completion": f" [w{i}]"} for i in range(24)]
     (root / "pc.json").write_text(json.dumps(prompt_completion))
@@ -120,7 +127,11 @@ def _refused(capsys, monkeypatch, argv, match: str) -> str:
         ({}, ["--dataset_name", "someone/set"], "both given"),
         ({"model": "default"}, [], "conflict"),
         ({"trainer": "dpo"}, [], "unknown trainer 'dpo'"),
-        ({"recipe": "kl-anchor", "trainer": "sft", "instruction_vectors": None}, [], "is for the iv-guided trainer"),
+        (
+            {"recipe": "kl-anchor", "trainer": "sft", "instruction_vectors": None},
+            [],
+            "is for the iv-guided trainer",
+        ),
         ({"use_peft": False}, [], "lora_r, lora_alpha, lora_target_modules set without use_peft"),
         ({"load_in_4bit": True}, [], "load_in_4bit is not supported"),
         ({"old_data_files": ["x.json"]}, [], "are for the f-learning trainer"),
@@ -129,7 +140,9 @@ def _refused(capsys, monkeypatch, argv, match: str) -> str:
         ({"eval_strategy": "steps", "load_best_model_at_end": True, "save_strategy": "epoch"}, [], "strateg"),
     ],
 )
-def test_hostile_recipes_are_one_line_before_any_model_loads(assets, tmp_path, capsys, monkeypatch, values, flags, match):
+def test_hostile_recipes_are_one_line_before_any_model_loads(
+    assets, tmp_path, capsys, monkeypatch, values, flags, match
+):
     monkeypatch.chdir(assets)
     argv = ["train", "--config", str(_recipe(assets, tmp_path, **values)), *flags]
     _refused(capsys, monkeypatch, argv, match)
@@ -140,7 +153,10 @@ def test_hostile_recipes_are_one_line_before_any_model_loads(assets, tmp_path, c
     [
         ("empty.jsonl", "is empty: it has no rows"),
         ("odd.csv", "cannot tell the dataset's format from its columns ['answer', 'question']"),
-        ("text.jsonl", "marks no answer, but the last_prompt KL, the head term work on the answer's first token"),
+        (
+            "text.jsonl",
+            "marks no answer, but the last_prompt KL, the head term work on the answer's first token",
+        ),
     ],
 )
 def test_data_that_cannot_train_is_refused(assets, tmp_path, capsys, monkeypatch, files, match):
@@ -168,7 +184,9 @@ def test_output_dir_may_not_be_the_model_folder(assets, tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("trainer", ["sft", "plain"])
 def test_sft_and_plain_train_on_prompt_completion(assets, tmp_path, trainer):
-    path = _recipe(assets, tmp_path, trainer=trainer, instruction_vectors=None, data_files=[str(assets / "pc.json")])
+    path = _recipe(
+        assets, tmp_path, trainer=trainer, instruction_vectors=None, data_files=[str(assets / "pc.json")]
+    )
     assert main(["train", "--config", str(path)]) == 0
     assert len(_losses(tmp_path / "out")) == 2
 
@@ -179,8 +197,12 @@ def test_push_to_hub_goes_through_the_upload_checks(assets, tmp_path, monkeypatc
     with intercept_hub_upload("someone/tiny-iv") as sent:
         assert main(["train", "--config", str(path)]) == 0
     assert sent["repo_id"] == "someone/tiny-iv"
-    assert {"adapter_model.safetensors", "README.md", "instruction_vectors"} <= {f.split("/")[0] for f in sent["files"]}
-    assert "iv-guided" in sent["card"] and "hf_secret_for_test" not in sent["card"] + json.dumps(sent["texts"])
+    assert {"adapter_model.safetensors", "README.md", "instruction_vectors"} <= {
+        f.split("/")[0] for f in sent["files"]
+    }
+    assert "iv-guided" in sent["card"] and "hf_secret_for_test" not in sent["card"] + json.dumps(
+        sent["texts"]
+    )
     args = (tmp_path / "out" / "training_args.bin").read_bytes()
     assert b"hf_secret_for_test" not in args
 
@@ -197,14 +219,25 @@ def _example(name: str, tmp_path: Path, **values) -> Path:
 
 
 def test_example_iv_guided_lora_chat(assets, tmp_path):
-    path = _example("iv_guided_lora_chat.yaml", tmp_path, model_name_or_path=str(assets / "tiny"), data_files=[str(assets / "chat.jsonl")], max_length=64)
+    path = _example(
+        "iv_guided_lora_chat.yaml",
+        tmp_path,
+        model_name_or_path=str(assets / "tiny"),
+        data_files=[str(assets / "chat.jsonl")],
+        max_length=64,
+    )
     assert main(["train", "--config", str(path)]) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 def test_example_f_learning_counterfact(assets, tmp_path, capsys):
     data = ROOT / "examples" / "data" / "counterfact.json"  # the example's own file
-    path = _example("f_learning_counterfact.yaml", tmp_path, model_name_or_path=str(assets / "tiny"), data_files=[str(data)])
+    path = _example(
+        "f_learning_counterfact.yaml",
+        tmp_path,
+        model_name_or_path=str(assets / "tiny"),
+        data_files=[str(data)],
+    )
     assert main(["train", "--config", str(path)]) == 0
     assert "knowledge edits" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -214,7 +247,17 @@ def test_example_7b_zero3_on_a_tiny_model(assets, tmp_path, tokenizer):
     from ivtrainer import extract_instruction_vector
 
     model = tiny_model("llama")
-    iv = extract_instruction_vector(model, tokenizer, "antonym", n_heads=3, n_shots=2, n_mean_prompts=6, n_cie_prompts=2, calibrate=False, progress=False)
+    iv = extract_instruction_vector(
+        model,
+        tokenizer,
+        "antonym",
+        n_heads=3,
+        n_shots=2,
+        n_mean_prompts=6,
+        n_cie_prompts=2,
+        calibrate=False,
+        progress=False,
+    )
     iv.save_pretrained(tmp_path / "iv")
     path = _example(
         "iv_guided_7b_zero3.yaml", tmp_path, model_name_or_path=str(assets / "tiny"), data_files=[str(assets / "chat.jsonl")],

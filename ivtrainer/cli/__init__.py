@@ -26,7 +26,7 @@ from ivtrainer.cli import (
     lm_eval_tasks,
     train,
 )
-from ivtrainer.cli.common import CommandParser
+from ivtrainer.cli.common import CommandParser, config_path
 from ivtrainer.errors import InvalidInputError, IVTrainerError
 from ivtrainer.version import __version__
 
@@ -99,10 +99,7 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         return argv
     at = argv.index(command)
     rest = argv[at + 1 :]
-    path = next(
-        (rest[i + 1] for i, token in enumerate(rest[:-1]) if token == "--config"),
-        next((token.split("=", 1)[1] for token in rest if token.startswith("--config=")), None),
-    )
+    path = config_path(rest)
     if path is None:
         return argv
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -9,7 +9,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
@@ -18,11 +18,11 @@ from ivtrainer.errors import InvalidInputError
 
 __all__ = [
     "CommandParser",
-    "read_config",
     "HubArguments",
     "ModelArguments",
     "OverwriteArguments",
     "default_of",
+    "read_config",
     "split_list",
 ]
 
@@ -51,7 +51,7 @@ class CommandParser(HfArgumentParser):
             "command line override it",
         )
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         """A bad flag or value is one line (``ivtrainer CMD: error: ...``, exit 2), as every other
         input error, not argparse's usage block."""
         raise InvalidInputError(f"{message} (see --help)")
@@ -89,6 +89,16 @@ class CommandParser(HfArgumentParser):
             else:
                 tokens += [option, str(value)]
         return tokens
+
+
+def config_path(tokens: Sequence[str]) -> str | None:
+    """The ``--config FILE`` among a command's tokens (``--config FILE`` or ``--config=FILE``)."""
+    for i, token in enumerate(tokens):
+        if token == "--config" and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
 
 
 def read_config(path: str) -> dict[str, Any]:

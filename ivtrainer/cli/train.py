@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ivtrainer.cli.common import read_config
+from ivtrainer.cli.common import config_path, read_config
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.recipes import RECIPES
 
-__all__ = ["TRAINERS", "TrainArguments", "make_parser", "main"]
+__all__ = ["TRAINERS", "TrainArguments", "main", "make_parser"]
 
 #: trainer name -> what it trains with
 TRAINERS = {
@@ -52,20 +52,30 @@ class TrainArguments:
         DEFAULT_TRAINER, "; ".join(f"{k}: {v}" for k, v in TRAINERS.items()), choices=list(TRAINERS)
     )
     recipe: str | None = _flag(
-        None, "iv-guided: a named recipe, its values the defaults the file and flags override", choices=sorted(RECIPES)
+        None,
+        "iv-guided: a named recipe, its values the defaults the file and flags override",
+        choices=sorted(RECIPES),
     )
     model: str | None = _flag(
         None,
         "'default' (the embedded SmolLM2-135M-Instruct), a Hub id, a folder or a .gguf file; the same as "
         "model_name_or_path (default: 'default')",
     )
-    data_files: list[str] | None = _flag(
-        None, "local JSON/JSONL/CSV/parquet files of the training rows (instead of dataset_name)"
+    data_files: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "local JSON/JSONL/CSV/parquet files of the training rows (instead of dataset_name)"
+        },
     )
-    old_dataset_name: str | None = _flag(None, "f-learning: the old knowledge's dataset (a Hub id or a folder)")
+    old_dataset_name: str | None = _flag(
+        None, "f-learning: the old knowledge's dataset (a Hub id or a folder)"
+    )
     old_dataset_config: str | None = _flag(None, "f-learning: the old dataset's configuration")
-    old_data_files: list[str] | None = _flag(
-        None, "f-learning: local files of the old knowledge (not needed for CounterFact/ZsRE records)"
+    old_data_files: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "f-learning: local files of the old knowledge (not needed for CounterFact/ZsRE records)"
+        },
     )
 
 
@@ -112,12 +122,12 @@ def _peek(tokens: Sequence[str], key: str) -> str | None:
         name, _, value = token.partition("=")
         if name in flags:
             return value if value else (tokens[i + 1] if i + 1 < len(tokens) else None)
-    config = next((tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--config"), None)
-    config = config or next((t.split("=", 1)[1] for t in tokens if t.startswith("--config=")), None)
+    config = config_path(tokens)
     if config is None:
         return None
-    value = read_config(config).get(key, read_config(config).get(key.replace("_", "-")))
-    return None if value is None else str(value)
+    values = read_config(config)
+    found = values.get(key, values.get(key.replace("_", "-")))
+    return None if found is None else str(found)
 
 
 def make_parser(subparsers, tokens: Sequence[str] | None = None):
@@ -130,6 +140,7 @@ def make_parser(subparsers, tokens: Sequence[str] | None = None):
         raise InvalidInputError(f"unknown trainer {trainer!r}: choose one of {', '.join(TRAINERS)}")
     from trl import ScriptArguments
 
+    gloo = _gloo_on_cpu_processes()  # before the config: TrainingArguments sets up the distributed state
     parser = subparsers.add_parser(
         "train",
         dataclass_types=(TrainArguments, ScriptArguments, _config_class(trainer), _model_class(trainer)),
@@ -143,6 +154,8 @@ def make_parser(subparsers, tokens: Sequence[str] | None = None):
         if recipe not in RECIPES:
             raise InvalidInputError(f"unknown recipe {recipe!r}: choose one of {sorted(RECIPES)}")
         parser.set_defaults(**RECIPES[recipe])
+    if gloo:  # the Trainer reuses the gloo state
+        parser.set_defaults(accelerator_config={"use_configured_state": True})
     if trainer == "iv-guided":  # None: decided by the data (true for chats, which need the answer's start)
         parser.set_defaults(assistant_only_loss=None)
     return parser
@@ -184,7 +197,9 @@ def check_output_dir(output_dir: str, inputs: Sequence[str | None]) -> None:
         raise InvalidInputError(f"output_dir {output_dir} is a file; choose a folder")
     for given in inputs:
         if given and Path(given).expanduser().is_dir() and Path(given).expanduser().resolve() == out:
-            raise InvalidInputError(f"output_dir {output_dir} is the input folder {given}; choose another folder")
+            raise InvalidInputError(
+                f"output_dir {output_dir} is the input folder {given}; choose another folder"
+            )
 
 
 def _usable(rows: Any, data_format: Any, what: str, say: Any) -> Any:
@@ -207,7 +222,24 @@ def _edits_as_prompt_completion(rows: Any) -> Any:
 
     from ivtrainer.datasets.edits import load_edits
 
-    return Dataset.from_list([{"prompt": e["prompt"], "completion": " " + e["target_new"]} for e in load_edits(rows)])
+    return Dataset.from_list(
+        [{"prompt": e["prompt"], "completion": " " + e["target_new"]} for e in load_edits(rows)]
+    )
+
+
+def _gloo_on_cpu_processes() -> bool:
+    """Under ``accelerate launch`` without GPUs (DeepSpeed on CPU processes), the gloo backend,
+    made before the Trainer, which then reuses it (``use_configured_state``)."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+        return False
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    return True
 
 
 def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int:
@@ -220,11 +252,17 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
     # Everything checked before any model loads.
     model_name = checked_model_name(args, model_args)
     check_model_fields(model_args)
-    if script.dataset_streaming:
-        raise InvalidInputError("dataset_streaming is not supported by ivtrainer train; leave it unset")
+    for name in (
+        "dataset_streaming",
+        "ignore_bias_buffers",
+    ):  # trl's script fields this command has no use for
+        if getattr(script, name):
+            raise InvalidInputError(f"{name} is not supported by ivtrainer train; leave it unset")
     old_given = args.old_dataset_name or args.old_data_files
     if old_given and args.trainer != "f-learning":
-        raise InvalidInputError(f"old_dataset_name / old_data_files are for the f-learning trainer, not {args.trainer!r}")
+        raise InvalidInputError(
+            f"old_dataset_name / old_data_files are for the f-learning trainer, not {args.trainer!r}"
+        )
     check_output_dir(config.output_dir, [model_name, script.dataset_name])
     if config.push_to_hub:
         from ivtrainer.hub.push import check_trainer_push
@@ -234,14 +272,18 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
     train_rows = load_split(script.dataset_name, args.data_files, split=script.dataset_train_split, **source)
     eval_rows = None
     if str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no":
-        eval_rows = load_split(script.dataset_name, args.data_files, split=script.dataset_test_split, **source)
+        eval_rows = load_split(
+            script.dataset_name, args.data_files, split=script.dataset_test_split, **source
+        )
     data_format = detect_format(train_rows)
     train_rows = _usable(train_rows, data_format, "train data", say)
     say(f"train data: {len(train_rows)} rows, {data_format}")
     old_rows = old_format = None
     if args.trainer == "f-learning":
         if data_format is EDITS and old_given:
-            raise InvalidInputError("knowledge-edit records hold the old knowledge: drop old_dataset_name / old_data_files")
+            raise InvalidInputError(
+                "knowledge-edit records hold the old knowledge: drop old_dataset_name / old_data_files"
+            )
         if data_format is not EDITS:
             old_rows = load_split(
                 args.old_dataset_name, args.old_data_files, config=args.old_dataset_config,
@@ -269,7 +311,9 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
         if config.assistant_only_loss is None:
             config.assistant_only_loss = data_format is MESSAGES and bool(answer_uses(config))
             if config.assistant_only_loss:
-                say("assistant_only_loss: true ('messages' data: the IV-guided terms work at the assistant's answer)")
+                say(
+                    "assistant_only_loss: true ('messages' data: the IV-guided terms work at the assistant's answer)"
+                )
     if data_format is INPUT_OUTPUT and args.trainer in ("sft", "iv-guided"):
         train_rows = as_prompt_completion(train_rows)
         eval_rows = as_prompt_completion(eval_rows) if eval_rows is not None else None
@@ -282,7 +326,12 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     model, tokenizer = load_model(model_name, **kwargs)
-    say(f"model: {model_name} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+    say(
+        f"model: {model_name} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)"
+    )
+    from transformers import set_seed
+
+    set_seed(config.seed)  # new adapters' weights: the same on every process and in every run
     trainer = _trainer(args, config, model_args, model, tokenizer, train_rows, eval_rows, old_rows, vectors)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
@@ -291,6 +340,7 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script.dataset_name or ", ".join(args.data_files or []))
         say(f"pushed to the Hub: {trainer.hub_model_id}")
+    trainer.end()  # the trackers and the process group, closed before the interpreter exits
     return 0
 
 
@@ -327,7 +377,12 @@ def _trainer(args, config, model_args, model, tokenizer, train_rows, eval_rows, 
         else:
             new, old = tokenize_rows(train_rows, tokenizer), tokenize_rows(old_rows, tokenizer)
         return FLearningTrainer(
-            model, config, data_collator=collator, train_dataset=new, old_dataset=old, processing_class=tokenizer
+            model,
+            config,
+            data_collator=collator,
+            train_dataset=new,
+            old_dataset=old,
+            processing_class=tokenizer,
         )
     from transformers import Trainer
 

@@ -89,8 +89,8 @@ def _train_stage(
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     from ivtrainer.callbacks.forgetting_monitor import ForgettingMonitorCallback
-    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
     from ivtrainer.datasets.formats import PROMPT_COMPLETION, tokenize_rows
+    from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
     from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedTrainer
     from ivtrainer.iv_guided.own_task_iv import own_task_iv
 

@@ -44,7 +44,10 @@ class DataFormat:
 
 
 MESSAGES = DataFormat(
-    "conversational", True, True, "'messages' chats rendered with the chat template; the loss on the assistant turns"
+    "conversational",
+    True,
+    True,
+    "'messages' chats rendered with the chat template; the loss on the assistant turns",
 )
 CONVERSATIONAL_PROMPT_COMPLETION = DataFormat(
     "conversational prompt-completion", True, True,
@@ -54,12 +57,20 @@ PROMPT_COMPLETION = DataFormat(
     "prompt-completion", False, True, "'prompt' and 'completion' text; the loss on the completion"
 )
 INPUT_OUTPUT = DataFormat(
-    "input-output", False, True, "'input' and 'output' text (ivtrainer task files), trained as prompt/completion"
+    "input-output",
+    False,
+    True,
+    "'input' and 'output' text (ivtrainer task files), trained as prompt/completion",
 )
-TEXT = DataFormat("language modeling", False, False, "'text'; the loss on every token, no prompt/answer split")
+TEXT = DataFormat(
+    "language modeling", False, False, "'text'; the loss on every token, no prompt/answer split"
+)
 TOKENIZED = DataFormat("tokenized", False, True, "'input_ids' (and 'labels'), used as they are")
 EDITS = DataFormat(
-    "knowledge edits", False, True, "CounterFact/ZsRE records: prompt + new target (old target for F-Learning)"
+    "knowledge edits",
+    False,
+    True,
+    "CounterFact/ZsRE records: prompt + new target (old target for F-Learning)",
 )
 
 _EDIT_FIELDS = ({"target_new", "ground_truth"}, {"target_new", "target_old"}, {"src", "alt"})
@@ -123,7 +134,9 @@ def usable_rows(dataset: Any, data_format: DataFormat) -> list[int]:
     return [i for i, row in enumerate(dataset) if ok(row)]
 
 
-def tokenize_rows(dataset: Any, tokenizer: Any, data_format: DataFormat | None = None, *, add_eos: bool = True):
+def tokenize_rows(
+    dataset: Any, tokenizer: Any, data_format: DataFormat | None = None, *, add_eos: bool = True
+):
     """``dataset`` as ``input_ids``, ``attention_mask`` and ``labels`` for a ``Trainer``: the
     answer (completion, output, assistant turns) labelled and the prompt -100; ``text`` rows
     labelled throughout; tokenised rows as they are. ``add_eos`` ends a text answer with the

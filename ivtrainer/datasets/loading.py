@@ -30,6 +30,7 @@ def _quiet() -> Iterator[None]:
     finally:
         datasets.enable_progress_bars()
 
+
 #: file suffix -> the ``datasets`` builder that reads it
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -73,7 +74,9 @@ def load_split(
     if name and files:
         raise InvalidInputError(f"{name_flag} and {files_flag} both given: give one source of the data")
     if not name and not files:
-        raise InvalidInputError(f"no data: give {name_flag} (a Hub id or a folder) or {files_flag} (local files)")
+        raise InvalidInputError(
+            f"no data: give {name_flag} (a Hub id or a folder) or {files_flag} (local files)"
+        )
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 

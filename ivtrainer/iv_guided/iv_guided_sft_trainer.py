@@ -15,8 +15,14 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from ivtrainer.callbacks.iv_intervention import IVLike
+from ivtrainer.datasets.formats import (
+    INPUT_OUTPUT,
+    MESSAGES,
+    as_prompt_completion,
+    detect_format,
+    tokenize_rows,
+)
 from ivtrainer.iv_guided.iv_guided_config import IVGuidedConfig
-from ivtrainer.datasets.formats import INPUT_OUTPUT, MESSAGES, as_prompt_completion, detect_format, tokenize_rows
 from ivtrainer.iv_guided.iv_guided_trainer import IVGuidedMixin, check_answer_marked
 from ivtrainer.utils.distributed import check_deepspeed_config
 
@@ -29,7 +35,9 @@ _SFT_ONLY = ("completion_mask", "assistant_masks")
 
 # chats labelled on every token (assistant_only_loss=False): no answer marked
 _CHAT_LABELLED_THROUGHOUT = dataclasses.replace(
-    MESSAGES, has_answer=False, description="'messages' chats with the loss on every token (assistant_only_loss=False)"
+    MESSAGES,
+    has_answer=False,
+    description="'messages' chats with the loss on every token: assistant_only_loss=False",
 )
 
 
@@ -97,6 +105,12 @@ class IVGuidedSFTTrainer(IVGuidedMixin, SFTTrainer):  # type: ignore[misc]  # cr
     ``instruction_vectors`` (as :class:`~ivtrainer.IVGuidedTrainer`'s); ``args`` is an
     :class:`IVGuidedSFTConfig`. ``model`` may be a name (``"default"``, a Hub id, a folder or a
     ``.gguf`` file: loaded with its tokenizer); ``peft_config`` is SFTTrainer's.
+
+    On ``messages`` chats the IV-guided terms need ``assistant_only_loss=True`` (a chat labelled
+    throughout marks no answer, and is refused when the recipe works at the answer's first token).
+    trl masks the assistant turns of templates with ``{% generation %}`` markers; for others (such
+    as SmolLM2's) the turns are labelled here, by rendering each turn's prefix
+    (:func:`~ivtrainer.datasets.prompt_completion.encode_conversation`): the same labels.
 
     The KL needs the student's logits, which SFTTrainer's fused LM head never builds: the training
     loss is the model's own (``Trainer.compute_loss``) plus the guidance's, so SFTTrainer's extra

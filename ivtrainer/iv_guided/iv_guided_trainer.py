@@ -270,11 +270,14 @@ class IVGuidedTrainer(IVGuidedMixin, Trainer):
             if not any(formats.values()):
                 continue
             if tokenizer is None:
-                raise InvalidInputError(f"text data ({key}) needs processing_class= (the tokenizer) to tokenise it")
+                raise InvalidInputError(
+                    f"text data ({key}) needs processing_class= (the tokenizer) to tokenise it"
+                )
             for data_format in filter(None, formats.values()):
                 check_answer_marked(args, data_format)
             named = {
-                name: tokenize_rows(d, tokenizer, formats[name]) if formats[name] else d for name, d in named.items()
+                name: tokenize_rows(d, tokenizer, formats[name]) if formats[name] else d
+                for name, d in named.items()
             }
             kwargs[key] = named if isinstance(given, dict) else named[None]
         if kwargs.get("data_collator") is None and tokenizer is not None:

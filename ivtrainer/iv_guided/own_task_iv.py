@@ -129,7 +129,9 @@ def own_task_iv(
             "(`ivtrainer extract-iv --task train.jsonl --out task-iv`) and pass the folder"
         )
     pairs = training_pairs(dataset, tokenizer)
-    if hasattr(dataset, "column_names") and detect_format(dataset).conversational:  # read the IV where the chat's answer starts: the generation prompt
+    if (
+        hasattr(dataset, "column_names") and detect_format(dataset).conversational
+    ):  # read the IV where the chat's answer starts: the generation prompt
         extraction.setdefault("chat_template", True)
     iv = extract_instruction_vector(
         model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress, **extraction

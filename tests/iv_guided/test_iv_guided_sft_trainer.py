@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
 
 from ivtrainer import IVGuidedConfig
 from ivtrainer.callbacks import IVInterventionCallback, IVKLCallback
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.testing import tiny_model
 
 
@@ -167,3 +169,94 @@ def test_packed_batches_keep_their_sequences_apart(tmp_path, iv, tokenizer):
     for key in ("ce", "kl_last_prompt", "kl_answer", "kl_all"):
         assert packed[key] == pytest.approx(unpacked[key], rel=1e-3), key
     assert min(packed["kl_last_prompt"], packed["kl_all"]) > 1e-4
+
+
+def _chats(n: int = 8) -> Dataset:
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"word {i}"},
+                    {"role": "assistant", "content": f"w{i}"},
+                ]
+            }
+            for i in range(n)
+        ]
+    )
+
+
+def _first_batch(trainer) -> dict:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_chats_train_on_their_assistant_turns_with_or_without_generation_markers(tmp_path, iv, tokenizer):
+    """trl masks a template with {% generation %} markers; for one without (SmolLM2's, the tiny
+    tokenizer's), IVGuidedSFTTrainer labels the turns itself. Same labels either way, and the same
+    as IVGuidedTrainer's; the IV's place is the token before the answer."""
+    from ivtrainer import IVGuidedConfig, IVGuidedSFTTrainer, IVGuidedTrainer
+    from ivtrainer.steering.intervention import last_prompt_positions
+    from ivtrainer.testing import tiny_tokenizer
+
+    from ..datasets.test_formats import MARKED_CHATML
+
+    marked = tiny_tokenizer()
+    marked.chat_template = MARKED_CHATML
+    batches = {}
+    for name, tok in (("trl", marked), ("ivtrainer", tokenizer)):
+        args = _sft_args(tmp_path, name, assistant_only_loss=True, completion_only_loss=None, bf16=False)
+        trainer = IVGuidedSFTTrainer(
+            tiny_model("llama"), args, train_dataset=_chats(), processing_class=tok, instruction_vectors=iv
+        )
+        assert trainer.args.assistant_only_loss  # the user's value, kept
+        batches[name] = _first_batch(trainer)
+    plain = IVGuidedTrainer(
+        tiny_model("llama"), IVGuidedConfig(str(tmp_path / "plain"), per_device_train_batch_size=4, use_cpu=True, report_to="none"),
+        train_dataset=_chats(), processing_class=tokenizer, instruction_vectors=iv,
+    )  # fmt: skip
+    batches["plain"] = _first_batch(plain)
+    for name in ("ivtrainer", "plain"):
+        for key in ("input_ids", "labels"):
+            torch.testing.assert_close(batches[name][key], batches["trl"][key])
+    labels, ids = batches["trl"]["labels"], batches["trl"]["input_ids"]
+    for row in range(len(ids)):
+        answer = [
+            t for t, label in zip(ids[row].tolist(), labels[row].tolist(), strict=False) if label != -100
+        ]
+        assert tokenizer.decode(answer).endswith("<|im_end|>\n") and tokenizer.decode(answer).startswith("w")
+    at = last_prompt_positions(labels)
+    for row, col in at.nonzero().tolist():
+        assert tokenizer.decode(ids[row, : col + 1]).endswith("<|im_start|>assistant\n")
+    assert at.sum(-1).tolist() == [1] * len(ids)
+
+
+def test_chats_labelled_throughout_leave_the_iv_no_place(tmp_path, iv, tokenizer):
+    from ivtrainer import IVGuidedSFTTrainer
+
+    args = _sft_args(tmp_path, "all", assistant_only_loss=False, completion_only_loss=None, bf16=False)
+    with pytest.raises(
+        InvalidInputError, match="assistant_only_loss=False\\) marks no answer, but the last_prompt KL"
+    ):
+        IVGuidedSFTTrainer(
+            tiny_model("llama"),
+            args,
+            train_dataset=_chats(),
+            processing_class=tokenizer,
+            instruction_vectors=iv,
+        )
+    anchor = _sft_args(
+        tmp_path,
+        "all",
+        assistant_only_loss=False,
+        completion_only_loss=None,
+        bf16=False,
+        kl_positions=["all"],
+        kl_weight=[1.0],
+        kl_threshold=[0.0],
+    )
+    IVGuidedSFTTrainer(
+        tiny_model("llama"),
+        anchor,
+        train_dataset=_chats(),
+        processing_class=tokenizer,
+        instruction_vectors=iv,
+    )

@@ -99,3 +99,36 @@ def test_auto_from_a_saved_head_set(tmp_path, tokenizer):
         n_heads=len(iv.heads), calibrate=False, seed=0, **cheap,
     )  # fmt: skip
     assert exact.heads != iv.heads  # what the trainer would have used without the set
+
+
+def test_pairs_from_chats_and_the_iv_read_at_the_generation_prompt(tokenizer):
+    """Each assistant turn of a chat is a pair (the user turn before it, the answer); system
+    messages and chats without an answer give none; the IV's prompts wear the chat template."""
+    from ivtrainer.iv_guided.own_task_iv import own_task_iv
+
+    system = {"role": "system", "content": "be brief"}
+    chats = [
+        {"messages": [system, {"role": "user", "content": f"hot {i}"}, {"role": "assistant", "content": f"cold {i}"},
+                      {"role": "user", "content": f"up {i}"}, {"role": "assistant", "content": f"down {i}"}]}
+        for i in range(8)
+    ]  # fmt: skip
+    chats.append({"messages": [system, {"role": "user", "content": "no answer"}]})
+    pairs = training_pairs(Dataset.from_list(chats))
+    assert pairs[:2] == [{"input": "hot 0", "output": "cold 0"}, {"input": "up 0", "output": "down 0"}]
+    assert len(pairs) == 16
+    split = Dataset.from_list(
+        [{"prompt": c["messages"][:2], "completion": c["messages"][2:3]} for c in chats[:8]]
+    )
+    assert training_pairs(split)[0] == {"input": "hot 0", "output": "cold 0"}
+    iv = own_task_iv(
+        tiny_model("llama"),
+        tokenizer,
+        Dataset.from_list(chats),
+        n_heads=3,
+        n_shots=2,
+        n_mean_prompts=4,
+        n_cie_prompts=2,
+        calibrate=False,
+        progress=False,
+    )
+    assert iv.settings["chat_template"] is True
