@@ -338,7 +338,9 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
     trainer.save_state()  # trainer_state.json: the log history
     say(f"saved to {config.output_dir}")
     if config.push_to_hub:
-        trainer.push_to_hub(dataset_name=script.dataset_name or ", ".join(args.data_files or []))
+        dataset = script.dataset_name or ", ".join(args.data_files or [])
+        # the model card names the data: trl's and ivtrainer's cards take dataset_name, Trainer's dataset
+        trainer.push_to_hub(**{"dataset" if args.trainer == "plain" else "dataset_name": dataset})
         say(f"pushed to the Hub: {trainer.hub_model_id}")
     trainer.end()  # the trackers and the process group, closed before the interpreter exits
     return 0
