@@ -258,6 +258,9 @@ def test_the_train_command_under_accelerate_matches_one_process(tmp_path, tokeni
             [*command, "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900
         )
         assert done.returncode == 0, done.stderr[-4000:]
+        said = [line for line in done.stderr.splitlines() if "instruction_vectors='auto'" in line]
+        assert len(said) == 1, said  # extracted once, on the main process, and sent to the other
+        assert ("extracted on the main process for all 2" in said[0]) == (name == "two")
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         logs[name] = [e for e in history if "loss" in e]
     for key in ("loss", "ce", "kl_last_prompt", "kl_all", "head_mse"):
@@ -265,3 +268,27 @@ def test_the_train_command_under_accelerate_matches_one_process(tmp_path, tokeni
         assert len(want) == 3
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-7)
     assert logs["one"][-1]["kl_last_prompt"] > 0 and logs["one"][-1]["head_mse"] > 0
+
+
+def test_an_auto_iv_that_fails_on_the_main_process_fails_every_process(tmp_path, tokenizer):
+    """The own-task IV is extracted on the main process only: its error reaches the other process
+    (which would otherwise wait for the IV forever) and both exit with it."""
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    chats = [
+        {"messages": [{"role": "user", "content": f"w{i}"}, {"role": "assistant", "content": f"[w{i}]"}]}
+        for i in range(5)
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds_configs/accelerate_zero2.yaml",
+        "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "ivtrainer", "train",
+        "--model", str(tmp_path / "tiny"), "--data_files", str(tmp_path / "chat.jsonl"), "--bf16", "false",
+        "--instruction_vectors", "auto", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ivtrainer train: error:")]
+    assert len(errors) == 2 and all("too few for 10-shot prompts" in line for line in errors), done.stderr[
+        -3000:
+    ]

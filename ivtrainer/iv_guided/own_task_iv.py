@@ -9,9 +9,12 @@ from those pairs), on the model as it is before this training.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -101,6 +104,34 @@ def _decoded(tokenizer: Any, input_ids, labels) -> tuple[str, str]:
     )
 
 
+def _once(extract: Callable[[], InstructionVector]) -> tuple[InstructionVector, int]:
+    """``extract()`` run on the main process only and its IV sent to every process (under
+    ``accelerate launch`` each would otherwise extract the same IV, N times the work), with the
+    number of processes. An error there is raised on every process, so that none waits forever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return extract(), 1
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            iv = extract()
+            box[0] = dataclasses.replace(
+                iv, **{f.name: getattr(iv, f.name).cpu() for f in dataclasses.fields(iv)
+                       if isinstance(getattr(iv, f.name), torch.Tensor)}
+            )  # fmt: skip
+        except Exception as exc:  # sent as an error, raised everywhere
+            box[0] = (
+                exc if isinstance(exc, InvalidInputError) else RuntimeError(f"{type(exc).__name__}: {exc}")
+            )
+    broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0], dist.get_world_size()
+
+
 def own_task_iv(
     model: nn.Module,
     tokenizer: Any,
@@ -133,13 +164,18 @@ def own_task_iv(
         hasattr(dataset, "column_names") and detect_format(dataset).conversational
     ):  # read the IV where the chat's answer starts: the generation prompt
         extraction.setdefault("chat_template", True)
-    iv = extract_instruction_vector(
-        model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress, **extraction
+    iv, processes = _once(
+        lambda: extract_instruction_vector(
+            model, tokenizer, pairs, heads=heads, name=name, seed=seed, progress=progress, **extraction
+        )
     )
     calibration = iv.metrics.get("calibration", {})
+    if processes > 1 and torch.distributed.get_rank() != 0:
+        return iv  # said once, by the process that extracted it
     logger.warning(
-        "instruction_vectors='auto': the IV of the training data (%d pairs): %d heads, layer %d, strength %g%s",
-        len(pairs), len(iv.heads), iv.edit_layer, iv.strength,
+        "instruction_vectors='auto': the IV of the training data (%d pairs%s): %d heads, layer %d, strength %g%s",
+        len(pairs), f"; extracted on the main process for all {processes}" if processes > 1 else "",
+        len(iv.heads), iv.edit_layer, iv.strength,
         f", zero-shot {calibration['base_accuracy']:.2f} -> {calibration['accuracy']:.2f} on calibration pairs"
         if "accuracy" in calibration else "",
     )  # fmt: skip
