@@ -167,3 +167,30 @@ def test_every_subpackage_is_packaged():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {m for m, path in MODULES.items() if path.name == "__init__.py"}
     assert found == listed, f"missing: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def test_every_resource_file_is_packaged():
+    """Package data (tasks, lm-eval tasks, the shipped head set) is listed by glob in pyproject.toml:
+    a file no pattern matches works from a checkout but is missing from the wheel."""
+    from pathlib import PurePosixPath
+
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "ivtrainer"
+    ]
+    package = ROOT / "ivtrainer"
+    files = [
+        PurePosixPath(p.relative_to(package).as_posix())
+        for p in (package / "resources").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    ]
+    assert any(f.parts[:2] == ("resources", "head_sets") for f in files)
+    unpackaged = [
+        str(f)
+        for f in files
+        if not any(
+            f.match(pattern) and len(f.parts) == len(PurePosixPath(pattern).parts) for pattern in patterns
+        )
+    ]
+    assert not unpackaged, unpackaged

@@ -69,7 +69,9 @@ class ContinualArguments:
         choices=["test", "validation"],
     )
     iv_heads: str | None = _flag(
-        None, "iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`)"
+        None,
+        "iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`); 'exact': per-task CIE over "
+        "every head (default: the head set shipped for the model when there is one, else exact)",
     )
     teacher: str = _flag(
         _D["teacher"],

@@ -39,9 +39,11 @@ def _check_sizes(config: ContinualSettings, rows) -> None:
 
 def _head_set(config: ContinualSettings):
     """The saved head set for the own-task IVs (read before the model loads), or None."""
-    if config.iv_heads is None:
-        return None
+    from ivtrainer.iv_guided.own_task_iv import EXACT
     from ivtrainer.steering.head_set import HeadSet
+
+    if config.iv_heads in (None, EXACT):  # the shipped head set (checked by own_task_iv), or none
+        return None
 
     return HeadSet.from_pretrained(config.iv_heads)
 

@@ -46,7 +46,9 @@ class IVGuidedConfig(ForgettingMonitorArguments, TrainingArguments):
             before training (FvForgetting's recipe); or pass them to the trainer.
         auto_iv_heads (`str` or `None`, defaults to `None`):
             With `instruction_vectors="auto"`: a saved head set (folder or Hub id) to extract the
-            training data's IV from (FvForgetting's universal heads: mean activations only, no CIE).
+            training data's IV from (FvForgetting's universal heads: mean activations only, no CIE);
+            `None`: the head set shipped for the model when there is one (the default model's), else
+            exact CIE over every head; `"exact"`: exact CIE over every head.
         iv_weights (`list[float]` or `None`, defaults to `None`):
             A weight per instruction vector (default 1 each).
         iv_schedule (`str`, defaults to `"linear"`):
@@ -114,7 +116,8 @@ class IVGuidedConfig(ForgettingMonitorArguments, TrainingArguments):
         default=None,
         metadata={
             "help": "With instruction_vectors auto: a saved head set (folder or Hub id) to extract the training "
-            "data's IV from (FvForgetting's universal heads; only mean activations, no CIE)."
+            "data's IV from (FvForgetting's universal heads; only mean activations, no CIE); None: the head set "
+            "shipped for the model when there is one (the default model's), else exact CIE; 'exact': exact CIE."
         },
     )
     iv_weights: list[float] | None = dataclasses.field(

@@ -22,15 +22,17 @@ from ivtrainer.datasets.formats import detect_format
 from ivtrainer.datasets.tasks import Example
 from ivtrainer.errors import InvalidInputError
 from ivtrainer.steering.extraction import extract_instruction_vector
-from ivtrainer.steering.head_set import HeadSet
+from ivtrainer.steering.head_set import HeadSet, shipped_head_set
 from ivtrainer.steering.instruction_vector import InstructionVector
 
-__all__ = ["AUTO", "own_task_iv", "training_pairs"]
+__all__ = ["AUTO", "EXACT", "own_task_iv", "training_pairs"]
 
 logger = logging.get_logger(__name__)
 
 #: The value of ``instruction_vectors`` that asks for the training data's own IV.
 AUTO = "auto"
+#: The value of ``auto_iv_heads`` that asks for exact CIE over every head (no head set).
+EXACT = "exact"
 
 # Rows read from the training data: enough for 100 ten-shot prompts and 64 calibration pairs.
 MAX_PAIRS = 512
@@ -144,8 +146,11 @@ def own_task_iv(
     **extraction: Any,
 ) -> InstructionVector:
     """The IV of the task in ``dataset``, extracted on ``model`` as it is now (the package's
-    default extraction: calibrated; from a saved universal head set with ``heads=``, as the
-    public FvForgetting code does, which costs only the mean activations). ``extraction``: more
+    default extraction: calibrated). ``heads``: a saved universal head set (an object, folder or
+    Hub id), as the public FvForgetting code does, which costs only the mean activations; None:
+    the head set ivtrainer ships for the model when there is one
+    (:func:`~ivtrainer.steering.head_set.shipped_head_set`: the default model's), else exact CIE
+    over every head; ``"exact"``: exact CIE over every head. ``extraction``: more
     :func:`~ivtrainer.steering.extraction.extract_instruction_vector` arguments.
 
     Conversations give pairs of (user turn, assistant answer), and their few-shot prompts are
@@ -160,6 +165,16 @@ def own_task_iv(
             "(`ivtrainer extract-iv --task train.jsonl --out task-iv`) and pass the folder"
         )
     pairs = training_pairs(dataset, tokenizer)
+    shipped = ""
+    if heads is None:
+        heads = shipped_head_set(model)
+        shipped = (
+            "; heads from the head set shipped for this model (auto_iv_heads='exact': per-task CIE)"
+            if heads
+            else ""
+        )
+    elif heads == EXACT:
+        heads = None
     if (
         hasattr(dataset, "column_names") and detect_format(dataset).conversational
     ):  # read the IV where the chat's answer starts: the generation prompt
@@ -173,8 +188,8 @@ def own_task_iv(
     if processes > 1 and torch.distributed.get_rank() != 0:
         return iv  # said once, by the process that extracted it
     logger.warning(
-        "instruction_vectors='auto': the IV of the training data (%d pairs%s): %d heads, layer %d, strength %g%s",
-        len(pairs), f"; extracted on the main process for all {processes}" if processes > 1 else "",
+        "instruction_vectors='auto': the IV of the training data (%d pairs%s%s): %d heads, layer %d, strength %g%s",
+        len(pairs), f"; extracted on the main process for all {processes}" if processes > 1 else "", shipped,
         len(iv.heads), iv.edit_layer, iv.strength,
         f", zero-shot {calibration['base_accuracy']:.2f} -> {calibration['accuracy']:.2f} on calibration pairs"
         if "accuracy" in calibration else "",

@@ -26,7 +26,17 @@ from ivtrainer.steering.icl import PromptBuilder, check_extraction_sizes, check_
 from ivtrainer.steering.mediation import mean_cie, mean_head_activations
 from ivtrainer.utils.checks import finite_tensor
 
-__all__ = ["HeadSet", "IncompatibleHeadSetError", "InvalidHeadSetError", "extract_head_set"]
+__all__ = [
+    "SHIPPED",
+    "HeadSet",
+    "IncompatibleHeadSetError",
+    "InvalidHeadSetError",
+    "extract_head_set",
+    "shipped_head_set",
+]
+
+#: The head set shipped for the default model (``benchmarks/build_head_set.py`` writes it).
+SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "head_sets" / "default"
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "head_set.safetensors"
@@ -198,6 +208,27 @@ iv = extract_instruction_vector(model, tokenizer, "my_task.jsonl", heads=heads)
 {chr(10).join(f"- {k}: {v}" for k, v in self.settings.items())}
 """
         )
+
+
+def shipped_head_set(model: nn.Module) -> HeadSet | None:
+    """The head set ivtrainer ships for ``model``'s checkpoint, or None: the default model's
+    (SmolLM2-135M-Instruct, built from the built-in tasks by ``benchmarks/build_head_set.py``),
+    for a model of that name and layout. Head rankings are a property of the checkpoint, so a
+    fine-tuned copy keeps its base's (as FvForgetting's universal set is computed once)."""
+    import json
+
+    config = SHIPPED / CONFIG_NAME
+    if (
+        not config.is_file()
+        or json.loads(config.read_text()).get("model_name") != model_source(model)["name"]
+    ):
+        return None
+    head_set = HeadSet.from_pretrained(SHIPPED)
+    try:
+        head_set.check_compatible(model)
+    except IncompatibleHeadSetError:
+        return None
+    return head_set
 
 
 def extract_head_set(

@@ -132,3 +132,37 @@ def test_pairs_from_chats_and_the_iv_read_at_the_generation_prompt(tokenizer):
         progress=False,
     )
     assert iv.settings["chat_template"] is True
+
+
+def test_a_head_set_shipped_for_the_model_is_used_unless_exact_is_asked(tmp_path, tokenizer, monkeypatch):
+    """``heads=None`` takes the head set shipped for the model's checkpoint (matched by name and
+    layout), ``"exact"`` runs per-task CIE; another model gets exact CIE whatever ships."""
+    from ivtrainer.iv_guided.own_task_iv import own_task_iv
+    from ivtrainer.steering import head_set as head_set_module
+
+    model = tiny_model("llama")
+    model.config._name_or_path = "tiny/shipped"
+    cheap = {"n_shots": 2, "n_mean_prompts": 6, "n_cie_prompts": 2, "progress": False}
+    heads = extract_head_set(model, tokenizer, ["antonym", "uppercase"], **cheap)
+    heads.cie, heads.task_cie = -heads.cie, -heads.task_cie  # ranked upside down: its heads show
+    heads.save_pretrained(tmp_path / "shipped")
+    monkeypatch.setattr(head_set_module, "SHIPPED", tmp_path / "shipped")
+    data = prompt_completion_rows()
+    shipped = own_task_iv(model, tokenizer, data, calibrate=False, n_heads=3, **cheap)
+    assert shipped.settings["head_set"]["tasks"] == ["antonym", "uppercase"] and shipped.heads == heads.top(3)
+    exact = own_task_iv(model, tokenizer, data, heads="exact", calibrate=False, n_heads=3, **cheap)
+    assert "head_set" not in exact.settings or not exact.settings["head_set"]
+    assert exact.heads != shipped.heads
+    other = tiny_model("llama")  # another checkpoint's name
+    assert head_set_module.shipped_head_set(other) is None
+    assert head_set_module.shipped_head_set(tiny_model("qwen2")) is None
+
+
+@pytest.mark.real
+def test_the_shipped_head_set_fits_the_default_model(default_model):
+    from ivtrainer.steering.head_set import SHIPPED, shipped_head_set
+
+    model, _ = default_model
+    head_set = shipped_head_set(model)
+    assert head_set is not None and head_set.tasks and (SHIPPED / "README.md").is_file()
+    assert len(head_set.top(20)) == 20
