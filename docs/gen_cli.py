@@ -28,7 +28,7 @@ def render() -> str:
         "A flag is written with underscores or dashes (`--n_heads`, `--n-heads`); a switch that is on by "
         "default has a `--no_` form (`--no-calibrate`). Every command takes `--config FILE`, a YAML or JSON "
         "file of its flags (keys named as the flags: `n_heads: 10`, lists as lists); flags on the command "
-        "line override it, and an unknown key is refused with the closest flag. This page is generated from "
+        "line override it, and an unknown key, like an unknown flag, is refused with the closest flag. This page is generated from "
         "the parser "
         "(`python docs/gen_cli.py`).\n",
         "```text\n" + parser.format_help().rstrip() + "\n```\n",

@@ -121,6 +121,11 @@ def _refused(capsys, monkeypatch, argv, match: str) -> str:
         ({"learnig_rate": 1.0}, [], "unknown key 'learnig_rate'; did you mean 'learning_rate'?"),
         ({"max_steps": "ten"}, [], "invalid int value: 'ten'"),
         ({}, ["--max_steps", "ten"], "invalid int value: 'ten'"),
+        (
+            {},
+            ["--learnig_rate", "0.1"],
+            "unrecognized argument '--learnig_rate'; did you mean '--learning_rate'?",
+        ),
         ({"data_files": ["missing.jsonl"]}, [], "'missing.jsonl': no such file"),
         ({"data_files": ["."]}, [], "is a folder"),
         ({"data_files": None, "dataset_name": "someone/no-such-set"}, [], "cannot load it"),
@@ -173,6 +178,28 @@ def test_the_config_file_as_a_folder_a_parent_or_a_link(assets, tmp_path, capsys
     from ivtrainer.cli import parse
 
     assert parse(["train", "--config", str(link)])[0].trainer == "iv-guided"
+    _refused(
+        capsys,
+        monkeypatch,
+        ["train", "--config", str(assets / "chat.jsonl")],
+        "not a readable YAML or JSON file",
+    )
+
+
+def test_data_files_through_a_symlink_the_working_directory_or_a_parent(
+    assets, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "chats.jsonl").symlink_to(assets / "chat.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(_recipe(assets, tmp_path, data_files=["chats.jsonl"]))]) == 0
+    capsys.readouterr()
+    for folder in (".", "..", str(assets)):
+        _refused(
+            capsys,
+            monkeypatch,
+            ["train", "--config", str(_recipe(assets, tmp_path, data_files=[folder]))],
+            "is a folder",
+        )
 
 
 def test_output_dir_may_not_be_the_model_folder(assets, tmp_path, capsys, monkeypatch):

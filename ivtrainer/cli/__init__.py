@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 from collections.abc import Sequence
 
@@ -111,7 +112,14 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list]:
     """The command's namespace and its dataclasses, from ``argv`` and its ``--config`` file."""
     tokens = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser(tokens)
-    namespace = parser.parse_args(_with_config(parser, tokens))
+    namespace, unknown = parser.parse_known_args(_with_config(parser, tokens))
+    if unknown:  # one line with the closest flag, as an unknown --config key gets
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        flags = list(sub.choices[namespace.command]._option_string_actions)
+        given = next((t for t in unknown if t.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(given.split("=", 1)[0], flags, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else " (see --help)"
+        raise InvalidInputError(f"unrecognized argument {given!r}{hint}")
     return namespace, _dataclasses(parser, namespace)
 
 
