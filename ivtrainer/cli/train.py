@@ -189,7 +189,7 @@ def check_model_fields(model_args: Any) -> None:
         raise InvalidInputError(f"{', '.join(peft_set)} set without use_peft: true; add it, or drop them")
 
 
-def check_output_dir(output_dir: str, inputs: Sequence[str | None]) -> None:
+def _check_output_folder(output_dir: str, inputs: Sequence[str | None]) -> None:
     """The output folder is not a file, and not an input folder (the model's, the dataset's), whose
     files saving would replace."""
     out = Path(output_dir).expanduser().resolve()
@@ -263,7 +263,7 @@ def main(args: TrainArguments, script: Any, config: Any, model_args: Any) -> int
         raise InvalidInputError(
             f"old_dataset_name / old_data_files are for the f-learning trainer, not {args.trainer!r}"
         )
-    check_output_dir(config.output_dir, [model_name, script.dataset_name])
+    _check_output_folder(config.output_dir, [model_name, script.dataset_name])
     if config.push_to_hub:
         from ivtrainer.hub.push import check_trainer_push
 
