@@ -9,9 +9,10 @@ the last prompt token x20 and at every token x0.1, the head term against the tea
 IV), ``--positions all``; or the KL at the last prompt token alone (``last_prompt``). Each
 measurement is a fresh process (and a fresh output folder: no stored teacher is reused), the
 modes alternating, ``--rounds`` times; step time is the median over the timed steps (after one
-warm-up step), peak memory the process's VmHWM minus that of a process that loaded the same model
-and stopped, the precompute pass the time from ``on_train_begin`` to the first step. LoRA (rank 8
-on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning. ``--disk`` also states the
+warm-up step), peak memory the process's VmHWM (glibc's mmap threshold fixed, so that freed
+memory leaves the process: the peak of live memory), the precompute pass the time from
+``on_train_begin`` to the first step, also counted in plain no-grad forwards of a batch. LoRA
+(rank 8 on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning. ``--disk`` also states the
 stored teacher's bytes per example for each position choice and k (``0``: the exact store of
 hidden states, whose LM head is stored once, apart).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -108,12 +110,18 @@ print(json.dumps(out))
 """
 
 
+# glibc's mmap threshold fixed: a freed tensor's memory goes back to the OS at once, so VmHWM is the
+# peak of live memory (with the adaptive threshold, the same plain run measured 1879-2034 MiB)
+_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def child(mode: str, method: str, steps: int, iv_dir: str, positions: str = "all", top_k: int = 64) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, mode, method, str(steps), iv_dir, positions, str(top_k)],
         check=True,
         capture_output=True,
         text=True,
+        env={**os.environ, **_ENV},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -50,10 +50,11 @@ class ForgettingMonitorCallback(TrainerCallback):
     "RL's Razor" measures on the new task's data, and ``forgetting/kl_reverse`` = KL(now || before).
     Each is the mean over the sample's answer tokens (positions with a label, teacher-forced), in
     eval mode, with no gradient: one forward of ``n_rows`` rows per measurement. The reference
-    (the model's log-probabilities before the first step) is kept on the CPU, ``answer tokens x
-    vocabulary`` float32 values (16 rows of 10 answer tokens with a 49k vocabulary: 31 MB), and
-    written to ``<output_dir>/_forgetting_monitor_reference.safetensors`` so a resumed run measures
-    from the same model.
+    (the model's log-probabilities before the first step, ``answer tokens x vocabulary`` float32
+    values: 16 rows of 10 answer tokens with a 49k vocabulary, 31 MB) is written to
+    ``<output_dir>/_forgetting_monitor_reference.safetensors``, so a resumed run measures from the
+    same model, and read back from there at each measurement by the process that wrote it (not
+    held in memory through training; the other processes of a multi-process run keep theirs).
 
     Values go through ``trainer.log`` when the callback is given the ``trainer`` (``report_to``
     sees them; ivtrainer's trainers pass themselves), else into ``state.log_history``;
@@ -75,7 +76,8 @@ class ForgettingMonitorCallback(TrainerCallback):
         self.n_rows, self.every, self.trainer = n_rows, every, trainer
         self.history: list[dict[str, float]] = []
         self._batches: list[dict[str, Any]] = []
-        self._reference: list[torch.Tensor] | None = None
+        # the reference log-probabilities, or the file they were written to (read at each measurement)
+        self._reference: list[torch.Tensor] | Path | None = None
 
     # -- training events ---------------------------------------------------------------------------
 
@@ -90,18 +92,17 @@ class ForgettingMonitorCallback(TrainerCallback):
             )
         saved = Path(args.output_dir) / REFERENCE
         if state.global_step == 0:
-            self._reference = self._log_probs(model)
+            reference = self._log_probs(model)
+            self._reference = reference
             if state.is_world_process_zero:
                 from safetensors.torch import save_file
 
                 with atomic_file(saved) as tmp:
-                    save_file({str(i): r.contiguous() for i, r in enumerate(self._reference)}, str(tmp))
+                    save_file({str(i): r.contiguous() for i, r in enumerate(reference)}, str(tmp))
+                self._reference = saved
             self.history = []
         elif saved.is_file():  # a resumed run: measure from the model the run began with
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(saved))
-            self._reference = [tensors[str(i)] for i in range(len(tensors))]
+            self._reference = saved
         else:
             logger.warning(
                 "ForgettingMonitorCallback: resumed at step %d without %s (the model before training): the "
@@ -133,14 +134,15 @@ class ForgettingMonitorCallback(TrainerCallback):
         if self._reference is None:
             return
         now = self._log_probs(model)
-        if [n.shape for n in now] != [r.shape for r in self._reference]:
+        reference = self._reference_log_probs()
+        if [n.shape for n in now] != [r.shape for r in reference]:
             raise InvalidInputError(
                 "ForgettingMonitorCallback: the saved reference does not match the training rows of this run "
                 f"(another dataset or tokenizer): delete {REFERENCE} from the output_dir to measure from here"
             )
         kl = {
             direction: torch.cat(
-                [token_kl(n, r, direction) for n, r in zip(now, self._reference, strict=True)]
+                [token_kl(n, r, direction) for n, r in zip(now, reference, strict=True)]
             )
             .mean()
             .item()
@@ -156,6 +158,21 @@ class ForgettingMonitorCallback(TrainerCallback):
             control.should_log = should_log
         else:
             state.log_history.append({**logs, "step": state.global_step})
+
+
+    def _reference_log_probs(self) -> list[torch.Tensor]:
+        if not isinstance(self._reference, Path):
+            return self._reference or []
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self._reference))
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(
+                f"ForgettingMonitorCallback: cannot read the model's log-probabilities before training from "
+                f"{self._reference} ({exc}): keep the output_dir while training, or set forgetting_monitor_every=0"
+            ) from exc
+        return [tensors[str(i)] for i in range(len(tensors))]
 
 
 def _fixed_batches(dataloader, n_rows: int, seed: int, batch_size: int) -> list[dict[str, Any]]:

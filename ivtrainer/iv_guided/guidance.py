@@ -33,7 +33,7 @@ from ivtrainer.iv_guided.precomputed_teacher import (
     vectors_fingerprint,
 )
 from ivtrainer.iv_guided.teacher import LiveTeacher, StoredTeacher, Teacher
-from ivtrainer.modeling.hooks import is_peft_model, record_head_outputs
+from ivtrainer.modeling.hooks import is_peft_model, record_head_outputs, record_input
 from ivtrainer.steering.instruction_vector import InstructionVector
 from ivtrainer.steering.intervention import (
     last_prompt_positions,
@@ -146,6 +146,10 @@ class IVGuidance:
         self.busy = False  # True during the teacher's own pass (a forward hook must not add a loss there)
         self._stack: contextlib.ExitStack | None = None
         self._student_heads: dict[int, torch.Tensor] | None = None
+        # the input of the student's LM head, when it is frozen: the KL's gradient goes there
+        self._student_hidden: dict[str, torch.Tensor] | None = None
+        self._head: tuple[nn.Module, torch.Tensor] | None = None  # the frozen LM head and its weight
+        self._head_checked: bool | None = None  # its output is the logits (checked on the first batch)
         self._sums: dict[str, float | torch.Tensor] = dict.fromkeys(["ce", *self.kl_keys(), "head_mse"], 0.0)
         self._steps, self._skipped, self._accumulation = 0, 0, 1
         self._device, self._global_items, self._tokens_across = torch.device("cpu"), False, False
@@ -198,6 +202,9 @@ class IVGuidance:
             self._student_heads = self._stack.enter_context(
                 record_head_outputs(model, self.live.head_layers())
             )
+        self._head, self._head_checked = _frozen_head(model), None
+        if self._head is not None:
+            self._student_hidden = self._stack.enter_context(record_input(self._head[0]))
         self.update(state)
 
     def update(self, state) -> None:
@@ -213,7 +220,7 @@ class IVGuidance:
         if self._stack is not None:
             self._stack.close()
             self._stack = None
-        self._student_heads = None
+        self._student_heads = self._student_hidden = self._head = None
 
     def release(self) -> None:
         """Drop the frozen reference copy (full fine-tuning) or the stored teacher to free memory."""
@@ -305,6 +312,8 @@ class IVGuidance:
         # the student's head outputs, taken before the teacher pass: a PEFT teacher runs through the
         # same modules, and the student's recording hooks would overwrite them with the teacher's
         student_heads = dict(self._student_heads) if self._student_heads is not None else None
+        hidden = self._student_hidden.pop("input", None) if self._student_hidden is not None else None
+        head = self._hidden_route(hidden, logits)
         if (
             student_heads
             and logits.requires_grad
@@ -331,6 +340,7 @@ class IVGuidance:
             direction=self.direction,  # type: ignore[arg-type]  # checked in __init__
             temperature=self.temperature, num_items_in_batch=num_items_in_batch,
             thresholds=[t.threshold for t in self.terms], overwrite_teacher=True, teacher_columns=columns,
+            student_hidden=hidden if head is not None else None, head_weight=head,
         )  # fmt: skip
         for key, value in zip(self.kl_keys(), values, strict=True):
             if value is None:
@@ -343,6 +353,24 @@ class IVGuidance:
             extra = extra + self.head_mse_weight * mse
             self._sums["head_mse"] += mse.detach() * scale
         return extra
+
+    def _hidden_route(self, hidden: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+        """The frozen LM head weight when the KL's gradient can go to the student's hidden states
+        (``hidden``, its LM head's input in this forward, made these ``logits`` and nothing after
+        the head changed them: checked on a few positions of the first batch), else None."""
+        if self._head is None or hidden is None or not hidden.requires_grad or not logits.requires_grad:
+            return None
+        head, weight = self._head
+        if hidden.shape[:2] != logits.shape[:2] or hidden.shape[-1] != weight.shape[1]:
+            return None
+        if self._head_checked is None:
+            again = head(hidden[:1, :4].detach()).float()  # no graph: a detached input, a frozen head
+            given = logits[:1, :4].detach().float()
+            off = float((again - given).abs().max()) / max(float(given.abs().max()), 1e-6)
+            self._head_checked = off <= max(1e-5, 2 * torch.finfo(logits.dtype).eps)
+            if not self._head_checked:
+                logger.info("the model changes its LM head's output: the KL's gradient goes to the logits")
+        return weight if self._head_checked else None
 
     def _head_mse(self, student_heads, teacher_heads, prompt_end: torch.Tensor, num_items) -> torch.Tensor:
         """Per head, the squared error at each row's last prompt token averaged over the head's
@@ -400,9 +428,9 @@ class IVGuidance:
         if self.teacher_cache_dir is not None:  # the callback may have been added after the Trainer was built
             check_cache_dir(self.teacher_cache_dir, args.output_dir)
 
-        def teacher(input_ids, attention_mask, prompt_end):
+        def teacher(input_ids, attention_mask, prompt_end, logits=True):
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            return self.live.run(model, inputs, prompt_end)
+            return self.live.run(model, inputs, prompt_end, logits=logits)
 
         store = precompute_teacher(
             cache, dataloader.dataset, dataloader.collate_fn, teacher, fingerprint=fingerprint,
@@ -416,6 +444,18 @@ class IVGuidance:
         self.stored = StoredTeacher(store, self.heads())
         if self.teacher_top_k == 0 and store.share_head(model.get_output_embeddings()):  # type: ignore[operator]
             logger.info("the stored teacher applies the model's own frozen LM head (no copy in memory)")
+
+
+def _frozen_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
+    """The LM head and its weight when nothing in it trains and it is whole on this process (not
+    ZeRO-3 or FSDP shards): LoRA's usual case."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    if any(p.requires_grad or hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in head.parameters()):
+        return None
+    return head, weight.detach()
 
 
 def _fsdp_enabled(args) -> bool:

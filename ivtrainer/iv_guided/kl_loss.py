@@ -131,8 +131,9 @@ class SparseTeacher:
     """The teacher's log-probabilities (at the KL's temperature) at some positions of a batch, as
     stored by the precomputed teacher: the whole distribution at ``full_positions``, the top-k
     entries and the log of the remaining mass at ``top_positions``, the raw logits at
-    ``logit_positions`` (its LM head applied to stored hidden states: exact; flat
-    ``row * seq + column`` indices, each sorted).
+    ``logit_positions`` (its LM head applied to stored hidden states: exact; given as ``logits``,
+    or as ``hidden`` states and the ``head``'s weight and bias, applied a chunk of positions at a
+    time); flat ``row * seq + column`` indices, each sorted.
 
     At a top-k position the KL is taken between the two distributions coarsened to the stored
     tokens plus one bucket for all the others (the teacher's tail mass against the student's): exact
@@ -149,6 +150,8 @@ class SparseTeacher:
     top_tail: torch.Tensor  # (n_top,) log of the mass outside the top k
     logit_positions: torch.Tensor | None = None  # (n_logits,)
     logits: torch.Tensor | None = None  # (n_logits, vocab) logits before the temperature
+    hidden: torch.Tensor | None = None  # (n_logits, hidden): the logits' LM head input, instead
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # that LM head's weight and bias
 
     def log_probs(self, positions: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         """Float32 ``(n, vocab)`` teacher log-probabilities at flat ``positions``, given the
@@ -168,7 +171,12 @@ class SparseTeacher:
             if stored is self.full_positions:
                 out[here] = self.full[slot[here]].float()
             elif stored is self.logit_positions:
-                out[here] = F.log_softmax(self.logits[slot[here]].float() / self.temperature, dim=-1)  # type: ignore[index]
+                logits = (
+                    self.logits[slot[here]]
+                    if self.logits is not None
+                    else F.linear(self.hidden[slot[here]], *self.head)  # type: ignore[index, misc]
+                )
+                out[here] = F.log_softmax(logits.float() / self.temperature, dim=-1)
             else:
                 out[here] = top_k_log_probs(
                     student[here],
@@ -249,12 +257,19 @@ def kl_terms(
     thresholds: Sequence[float] | None = None,
     overwrite_teacher: bool = False,
     teacher_columns: torch.Tensor | None = None,
+    student_hidden: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Several KL terms from one pass: ``sum(weights[i] * kl_term(..., masks[i], threshold=thresholds[i]))``
     and each term's value (detached; ``None`` when its mask selects nothing, 0 below its
     threshold). A position several masks select is computed once, and the gradient is one buffer
     over the positions any mask selects, each row scaled by the weights of the terms counting it
     (FvForgetting's last prompt token is in both of its terms). Arguments as :func:`kl_term`'s.
+
+    ``student_hidden`` ``(batch, seq, hidden)``: the input of the student's LM head, a frozen
+    ``head_weight`` (``student_logits`` is ``student_hidden @ head_weight.T``, plus a frozen bias):
+    the gradient then goes to the hidden states, ``(positions, hidden)`` kept for backward instead
+    of a ``(batch * seq, vocab)`` gradient of the logits beside the CE's own.
     """
     if isinstance(teacher_logits, SparseTeacher) and teacher_logits.temperature != temperature:
         raise InvalidInputError(
@@ -287,11 +302,13 @@ def kl_terms(
         else counts.float().clamp(min=1)  # an empty term sums to 0 (and is reported as None)
     )
     values = torch.empty(len(masks), dtype=torch.float32, device=index.device)
+    if (student_hidden is None) != (head_weight is None):
+        raise InvalidInputError("student_hidden and head_weight go together")
     loss = _FusedKL.apply(
         student_logits, teacher_logits, index, teacher_index, member,
         torch.tensor([float(w) for w in weights], device=index.device), denominators,
         torch.tensor([float(t) for t in thresholds], device=index.device), values, direction,
-        float(temperature), overwrite_teacher,
+        float(temperature), overwrite_teacher, student_hidden, head_weight,
     )  # fmt: skip
     return loss, [values[i] if counts[i] > 0 else None for i in range(len(masks))]
 
@@ -339,6 +356,8 @@ class _FusedKL(torch.autograd.Function):
         direction,
         temperature,
         overwrite,
+        student_hidden,
+        head_weight,
     ):
         vocab = student_logits.shape[-1]
         sparse = teacher_logits if isinstance(teacher_logits, SparseTeacher) else None
@@ -363,7 +382,11 @@ class _FusedKL(torch.autograd.Function):
             and sparse.logits.dtype == student.dtype
             and torch.equal(sparse.logit_positions, index)
         )
-        grad = sparse.logits if in_sparse else teacher if in_teacher else student.new_empty((n, vocab))
+        if student_hidden is not None:  # the gradient of the hidden states, (n, hidden), chunk by chunk
+            in_teacher = in_sparse = False
+            grad = head_weight.new_empty((n, head_weight.shape[1]))
+        else:
+            grad = sparse.logits if in_sparse else teacher if in_teacher else student.new_empty((n, vocab))
         per_position = torch.empty(n, dtype=torch.float32, device=student.device)
         chunk = max(1, _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_ACCELERATOR) // vocab)
         for start in range(0, n, chunk):
@@ -378,7 +401,9 @@ class _FusedKL(torch.autograd.Function):
             else:
                 t = F.log_softmax(t_in.float() / temperature, dim=-1)
             per_position[part], g = _kl_and_grad(s, t, direction, temperature)
-            if in_teacher and not everything:
+            if student_hidden is not None:
+                grad[part] = g.to(head_weight.dtype) @ head_weight
+            elif in_teacher and not everything:
                 grad.index_copy_(0, rows, g.to(grad.dtype))
             else:
                 grad[part] = g
@@ -391,6 +416,7 @@ class _FusedKL(torch.autograd.Function):
         active = (thresholds <= 0) | (totals / member.sum(0).clamp(min=1) >= thresholds)
         values.copy_(torch.where(active, totals / denominators, torch.zeros_like(totals)))
         ctx.shape, ctx.full, ctx.used = student_logits.shape, in_teacher or everything, False
+        ctx.hidden = student_hidden.shape if student_hidden is not None else None
         if not bool(active.any()):
             ctx.grad = None
             return (weights * values).sum()
@@ -413,9 +439,13 @@ class _FusedKL(torch.autograd.Function):
         ctx.used = True
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # every term below its threshold
-            return (None,) * 12
+            return (None,) * 14
         grad.mul_(grad_output)  # in place: nothing else holds the gradient
+        if ctx.hidden is not None:  # the hidden states' gradient, zeros at the other positions
+            (index,) = ctx.saved_tensors
+            whole = grad.new_zeros((ctx.hidden[0] * ctx.hidden[1], ctx.hidden[2])).index_copy_(0, index, grad)
+            return (None,) * 12 + (whole.view(ctx.hidden), None)
         if not ctx.full:
             (index,) = ctx.saved_tensors
             grad = grad.new_zeros((ctx.shape[0] * ctx.shape[1], ctx.shape[2])).index_copy_(0, index, grad)
-        return (grad.view(ctx.shape),) + (None,) * 11
+        return (grad.view(ctx.shape),) + (None,) * 13

@@ -130,18 +130,24 @@ class LiveTeacher:
         logits, heads = self.run(model, inputs, prompt_end, columns)
         return logits, heads, columns
 
-    def run(self, model: nn.Module, inputs: dict[str, Any], prompt_end: torch.Tensor, columns=None):
+    def run(
+        self, model: nn.Module, inputs: dict[str, Any], prompt_end: torch.Tensor, columns=None, *, logits=True
+    ):
         """The teacher's logits (at ``columns``) and, with the head term, each IV head's teacher
         output at ``prompt_end``'s positions (from the pass without the IVs when that is the
         reference): what the stored teacher holds too. ``inputs``: the student's own model inputs
-        (``position_ids`` of a packed batch included), without its labels."""
-        logits, heads = self._pass(model, inputs, prompt_end, columns)
+        (``position_ids`` of a packed batch included), without its labels. ``logits=False``: the
+        pass ends before the LM head and returns None for them (what the exact store reads is the
+        LM head's input, recorded by its caller's hook)."""
+        out, heads = self._pass(model, inputs, prompt_end, columns, logits=logits)
         if self.heads and self.separate_head_pass():
-            _, heads = self._pass(model, inputs, prompt_end, None, with_iv=False)
+            # causal: the heads at prompt_end see nothing after the last of them
+            cut = _through_last(inputs, prompt_end)
+            _, heads = self._pass(model, cut, prompt_end[:, : _width(cut, prompt_end)], None, with_iv=False)
         if heads is None:
-            return logits, None
+            return out, None
         rows, cols = prompt_end.nonzero(as_tuple=True)
-        return logits, {(layer, head): heads[layer][rows, cols, head] for layer, head in self.heads}
+        return out, {(layer, head): heads[layer][rows, cols, head] for layer, head in self.heads}
 
     def head_layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.heads})
@@ -155,9 +161,10 @@ class LiveTeacher:
         return min(layer for layer, _ in self.pairs) < self.head_layers()[-1]
 
     @torch.no_grad()
-    def _pass(self, module: nn.Module, inputs: dict, positions, columns, *, with_iv=True):
+    def _pass(self, module: nn.Module, inputs: dict, positions, columns, *, with_iv=True, logits=True):
         """Logits (and head outputs if needed) with the IVs at ``strength``; logits only at sequence
-        positions ``columns`` when not None (the LM head's share of the pass saved).
+        positions ``columns`` when not None (the LM head's share of the pass saved), none with
+        ``logits=False`` (the pass ends before the LM head).
         ``with_iv=False``: the heads' outputs only, without the IVs, from a pass that ends there."""
         teacher = self.reference if self.reference is not None else module
         heads_here = bool(self.heads) and (not with_iv or not self.separate_head_pass())
@@ -176,9 +183,11 @@ class LiveTeacher:
             )
             if not with_iv:
                 stack.enter_context(stop_before(get_layout(teacher).attn_outputs[self.head_layers()[-1]]))
+            elif not logits:
+                stack.enter_context(stop_before(teacher.get_output_embeddings()))  # type: ignore[operator]
             kwargs = {"logits_to_keep": columns} if columns is not None else {}
-            logits = teacher(**inputs, use_cache=False, **kwargs).logits
-        return logits if with_iv else None, (dict(heads) if heads is not None else None)
+            out = teacher(**inputs, use_cache=False, **kwargs)
+        return out.logits if with_iv and logits else None, (dict(heads) if heads is not None else None)
 
     def _columns(self, module: nn.Module, mask: torch.Tensor) -> torch.Tensor | None:
         """The sequence positions the KL needs logits at, if fewer than all and the model takes
@@ -193,6 +202,24 @@ class LiveTeacher:
             return None
         columns = mask.any(0).nonzero().squeeze(1)
         return columns if 0 < columns.numel() < mask.shape[1] else None
+
+
+def _width(inputs: dict[str, Any], prompt_end: torch.Tensor) -> int:
+    return int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else int(prompt_end.shape[1])
+
+
+def _through_last(inputs: dict[str, Any], prompt_end: torch.Tensor) -> dict[str, Any]:
+    """The batch cut after the last ``prompt_end`` position of any row: what a causal model's
+    outputs there depend on. Left whole when it has inputs that cannot be cut by columns (the
+    sequence boundaries of a padding-free batch, a 4D mask)."""
+    seq = prompt_end.shape[1]
+    if not prompt_end.any() or any(k.startswith("cu_seq_lens") or k.startswith("max_length") for k in inputs):
+        return inputs
+    cut = int(prompt_end.any(0).nonzero().max()) + 1
+    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    if cut == seq or any(v.dim() != 2 or v.shape[1] != seq for v in tensors):
+        return inputs
+    return {k: v[:, :cut] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 class StoredTeacher:

@@ -107,6 +107,18 @@ def record_head_outputs(
         yield out
 
 
+@contextlib.contextmanager
+def record_input(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record ``module``'s first positional input of its latest forward, as ``out["input"]``."""
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(_: nn.Module, args: tuple) -> None:
+        out["input"] = args[0]
+
+    with hooks(module.register_forward_pre_hook(hook)):
+        yield out
+
+
 def cache_argument(model: nn.Module) -> str:
     """The name of the KV-cache argument of ``model.forward``: ``cache`` in recent transformers,
     ``past_key_values`` before (passing the old name to a new model prints a deprecation warning)."""

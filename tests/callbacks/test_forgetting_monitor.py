@@ -114,9 +114,12 @@ def test_iv_guided_trainer_and_sft_trainer(tmp_path, data, iv, tokenizer):
     sft.train()
     assert [h["step"] for h in monitor.history] == [1, 2] and monitor.history[-1]["kl_forward"] > 0
     # only the completions are measured: SFTTrainer's completion-only labels
-    assert sum(r.shape[0] for r in monitor._reference or []) < sum(
-        int(b["attention_mask"].sum()) for b in monitor._batches
+    reference = monitor._reference_log_probs()
+    assert (
+        0 < sum(r.shape[0] for r in reference) < sum(int(b["attention_mask"].sum()) for b in monitor._batches)
     )
+    # read back from its file at each measurement, not held through training
+    assert monitor._reference == tmp_path / "sft" / "_forgetting_monitor_reference.safetensors"
 
 
 def test_a_resumed_run_measures_from_the_model_it_began_with(tmp_path, data):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.kl_loss import kl_positions, kl_term, kl_terms, token_kl
 
 
@@ -143,3 +144,34 @@ def test_several_terms_in_one_pass_equal_the_terms_apart(items, overwrite, colum
     assert values[3] is None and float(values[1]) == 0.0
     for value, expected in zip(values[:3], want_values[:3], strict=True):
         torch.testing.assert_close(value, expected.detach())
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("selection", ["all", "some"])
+def test_the_gradient_through_a_frozen_lm_head_equals_autograd(direction, dtype, selection, monkeypatch):
+    """kl_terms with the student's hidden states and its frozen LM head: the value and the hidden
+    states' gradient of autograd through ``logits = hidden @ W.T + b``; the logits get none."""
+    monkeypatch.setattr("ivtrainer.iv_guided.kl_loss._CHUNK_ELEMENTS", {"cpu": 3 * 50})
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16).to(dtype).requires_grad_()
+    weight, bias = torch.randn(50, 16).to(dtype), torch.randn(50).to(dtype)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    t = (torch.randn(3, 7, 50) * 3).to(dtype)
+    masks = [torch.ones(3, 7, dtype=torch.bool) if selection == "all" else torch.rand(3, 7) > 0.5]
+    masks.append(torch.zeros_like(masks[0]))
+    masks[1][0, :2] = True  # overlapping terms, one below its threshold
+    args = dict(direction=direction, temperature=2.0, num_items_in_batch=11, thresholds=[0.0, 1e9])
+    value, values = kl_terms(
+        logits, t.clone(), masks, [1.7, 3.0], **args, student_hidden=hidden, head_weight=weight
+    )
+    (grad,) = torch.autograd.grad(value, hidden)
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # a graph of its own
+    reference, reference_values = kl_terms(logits, t.clone(), masks, [1.7, 3.0], **args)
+    (want,) = torch.autograd.grad(reference, hidden)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(grad, want, **tol)
+    assert grad.dtype == dtype and not grad[~masks[0]].any() and values[1] == reference_values[1] == 0
+    with pytest.raises(InvalidInputError, match="go together"):
+        kl_terms(logits, t, masks, [1.0, 1.0], student_hidden=hidden)

@@ -43,13 +43,12 @@ def _one_step(tmp_path, iv, data, model, **kw):
     return trainer, {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
 
-def _model(peft: bool):
-    model = tiny_model("llama", seed=1)
-    return (
-        get_peft_model(model, LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM"))
-        if peft
-        else model
-    )
+def _model(peft: bool, arch: str = "llama"):
+    model = tiny_model(arch, seed=1)
+    if not peft:
+        return model
+    torch.manual_seed(1)  # the adapters' random initialisation, the same in every run compared
+    return get_peft_model(model, LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM"))
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward", "jsd"])
@@ -170,20 +169,24 @@ def test_stored_hidden_states_give_the_live_teachers_training(tmp_path, iv, data
     distribution at every position. Three steps (full fine-tuning trains the LM head, tied to the
     embeddings in GPT-2: the stored head is the one before training) end where the live teacher's
     do, and the store holds one hidden state a KL position and the head once."""
-    model = lambda: (  # noqa: E731
-        get_peft_model(
-            tiny_model(arch, seed=1), LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM")
-        )
-        if peft
-        else tiny_model(arch, seed=1)
-    )
-    kw = dict(max_steps=3, learning_rate=0.1, per_device_train_batch_size=2)
+    model = lambda: _model(peft, arch)  # noqa: E731
+    # the store written a row at a time: its first pass checks the LM head, the others end before it
+    kw = dict(max_steps=3, learning_rate=0.1, per_device_train_batch_size=2, per_device_eval_batch_size=1)
     _, live = _one_step(tmp_path / "live", iv, data, model(), **kw)
+    stored_model = model()
+    no_grad_head_calls = []
+    stored_model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: (
+            no_grad_head_calls.append(tuple(args[0].shape)) if not torch.is_grad_enabled() else None
+        )
+    )
     trainer, stored = _one_step(
-        tmp_path / "stored", iv, data, model(), teacher="precomputed", teacher_top_k=0, **kw
+        tmp_path / "stored", iv, data, stored_model, teacher="precomputed", teacher_top_k=0, **kw
     )
     for name, change in live.items():
         torch.testing.assert_close(stored[name], change, rtol=1e-4, atol=1e-6, msg=name)
+    # 4 teacher passes of one row each, the LM head in the first only (the others: the monitor's)
+    assert [shape[0] for shape in no_grad_head_calls].count(1) == 1
     store = trainer.iv_callbacks[-1].guidance.store
     part, rows = store.parts[0], [data[i] for i in range(4)]
     batch = collator()(rows)
@@ -583,3 +586,62 @@ def test_runs_sharing_a_cache_folder_leave_each_other_alone(tmp_path, iv, data, 
     assert live_tmp.is_dir() and not dead_tmp.exists()
     assert "written by another run meanwhile" in log and again == loss
     assert sorted(p.name for p in cache.iterdir()) == sorted([store.name, live_tmp.name])
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_the_head_pass_without_the_iv_ends_after_the_last_prompt_token(iv, data, tokenizer, padding_side):
+    """The head term's reference (the teacher without the IV) is read at each row's last prompt
+    token: its pass runs the batch cut after the last of them (causal: nothing later changes it)
+    and gives the heads' outputs of the whole batch's pass."""
+    from ivtrainer.iv_guided.teacher import LiveTeacher
+
+    model = tiny_model("llama", seed=1)
+    teacher = LiveTeacher(
+        [(iv.edit_layer, iv.vector * iv.strength)], strength=4.0, heads=iv.heads, head_reference="without_iv"
+    )
+    teacher.prepare(model)
+    assert teacher.separate_head_pass()
+    tokenizer.padding_side = padding_side
+    try:
+        batch = DataCollatorForSeq2Seq(tokenizer, padding=True)([data[i] for i in range(4)])
+    finally:
+        tokenizer.padding_side = "right"
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    prompt_end = last_prompt_positions(batch["labels"])
+    widths = []
+    teacher.reference.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: widths.append(a[0].shape[1])
+    )
+    _, heads = teacher.run(model, inputs, prompt_end)
+    _, whole = teacher._pass(model, inputs, prompt_end, None, with_iv=False)
+    rows, cols = prompt_end.nonzero(as_tuple=True)
+    for layer, head in iv.heads:
+        torch.testing.assert_close(heads[layer, head], whole[layer][rows, cols, head], rtol=0, atol=1e-6)
+    seq, last = batch["input_ids"].shape[1], int(cols.max()) + 1
+    assert last < seq and widths == [seq, last, seq]  # the KL's pass, the cut head pass, the check
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_the_kl_gradient_goes_through_a_frozen_lm_head(tmp_path, iv, data, arch, monkeypatch):
+    """LoRA leaves the LM head frozen: the KL's gradient goes to its input (no second
+    ``(batch, seq, vocab)`` gradient beside the CE's), and training is the same as through the
+    logits. Gemma 2 soft-caps the head's output: the check on the first batch keeps the logits."""
+    import ivtrainer.iv_guided.guidance as guidance
+    import ivtrainer.iv_guided.kl_loss as kl_loss
+
+    routes = []
+    kl_terms = kl_loss.kl_terms
+
+    def spy(*args, **kw):
+        routes.append(kw.get("student_hidden") is not None)
+        return kl_terms(*args, **kw)
+
+    monkeypatch.setattr(guidance, "kl_terms", spy)
+    kw = dict(max_steps=2, learning_rate=0.1, per_device_train_batch_size=2)
+    _, through_head = _one_step(tmp_path / "head", iv, data, _model(True, arch), **kw)
+    assert routes == [arch == "llama"] * 2
+    monkeypatch.setattr(guidance, "_frozen_head", lambda model: None)
+    _, through_logits = _one_step(tmp_path / "logits", iv, data, _model(True, arch), **kw)
+    assert routes[2:] == [False] * 2
+    for name, change in through_logits.items():
+        torch.testing.assert_close(through_head[name], change, rtol=1e-4, atol=1e-6, msg=name)

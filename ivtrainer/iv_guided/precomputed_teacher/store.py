@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ivtrainer.errors import InvalidInputError
@@ -50,9 +49,10 @@ _ARRAYS = (
     "heads",
 )
 
-#: ``teacher(input_ids, attention_mask, prompt_end) -> (logits, {(layer, head): (rows, head_dim)} | None)``:
-#: the live teacher's pass; head outputs at ``prompt_end``'s positions, in row order.
-TeacherPass = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict | None]]
+#: ``teacher(input_ids, attention_mask, prompt_end, logits=True) -> (logits | None, {(layer, head): (rows,
+#: head_dim)} | None)``: the live teacher's pass; head outputs at ``prompt_end``'s positions, in row
+#: order; ``logits=False``: the pass may end before the LM head (its input is what is stored).
+TeacherPass = Callable[..., tuple[torch.Tensor | None, dict | None]]
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -275,16 +275,16 @@ class TeacherStore:
             array = np.concatenate(chunks) if chunks else np.zeros(shape, dtype or np.float32)
             return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
-        logit_positions = logits = None
-        if k == 0:  # the stored LM head applied to the stored hidden states: the teacher's logits
+        logit_positions = states = head = None
+        if k == 0:  # the stored LM head, applied to the stored hidden states by the KL, chunk by chunk
             logit_positions, top_pos = tensor(top_pos, (0,), np.int64).long(), []
-            weight, bias = self.head(device)
-            states = (
+            head = self.head(device)
+            array = (
                 np.concatenate(hidden)
                 if hidden
-                else np.zeros((0, weight.shape[1]), _numpy_dtype(weight.dtype))
+                else np.zeros((0, head[0].shape[1]), _numpy_dtype(head[0].dtype))
             )
-            logits = F.linear(_from_numpy(states, self.meta["hidden_dtype"]).to(device), weight, bias)
+            states = _from_numpy(array, self.meta["hidden_dtype"]).to(device)
         sparse = SparseTeacher(
             temperature=self.meta["temperature"],
             full_positions=torch.tensor(full_pos, dtype=torch.long, device=device),
@@ -296,6 +296,7 @@ class TeacherStore:
             top_indices=tensor(indices, (0, max(k, 1)), np.int32).long(),
             top_tail=tensor(tail, (0,)),
             logit_positions=logit_positions,
-            logits=logits,
+            hidden=states,
+            head=head,
         )
         return sparse, (torch.from_numpy(np.stack(heads)).to(device) if heads else None)

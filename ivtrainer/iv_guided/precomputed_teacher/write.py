@@ -247,13 +247,16 @@ def _write_part(
             attention_mask = attention_mask.to(device) if attention_mask is not None else None
             input_ids = batch["input_ids"].to(device)
             prompt_end = last_prompt_positions(labels)
-            logits, head_outputs = teacher(input_ids, attention_mask, prompt_end)
+            # the exact store keeps the LM head's input: once its check is done, the pass ends there
+            logits, head_outputs = teacher(
+                input_ids, attention_mask, prompt_end, logits=top_k > 0 or head_error is None
+            )
             bar.update()
             if not chunk:
                 captured.clear()
                 continue
             if vocab is None:
-                vocab = logits.shape[-1]
+                vocab = logits.shape[-1]  # type: ignore[union-attr]  # the first pass has logits
                 if top_k >= vocab:
                     raise InvalidInputError(
                         f"teacher_top_k ({top_k}) must be smaller than the vocabulary ({vocab})"
@@ -261,7 +264,7 @@ def _write_part(
                 n = int(offsets[-1])
                 array("columns", (n,), np.int32)
                 if top_k == 0:
-                    hidden = _hidden_states(captured, logits)
+                    hidden = _hidden_states(captured, logits, input_ids)
                     dtype = hidden.dtype
                     array("hidden", (n, hidden.shape[-1]), _numpy_dtype(dtype))
                 else:
@@ -281,13 +284,14 @@ def _write_part(
             starts = _starts(_attended(attention_mask, labels))
             selected = top.nonzero(as_tuple=True)
             if top_k == 0:
-                hidden = _hidden_states(captured, logits)[selected]
-                if (
-                    head_error is None and hidden.shape[0]
-                ):  # the logits: the head's output, nothing more (no soft-cap)
+                hidden = _hidden_states(captured, logits, input_ids)[selected]
+                if head_error is None and hidden.shape[0]:  # the logits: the head's output, nothing more
                     head_error = _head_error(
-                        hidden[:8], captured[1][selected][:8], logits[selected][:8], *head
-                    )  # type: ignore[misc]
+                        hidden[:8],
+                        captured[1][selected][:8],
+                        logits[selected][:8],
+                        *head,  # type: ignore[index, misc]
+                    )
                 m = slice(position, position + hidden.shape[0])
                 arrays["columns"][m] = (selected[1] - starts[selected[0]]).cpu().numpy()
                 arrays["hidden"][m] = _to_numpy(hidden)
@@ -375,12 +379,16 @@ def _check_space(folder: Path, size: int) -> None:
     logger.info("precomputed teacher: writing %.1f MB in %s", size / 1e6, folder.parent)
 
 
-def _hidden_states(captured: list[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    """The LM head's input of the teacher's pass, checked to be one per position."""
-    if len(captured) != 2 or captured[0].shape[:-1] != logits.shape[:-1]:
+def _hidden_states(
+    captured: list[torch.Tensor], logits: torch.Tensor | None, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """The LM head's input of the teacher's pass (which ran the head when it returned ``logits``,
+    else ended before it), checked to be one per position."""
+    calls = 2 if logits is not None else 1
+    if len(captured) != calls or captured[0].shape[:-1] != input_ids.shape:
         raise InvalidInputError(
             "teacher_top_k=0 stores the input of the model's LM head, but the teacher's pass did not call its "
-            f"output embeddings once on every position ({len(captured) // 2} calls): use teacher_top_k >= 1"
+            f"output embeddings once on every position ({len(captured) / calls:g} calls): use teacher_top_k >= 1"
         )
     return captured[0].detach()
 
