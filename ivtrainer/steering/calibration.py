@@ -218,8 +218,8 @@ def calibrate(
     ``vectors`` maps each candidate number of heads to its vector (top-k heads of the CIE table).
     A fixed ``edit_layer`` or ``strength`` is not searched. Coarse to fine: every ~L/10-th layer at
     strengths 2 and 4 with the middle head count, then the layers around the two best, then every
-    head count x every strength at the best layer; it stops early once a setting gets every prompt
-    right. Ties go to
+    head count x every strength at the best layer (with one head count: the layers around the two
+    best at every strength, two passes); it stops early once a setting gets every prompt right. Ties go to
     the lower strength, then the layer nearer ``default_layer``, then the middle head count.
     """
     counts = sorted(vectors)
@@ -245,15 +245,19 @@ def calibrate(
 
     coarse = all_layers if len(all_layers) == 1 else all_layers[::stride]
     scan = [s for s in strengths if s in (2.0, 4.0)] or strengths  # the layer scan's strengths
+    # one head count (given, or a head set's): the layers near the best are tried at every
+    # strength, and no third pass is needed (one step per prompt fewer)
+    near_strengths = strengths if len(counts) == 1 and len(all_layers) > 1 else scan
+    passes = 2 if len(counts) == 1 and len(all_layers) > 1 else 3
     with tqdm(
-        total=3 * n, desc="calibration (layer x strength x heads)", unit="prompt", disable=_disabled(progress)
+        total=passes * n, desc="calibration (layer x strength x heads)", unit="prompt", disable=_disabled(progress)
     ) as bar:
         run([(middle, layer, s) for layer in coarse for s in scan], bar)
         if not perfect() and len(all_layers) > 1:
             best_layers = sorted({s[1] for s in sorted(found, key=key, reverse=True)[:2]})
             near = [x for b in best_layers for x in range(b - stride + 1, b + stride) if 0 <= x < n_layers]
-            run([(middle, layer, s) for layer in near for s in scan], bar)
-        if not perfect():
+            run([(middle, layer, s) for layer in near for s in near_strengths], bar)
+        if not perfect() and passes == 3:
             layer = max(found, key=key)[1]
             run([(k, layer, s) for k in counts for s in strengths], bar)
     best = max(found, key=key)

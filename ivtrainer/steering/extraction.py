@@ -173,6 +173,8 @@ def extract_instruction_vector(
     total = layout.n_layers * layout.n_heads
     if n_heads is not None:
         counts = [n_heads]
+    elif head_set is not None and head_set.n_top is not None:  # the set says how many: not searched
+        counts = [head_set.n_top]
     elif calibrate:
         counts = [k for k in HEAD_COUNTS if k <= total] or [total]
     else:

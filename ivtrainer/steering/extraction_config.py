@@ -37,7 +37,8 @@ class ExtractionConfig:
             `"exact"`: shared-prefix activation patching (equal to the plain loop); `"atp"`:
             attribution patching, one forward and one backward per prompt.
         n_heads (`int` or `None`, defaults to `None`):
-            Heads summed into the vector. `None`: 5, 10 or 20 chosen by calibration (10 without).
+            Heads summed into the vector. `None`: a head set's `n_top` when it has one, else 5, 10
+            or 20 chosen by calibration (10 without).
         calibrate (`bool`, defaults to `True`):
             Choose the number of heads, the edit layer and the strength jointly by zero-shot
             accuracy on extraction pairs. `False`: the papers' fixed choice (10 heads, layer

@@ -127,3 +127,34 @@ def test_cli_extract_heads_then_extract_iv_with_them_and_a_held_out_split(tmp_pa
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and "not an existing folder" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_head_set_with_n_top_fixes_the_head_count(llama, tokenizer, head_set, tmp_path, monkeypatch):
+    """``n_top``: the IV sums that many of the set's top heads, and the calibration searches the
+    layer and strength only, in two passes (the layers near the best at every strength); a set
+    saved without it loads and calibrates the count; a bad count is refused."""
+    import dataclasses
+    import json
+
+    import ivtrainer.steering.calibration as calibration
+
+    dataclasses.replace(head_set, n_top=3).save_pretrained(tmp_path / "heads")
+    loaded = HeadSet.from_pretrained(tmp_path / "heads")
+    assert loaded.n_top == 3 and "top 3 heads" in (tmp_path / "heads" / "README.md").read_text()
+    passes = []
+    hits = calibration.ZeroShotScorer.hits
+    monkeypatch.setattr(calibration.ZeroShotScorer, "hits", lambda self, *a: passes.append(1) or hits(self, *a))
+    iv = extract_instruction_vector(llama, tokenizer, "antonym", heads=loaded, n_calibration_prompts=16, **CHEAP)
+    searched = iv.metrics["calibration"]["searched"]
+    assert iv.heads == head_set.top(3) and {int(r[0]) for r in searched} == {3}
+    assert len(passes) <= 2 and {r[2] for r in searched if r[1] == iv.edit_layer} == {1.0, 2.0, 4.0, 8.0}
+    passes.clear()
+    iv = extract_instruction_vector(llama, tokenizer, "antonym", heads=head_set, n_calibration_prompts=16, **CHEAP)
+    assert len(passes) == 3 and {int(r[0]) for r in iv.metrics["calibration"]["searched"]} == {5, 10}
+    config = json.loads((tmp_path / "heads" / "head_set.json").read_text())
+    del config["n_top"]
+    (tmp_path / "heads" / "head_set.json").write_text(json.dumps(config))
+    assert HeadSet.from_pretrained(tmp_path / "heads").n_top is None
+    for bad in (0, True, 13, 2.0):
+        with pytest.raises(InvalidHeadSetError, match="n_top"):
+            dataclasses.replace(head_set, n_top=bad)
