@@ -93,6 +93,11 @@ def _check_inputs(out: Path, inputs: dict[str, Any]) -> None:
             f"the rows of task {changed[0]!r} changed since {out} began (its file was edited): the stages already "
             "trained used the old rows; give a new --out to run with these, or restore the file"
         )
+    if "iv_heads" in inputs and saved.get("iv_heads", inputs["iv_heads"]) != inputs["iv_heads"]:
+        raise InvalidInputError(
+            f"the own-task IVs of {out} took their heads from another head set (or per-task CIE) when it began: "
+            "give a new --out, or the head set it began with (--iv_heads)"
+        )
     files = inputs.get("model_files")
     if ("model" in inputs and saved_model is not None and inputs["model"] != saved_model) or (
         files is not None and saved.get("model_files") not in (None, files)

@@ -37,6 +37,24 @@ def _check_sizes(config: ContinualSettings, rows) -> None:
             check_extraction_sizes(train, n_shots=10, source=_name(task))
 
 
+def _heads_used(config: ContinualSettings, model: nn.Module, heads) -> str:
+    """What the own-task IVs take their heads from, for a resumed run to check: ``"exact"``
+    (per-task CIE) or a digest of the head set (given, or shipped for this model)."""
+    import hashlib
+
+    from ivtrainer.iv_guided.own_task_iv import EXACT
+    from ivtrainer.steering.head_set import shipped_head_set
+
+    if config.iv_heads == EXACT:
+        return EXACT
+    head_set = heads if heads is not None else shipped_head_set(model)
+    if head_set is None:
+        return EXACT
+    digest = hashlib.blake2b(head_set.cie.numpy().tobytes(), digest_size=16)
+    digest.update(repr((head_set.tasks, head_set.n_top)).encode())
+    return digest.hexdigest()
+
+
 def _head_set(config: ContinualSettings):
     """The saved head set for the own-task IVs (read before the model loads), or None."""
     from ivtrainer.iv_guided.own_task_iv import EXACT

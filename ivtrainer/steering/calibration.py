@@ -250,7 +250,10 @@ def calibrate(
     near_strengths = strengths if len(counts) == 1 and len(all_layers) > 1 else scan
     passes = 2 if len(counts) == 1 and len(all_layers) > 1 else 3
     with tqdm(
-        total=passes * n, desc="calibration (layer x strength x heads)", unit="prompt", disable=_disabled(progress)
+        total=passes * n,
+        desc="calibration (layer x strength x heads)",
+        unit="prompt",
+        disable=_disabled(progress),
     ) as bar:
         run([(middle, layer, s) for layer in coarse for s in scan], bar)
         if not perfect() and len(all_layers) > 1:

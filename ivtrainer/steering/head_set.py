@@ -54,8 +54,8 @@ class InvalidHeadSetError(IVTrainerError, ValueError):
 @dataclasses.dataclass
 class HeadSet:
     """Heads ranked by mean CIE over ``tasks``; ``task_cie`` keeps each task's own table;
-    ``n_top``: how many of its top heads an instruction vector sums (the number the calibration
-    chose most often on ``tasks``; None: calibrated per vector, 5, 10 or 20)."""
+    ``n_top``: how many of its top heads an instruction vector sums, so that its calibration
+    searches the layer and strength only (None: the count is calibrated too, 5, 10 or 20)."""
 
     cie: torch.Tensor  # (n_layers, n_heads), the mean over tasks
     task_cie: torch.Tensor  # (n_tasks, n_layers, n_heads)
@@ -215,7 +215,7 @@ iv = extract_instruction_vector(model, tokenizer, "my_task.jsonl", heads=heads)
 ## Settings
 
 {chr(10).join(f"- {k}: {v}" for k, v in self.settings.items())}
-{f"{chr(10)}An instruction vector takes its top {self.n_top} heads (the number its tasks' calibrations chose most often).{chr(10)}" if self.n_top else ""}"""
+{f"{chr(10)}An instruction vector from this set sums its top {self.n_top} heads (`n_top`: the calibration searches the layer and strength only).{chr(10)}" if self.n_top else ""}"""
         )
 
 

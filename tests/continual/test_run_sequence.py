@@ -284,3 +284,48 @@ def test_the_tuned_knobs_reach_training_and_validation_scoring(tmp_path, model_d
     for bad in ({"kl_scale": 0}, {"teacher_strength": -1.0}, {"eval_split": "train"}):
         with pytest.raises(InvalidInputError):
             run_sequence(["brackets"], out=tmp_path / "y", model=model_dir, **bad, **FAST)
+
+
+def test_a_resumed_run_keeps_the_heads_its_own_task_ivs_began_with(tmp_path, model_dir, monkeypatch):
+    """The head set the own-task IVs took their heads from is recorded; a resume with another one
+    (the shipped set changed, or --iv_heads) is refused, and a run begun before own-task IVs took
+    the shipped set's heads continues with per-task CIE, as its first stages did."""
+    import dataclasses
+
+    import ivtrainer.iv_guided.own_task_iv as own_task_iv_module
+    import ivtrainer.steering.head_set as head_set_module
+    from ivtrainer import extract_head_set
+    from ivtrainer.modeling.loading import load_model, model_source
+
+    model, tokenizer = load_model(model_dir)
+    heads = extract_head_set(
+        model,
+        tokenizer,
+        ["antonym", "uppercase"],
+        n_shots=2,
+        n_mean_prompts=6,
+        n_cie_prompts=2,
+        progress=False,
+    )
+    heads.model_name = model_source(model)["name"]  # "shipped" for this tiny checkpoint
+    heads.save_pretrained(tmp_path / "shipped")
+    monkeypatch.setattr(head_set_module, "SHIPPED", tmp_path / "shipped")
+    asked = []
+    own = own_task_iv_module.own_task_iv
+    monkeypatch.setattr(
+        own_task_iv_module, "own_task_iv", lambda *a, **kw: asked.append(kw["heads"]) or own(*a, **kw)
+    )
+    out, tasks = tmp_path / "run", ["brackets", "plural"]
+    run_sequence(tasks, out=out, method="iv-guided", model=model_dir, **FAST)
+    inputs = json.loads((out / "inputs.json").read_text())
+    assert inputs["iv_heads"] != "exact" and asked == [None, None]
+    shutil.rmtree(out / "stages" / "2")  # killed in stage 2
+    (out / "results.json").unlink()
+    dataclasses.replace(heads, n_top=3).save_pretrained(tmp_path / "shipped")  # then the shipped set changed
+    with pytest.raises(InvalidInputError, match="another head set"):
+        run_sequence(tasks, out=out, method="iv-guided", model=model_dir, **FAST)
+    del inputs["iv_heads"]  # as a run begun before the shipped set wrote it
+    (out / "inputs.json").write_text(json.dumps(inputs))
+    asked.clear()
+    run_sequence(tasks, out=out, method="iv-guided", model=model_dir, **FAST)
+    assert asked == ["exact"]

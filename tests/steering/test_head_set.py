@@ -143,13 +143,19 @@ def test_a_head_set_with_n_top_fixes_the_head_count(llama, tokenizer, head_set, 
     assert loaded.n_top == 3 and "top 3 heads" in (tmp_path / "heads" / "README.md").read_text()
     passes = []
     hits = calibration.ZeroShotScorer.hits
-    monkeypatch.setattr(calibration.ZeroShotScorer, "hits", lambda self, *a: passes.append(1) or hits(self, *a))
-    iv = extract_instruction_vector(llama, tokenizer, "antonym", heads=loaded, n_calibration_prompts=16, **CHEAP)
+    monkeypatch.setattr(
+        calibration.ZeroShotScorer, "hits", lambda self, *a: passes.append(1) or hits(self, *a)
+    )
+    iv = extract_instruction_vector(
+        llama, tokenizer, "antonym", heads=loaded, n_calibration_prompts=16, **CHEAP
+    )
     searched = iv.metrics["calibration"]["searched"]
     assert iv.heads == head_set.top(3) and {int(r[0]) for r in searched} == {3}
     assert len(passes) <= 2 and {r[2] for r in searched if r[1] == iv.edit_layer} == {1.0, 2.0, 4.0, 8.0}
     passes.clear()
-    iv = extract_instruction_vector(llama, tokenizer, "antonym", heads=head_set, n_calibration_prompts=16, **CHEAP)
+    iv = extract_instruction_vector(
+        llama, tokenizer, "antonym", heads=head_set, n_calibration_prompts=16, **CHEAP
+    )
     assert len(passes) == 3 and {int(r[0]) for r in iv.metrics["calibration"]["searched"]} == {5, 10}
     config = json.loads((tmp_path / "heads" / "head_set.json").read_text())
     del config["n_top"]
