@@ -9,8 +9,9 @@ the last prompt token x20 and at every token x0.1, the head term against the tea
 IV), ``--positions all``; or the KL at the last prompt token alone (``last_prompt``). Each
 measurement is a fresh process (and a fresh output folder: no stored teacher is reused), the
 modes alternating, ``--rounds`` times; step time is the median over the timed steps (after one
-warm-up step), peak memory the process's VmHWM (glibc's mmap threshold fixed, so that freed
-memory leaves the process: the peak of live memory), the precompute pass the time from
+warm-up step); peak memory the VmHWM of one more process per mode, run with glibc's mmap
+threshold fixed at 64 KiB (freed memory leaves the process at once: the peak of live memory, the
+same to 1 MiB between runs; the timed processes keep glibc's defaults), the precompute pass the time from
 ``on_train_begin`` to the first step, also counted in plain no-grad forwards of a batch. LoRA
 (rank 8 on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning. ``--disk`` also states the
 stored teacher's bytes per example for each position choice and k (``0``: the exact store of
@@ -111,17 +112,27 @@ print(json.dumps(out))
 
 
 # glibc's mmap threshold fixed: a freed tensor's memory goes back to the OS at once, so VmHWM is the
-# peak of live memory (with the adaptive threshold, the same plain run measured 1879-2034 MiB)
-_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# peak of live memory (with the adaptive threshold, the same plain run measured 1879-2034 MiB); it
+# slows allocation, so only the memory runs use it
+_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def child(mode: str, method: str, steps: int, iv_dir: str, positions: str = "all", top_k: int = 64) -> dict:
+def child(
+    mode: str,
+    method: str,
+    steps: int,
+    iv_dir: str,
+    positions: str = "all",
+    top_k: int = 64,
+    *,
+    peak: bool = False,
+) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, mode, method, str(steps), iv_dir, positions, str(top_k)],
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, **_ENV},
+        env={**os.environ, **(_PEAK_ENV if peak else {})},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -168,7 +179,7 @@ def main() -> None:
         extract_instruction_vector(model, tok, "antonym", n_mean_prompts=20, n_cie_prompts=4).save_pretrained(
             args.iv
         )
-    baseline = statistics.median(child("baseline", "-", 0, args.iv)["peak_kib"] for _ in range(args.rounds))
+    baseline = child("baseline", "-", 0, args.iv, peak=True)["peak_kib"]
     results: dict = {"methods": {}, "disk": {}}
     for method in args.methods:
         modes = [("plain", "-", 0)]
@@ -180,7 +191,8 @@ def main() -> None:
                 runs[teacher, positions, k].append(child(teacher, method, args.steps, args.iv, positions, k))
         plain = runs["plain", "-", 0]
         step_plain = statistics.median(r["step_s"] for r in plain)
-        peak_plain = statistics.median(r["peak_kib"] for r in plain)
+        peaks = {m: child(*m[:1], method, 2, args.iv, *m[1:], peak=True)["peak_kib"] for m in modes}
+        peak_plain = peaks["plain", "-", 0]
         forward = statistics.median(r["forward_s"] for r in plain)
         steps_per_epoch = plain[0]["rows"] // 8
         out = results["methods"][method] = {
@@ -191,7 +203,7 @@ def main() -> None:
         for teacher, positions, k in modes[1:]:
             rs = runs[teacher, positions, k]
             step = statistics.median(r["step_s"] for r in rs)
-            peak = statistics.median(r["peak_kib"] for r in rs)
+            peak = peaks[teacher, positions, k]
             begin = statistics.median(r["begin_s"] for r in rs) - statistics.median(
                 r["begin_s"] for r in plain
             )

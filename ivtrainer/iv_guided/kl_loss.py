@@ -131,9 +131,8 @@ class SparseTeacher:
     """The teacher's log-probabilities (at the KL's temperature) at some positions of a batch, as
     stored by the precomputed teacher: the whole distribution at ``full_positions``, the top-k
     entries and the log of the remaining mass at ``top_positions``, the raw logits at
-    ``logit_positions`` (its LM head applied to stored hidden states: exact; given as ``logits``,
-    or as ``hidden`` states and the ``head``'s weight and bias, applied a chunk of positions at a
-    time); flat ``row * seq + column`` indices, each sorted.
+    ``logit_positions`` (its LM head applied to stored hidden states: exact; flat
+    ``row * seq + column`` indices, each sorted).
 
     At a top-k position the KL is taken between the two distributions coarsened to the stored
     tokens plus one bucket for all the others (the teacher's tail mass against the student's): exact
@@ -150,8 +149,6 @@ class SparseTeacher:
     top_tail: torch.Tensor  # (n_top,) log of the mass outside the top k
     logit_positions: torch.Tensor | None = None  # (n_logits,)
     logits: torch.Tensor | None = None  # (n_logits, vocab) logits before the temperature
-    hidden: torch.Tensor | None = None  # (n_logits, hidden): the logits' LM head input, instead
-    head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # that LM head's weight and bias
 
     def log_probs(self, positions: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         """Float32 ``(n, vocab)`` teacher log-probabilities at flat ``positions``, given the
@@ -171,12 +168,7 @@ class SparseTeacher:
             if stored is self.full_positions:
                 out[here] = self.full[slot[here]].float()
             elif stored is self.logit_positions:
-                logits = (
-                    self.logits[slot[here]]
-                    if self.logits is not None
-                    else F.linear(self.hidden[slot[here]], *self.head)  # type: ignore[index, misc]
-                )
-                out[here] = F.log_softmax(logits.float() / self.temperature, dim=-1)
+                out[here] = F.log_softmax(self.logits[slot[here]].float() / self.temperature, dim=-1)  # type: ignore[index]
             else:
                 out[here] = top_k_log_probs(
                     student[here],
@@ -382,11 +374,9 @@ class _FusedKL(torch.autograd.Function):
             and sparse.logits.dtype == student.dtype
             and torch.equal(sparse.logit_positions, index)
         )
-        if student_hidden is not None:  # the gradient of the hidden states, (n, hidden), chunk by chunk
-            in_teacher = in_sparse = False
-            grad = head_weight.new_empty((n, head_weight.shape[1]))
-        else:
-            grad = sparse.logits if in_sparse else teacher if in_teacher else student.new_empty((n, vocab))
+        if student_hidden is not None:  # the logits' gradient at the n positions, then the hidden states'
+            in_teacher = False
+        grad = sparse.logits if in_sparse else teacher if in_teacher else student.new_empty((n, vocab))
         per_position = torch.empty(n, dtype=torch.float32, device=student.device)
         chunk = max(1, _CHUNK_ELEMENTS.get(student.device.type, _CHUNK_ELEMENTS_ACCELERATOR) // vocab)
         for start in range(0, n, chunk):
@@ -401,9 +391,7 @@ class _FusedKL(torch.autograd.Function):
             else:
                 t = F.log_softmax(t_in.float() / temperature, dim=-1)
             per_position[part], g = _kl_and_grad(s, t, direction, temperature)
-            if student_hidden is not None:
-                grad[part] = g.to(head_weight.dtype) @ head_weight
-            elif in_teacher and not everything:
+            if in_teacher and not everything:
                 grad.index_copy_(0, rows, g.to(grad.dtype))
             else:
                 grad[part] = g
@@ -425,6 +413,8 @@ class _FusedKL(torch.autograd.Function):
         if in_teacher and not everything:  # the rows of the whole batch (the others are zeros)
             scale = scale.new_zeros(student.shape[0]).index_copy_(0, index, scale)
         grad.mul_(scale[:, None].to(grad.dtype))
+        if student_hidden is not None:  # through the frozen head, all positions in one matmul
+            grad = grad.to(head_weight.dtype) @ head_weight
         ctx.save_for_backward(index)
         ctx.grad = grad  # an attribute, not a saved tensor: dropped in backward
         return (weights * values).sum()

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ivtrainer.errors import InvalidInputError
@@ -275,16 +276,16 @@ class TeacherStore:
             array = np.concatenate(chunks) if chunks else np.zeros(shape, dtype or np.float32)
             return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
-        logit_positions = states = head = None
-        if k == 0:  # the stored LM head, applied to the stored hidden states by the KL, chunk by chunk
+        logit_positions = logits = None
+        if k == 0:  # the stored LM head applied to the stored hidden states: the teacher's logits
             logit_positions, top_pos = tensor(top_pos, (0,), np.int64).long(), []
-            head = self.head(device)
-            array = (
+            weight, bias = self.head(device)
+            states = (
                 np.concatenate(hidden)
                 if hidden
-                else np.zeros((0, head[0].shape[1]), _numpy_dtype(head[0].dtype))
+                else np.zeros((0, weight.shape[1]), _numpy_dtype(weight.dtype))
             )
-            states = _from_numpy(array, self.meta["hidden_dtype"]).to(device)
+            logits = F.linear(_from_numpy(states, self.meta["hidden_dtype"]).to(device), weight, bias)
         sparse = SparseTeacher(
             temperature=self.meta["temperature"],
             full_positions=torch.tensor(full_pos, dtype=torch.long, device=device),
@@ -296,7 +297,6 @@ class TeacherStore:
             top_indices=tensor(indices, (0, max(k, 1)), np.int32).long(),
             top_tail=tensor(tail, (0,)),
             logit_positions=logit_positions,
-            hidden=states,
-            head=head,
+            logits=logits,
         )
         return sparse, (torch.from_numpy(np.stack(heads)).to(device) if heads else None)
