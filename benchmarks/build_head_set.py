@@ -5,9 +5,9 @@
 Every built-in task's exact causal indirect effects on its extraction pairs, averaged into one
 ranking (``ivtrainer.extract_head_set`` with the package's defaults: 100 mean prompts, 25 CIE
 prompts, 10-shot), saved with its card (tasks, settings, the model it was chosen on).
-``instruction_vectors="auto"`` and the continual runner read an own-task IV's heads from it when
-the model is the default model (``ivtrainer.steering.head_set.shipped_head_set``), instead of
-running exact CIE over all 270 heads per task.
+``auto_iv_heads="shipped"`` and ``continual --iv_heads shipped`` read an own-task IV's heads from
+it when the model is the default model (``ivtrainer.steering.head_set.shipped_head_set``), instead
+of running exact CIE over all 270 heads per task.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def add_provenance(folder: Path, seconds: float, note: str | None) -> None:
 Shipped with ivtrainer as package data for the default model (`load_model("default")`:
 SmolLM2-135M-Instruct{f"; {note}" if note else ""}). Built by `python benchmarks/build_head_set.py`
 from the built-in tasks' extraction pairs (exact CIE, the package's default sizes) in {seconds:.0f} s
-on 2 CPU cores. `instruction_vectors="auto"` and `ivtrainer continual` take an own-task IV's heads
-from it when the model is this checkpoint (by name and layout); `auto_iv_heads="exact"`
-(`--iv_heads exact`) asks for per-task exact CIE instead. How its IVs steer against per-task ones:
+on 2 CPU cores. With `auto_iv_heads="shipped"` (`instruction_vectors="auto"`) or
+`ivtrainer continual --iv_heads shipped` an own-task IV takes its heads from it when the model is
+this checkpoint (by name and layout); the default is per-task exact CIE. How its IVs steer against per-task ones:
 `python benchmarks/shipped_head_set.py` (docs/instruction-vectors.md).
 """
     )

@@ -5,7 +5,7 @@
 Each seed runs order1 (five tasks, LoRA, the test split) twice, one after the other in this
 process: ``plain``, then ``iv-guided`` as the package runs it now (the exact precomputed teacher,
 ``teacher="precomputed", teacher_top_k=0``; each task's own IV from the head set shipped for the
-default model, calibrated; the setting chosen for iv-guided on validation rows by
+default model, ``iv_heads="shipped"``, calibrated; the setting chosen for iv-guided on validation rows by
 ``benchmarks/continual.py --tune``: ``kl_scale=1, teacher_strength=2``) with the sizes of
 ``benchmarks/continual.py`` (128 training rows a task, 2 epochs, own-task IVs from 50 mean prompts
 and 32 calibration pairs). The whole sequence is what ``run_sequence`` spends training (the
@@ -38,7 +38,13 @@ SIZES = {
 }
 METHODS = {
     "plain": {},
-    "iv-guided": {"kl_scale": 1.0, "teacher_strength": 2.0, "teacher": "precomputed", "teacher_top_k": 0},
+    "iv-guided": {
+        "kl_scale": 1.0,
+        "teacher_strength": 2.0,
+        "teacher": "precomputed",
+        "teacher_top_k": 0,
+        "iv_heads": "shipped",
+    },
 }
 # docs/continual.md, order1, iv-guided (kl_scale1-teacher_strength2): mean [seed range] over 3 seeds
 BEFORE = {"AP": (0.210, 0.204, 0.217), "BWT": (-0.521, -0.547, -0.505)}

@@ -70,8 +70,8 @@ class ContinualArguments:
     )
     iv_heads: str | None = _flag(
         None,
-        "iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`); 'exact': per-task CIE over "
-        "every head (default: the head set shipped for the model when there is one, else exact)",
+        "iv-guided: a saved head set for the own-task IVs (`ivtrainer extract-heads`), or 'shipped': the one "
+        "ivtrainer ships for the default model (default: per-task exact CIE over every head)",
     )
     teacher: str = _flag(
         _D["teacher"],

@@ -43,7 +43,7 @@ def make_parser(subparsers):
         description="Measure every head's causal indirect effect on each task and save the mean as a head set "
         "(safetensors + JSON + model card); extract-iv --heads then needs only a task's mean activations, and so "
         "do the own-task IVs of training (IVGuidedConfig(auto_iv_heads=...), continual --iv_heads). The default "
-        "model has one built in, used by those two unless told 'exact'; build one here for any other model.",
+        "model has one built in ('shipped' there); build one here for any other model.",
     )
 
 

@@ -71,13 +71,6 @@ from ivtrainer.continual.stage import (
 logger = logging.getLogger(__name__)
 
 
-def _saved_inputs(out: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((out / "inputs.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        return {}
-
-
 def task_rows(task: str, split: str) -> list[dict[str, str]]:
     """Rows of a built-in sequence task, or of a JSON/JSONL file of ``{"input", "output"}`` pairs
     (prompt = the input, completion = a space and the output; 20% test, 10% validation, fixed)."""
@@ -159,13 +152,6 @@ def run_sequence(
     _check_model(current, config, heads)  # again: a .gguf file has no config to check it from
     inputs["model"] = model_fingerprint(current)
     inputs["iv_heads"] = _heads_used(config, current, heads)
-    if resuming and config.iv_heads is None and "iv_heads" not in _saved_inputs(out):
-        # begun before own-task IVs took the shipped head set's heads: its stages used per-task CIE
-        from ivtrainer.iv_guided.own_task_iv import EXACT
-
-        config = dataclasses.replace(config, iv_heads=EXACT)
-        inputs["iv_heads"] = EXACT
-        logger.warning("%s began with per-task CIE for the own-task IVs: it continues with them", out)
     if resuming:
         _check_inputs(out, inputs)
     # written once every check has passed: a refused run leaves nothing that blocks its corrected rerun

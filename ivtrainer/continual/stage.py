@@ -42,14 +42,17 @@ def _heads_used(config: ContinualSettings, model: nn.Module, heads) -> str:
     (per-task CIE) or a digest of the head set (given, or shipped for this model)."""
     import hashlib
 
-    from ivtrainer.iv_guided.own_task_iv import EXACT
+    from ivtrainer.iv_guided.own_task_iv import EXACT, SHIPPED_HEADS
     from ivtrainer.steering.head_set import shipped_head_set
 
-    if config.iv_heads == EXACT:
+    if config.iv_heads in (None, EXACT):
         return EXACT
-    head_set = heads if heads is not None else shipped_head_set(model)
+    head_set = shipped_head_set(model) if config.iv_heads == SHIPPED_HEADS else heads
     if head_set is None:
-        return EXACT
+        raise InvalidInputError(
+            "--iv_heads shipped: ivtrainer ships a head set for the default model only; build one for this model "
+            "with `ivtrainer extract-heads` and pass its folder"
+        )
     digest = hashlib.blake2b(head_set.cie.numpy().tobytes(), digest_size=16)
     digest.update(repr((head_set.tasks, head_set.n_top)).encode())
     return digest.hexdigest()
@@ -57,10 +60,10 @@ def _heads_used(config: ContinualSettings, model: nn.Module, heads) -> str:
 
 def _head_set(config: ContinualSettings):
     """The saved head set for the own-task IVs (read before the model loads), or None."""
-    from ivtrainer.iv_guided.own_task_iv import EXACT
+    from ivtrainer.iv_guided.own_task_iv import EXACT, SHIPPED_HEADS
     from ivtrainer.steering.head_set import HeadSet
 
-    if config.iv_heads in (None, EXACT):  # the shipped head set (checked by own_task_iv), or none
+    if config.iv_heads in (None, EXACT, SHIPPED_HEADS):  # per-task CIE, or the shipped set (own_task_iv)
         return None
 
     return HeadSet.from_pretrained(config.iv_heads)

@@ -449,7 +449,7 @@ class IVGuidance:
 def _frozen_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
     """The LM head and its weight when nothing in it trains and it is whole on this process (not
     ZeRO-3 or FSDP shards): LoRA's usual case."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None

@@ -47,8 +47,8 @@ class IVGuidedConfig(ForgettingMonitorArguments, TrainingArguments):
         auto_iv_heads (`str` or `None`, defaults to `None`):
             With `instruction_vectors="auto"`: a saved head set (folder or Hub id) to extract the
             training data's IV from (FvForgetting's universal heads: mean activations only, no CIE);
-            `None`: the head set shipped for the model when there is one (the default model's), else
-            exact CIE over every head; `"exact"`: exact CIE over every head.
+            `"shipped"`: the head set ivtrainer ships for the default model; `None` or `"exact"`:
+            exact CIE over every head.
         iv_weights (`list[float]` or `None`, defaults to `None`):
             A weight per instruction vector (default 1 each).
         iv_schedule (`str`, defaults to `"linear"`):
@@ -116,8 +116,8 @@ class IVGuidedConfig(ForgettingMonitorArguments, TrainingArguments):
         default=None,
         metadata={
             "help": "With instruction_vectors auto: a saved head set (folder or Hub id) to extract the training "
-            "data's IV from (FvForgetting's universal heads; only mean activations, no CIE); None: the head set "
-            "shipped for the model when there is one (the default model's), else exact CIE; 'exact': exact CIE."
+            "data's IV from (FvForgetting's universal heads; only mean activations, no CIE); 'shipped': the head "
+            "set ivtrainer ships for the default model; None or 'exact': exact CIE over every head."
         },
     )
     iv_weights: list[float] | None = dataclasses.field(

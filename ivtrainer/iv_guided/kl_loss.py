@@ -269,6 +269,8 @@ def kl_terms(
         )
     if direction not in KL_DIRECTIONS:
         raise InvalidInputError(f"KL direction must be one of {KL_DIRECTIONS}, not {direction!r}")
+    if (student_hidden is None) != (head_weight is None):
+        raise InvalidInputError("student_hidden and head_weight go together")
     thresholds = [0.0] * len(masks) if thresholds is None else list(thresholds)
     if not len(masks) == len(weights) == len(thresholds) or not masks:
         raise InvalidInputError("kl_terms needs one weight and one threshold per mask, and at least one mask")
@@ -294,8 +296,6 @@ def kl_terms(
         else counts.float().clamp(min=1)  # an empty term sums to 0 (and is reported as None)
     )
     values = torch.empty(len(masks), dtype=torch.float32, device=index.device)
-    if (student_hidden is None) != (head_weight is None):
-        raise InvalidInputError("student_hidden and head_weight go together")
     loss = _FusedKL.apply(
         student_logits, teacher_logits, index, teacher_index, member,
         torch.tensor([float(w) for w in weights], device=index.device), denominators,

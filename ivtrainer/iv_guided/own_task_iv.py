@@ -25,14 +25,16 @@ from ivtrainer.steering.extraction import extract_instruction_vector
 from ivtrainer.steering.head_set import HeadSet, shipped_head_set
 from ivtrainer.steering.instruction_vector import InstructionVector
 
-__all__ = ["AUTO", "EXACT", "own_task_iv", "training_pairs"]
+__all__ = ["AUTO", "EXACT", "SHIPPED_HEADS", "own_task_iv", "training_pairs"]
 
 logger = logging.get_logger(__name__)
 
 #: The value of ``instruction_vectors`` that asks for the training data's own IV.
 AUTO = "auto"
-#: The value of ``auto_iv_heads`` that asks for exact CIE over every head (no head set).
+#: The value of ``auto_iv_heads`` that asks for exact CIE over every head (no head set: the default).
 EXACT = "exact"
+#: The value of ``auto_iv_heads`` that asks for the head set ivtrainer ships for the model.
+SHIPPED_HEADS = "shipped"
 
 # Rows read from the training data: enough for 100 ten-shot prompts and 64 calibration pairs.
 MAX_PAIRS = 512
@@ -146,11 +148,12 @@ def own_task_iv(
     **extraction: Any,
 ) -> InstructionVector:
     """The IV of the task in ``dataset``, extracted on ``model`` as it is now (the package's
-    default extraction: calibrated). ``heads``: a saved universal head set (an object, folder or
-    Hub id), as the public FvForgetting code does, which costs only the mean activations; None:
-    the head set ivtrainer ships for the model when there is one
-    (:func:`~ivtrainer.steering.head_set.shipped_head_set`: the default model's), else exact CIE
-    over every head; ``"exact"``: exact CIE over every head. ``extraction``: more
+    default extraction: calibrated). ``heads``: None or ``"exact"``: exact CIE over every head;
+    a saved universal head set (an object, folder or Hub id), as the public FvForgetting code
+    does, which costs only the mean activations; ``"shipped"``: the head set ivtrainer ships for
+    the model (:func:`~ivtrainer.steering.head_set.shipped_head_set`: the default model's; its IVs
+    steer better and cost less, but IV-guided training with them forgot more in the continual
+    benchmark, so it is not the default). ``extraction``: more
     :func:`~ivtrainer.steering.extraction.extract_instruction_vector` arguments.
 
     Conversations give pairs of (user turn, assistant answer), and their few-shot prompts are
@@ -166,13 +169,14 @@ def own_task_iv(
         )
     pairs = training_pairs(dataset, tokenizer)
     shipped = ""
-    if heads is None:
+    if heads == SHIPPED_HEADS:
         heads = shipped_head_set(model)
-        shipped = (
-            "; heads from the head set shipped for this model (auto_iv_heads='exact': per-task CIE)"
-            if heads
-            else ""
-        )
+        if heads is None:
+            raise InvalidInputError(
+                "auto_iv_heads='shipped': ivtrainer ships a head set for the default model only; build one for this "
+                "model with `ivtrainer extract-heads --model ... --out heads` and pass that folder"
+            )
+        shipped = "; heads from the head set shipped for this model"
     elif heads == EXACT:
         heads = None
     if (

@@ -287,9 +287,8 @@ def test_the_tuned_knobs_reach_training_and_validation_scoring(tmp_path, model_d
 
 
 def test_a_resumed_run_keeps_the_heads_its_own_task_ivs_began_with(tmp_path, model_dir, monkeypatch):
-    """The head set the own-task IVs took their heads from is recorded; a resume with another one
-    (the shipped set changed, or --iv_heads) is refused, and a run begun before own-task IVs took
-    the shipped set's heads continues with per-task CIE, as its first stages did."""
+    """``iv_heads="shipped"`` takes the own-task IVs' heads from the set shipped for the model; the
+    set they took them from is recorded, and a resume after it changed is refused."""
     import dataclasses
 
     import ivtrainer.iv_guided.own_task_iv as own_task_iv_module
@@ -310,22 +309,20 @@ def test_a_resumed_run_keeps_the_heads_its_own_task_ivs_began_with(tmp_path, mod
     heads.model_name = model_source(model)["name"]  # "shipped" for this tiny checkpoint
     heads.save_pretrained(tmp_path / "shipped")
     monkeypatch.setattr(head_set_module, "SHIPPED", tmp_path / "shipped")
-    asked = []
+    used = []
     own = own_task_iv_module.own_task_iv
     monkeypatch.setattr(
-        own_task_iv_module, "own_task_iv", lambda *a, **kw: asked.append(kw["heads"]) or own(*a, **kw)
+        own_task_iv_module, "own_task_iv", lambda *a, **kw: used.append((iv := own(*a, **kw)).settings) or iv
     )
     out, tasks = tmp_path / "run", ["brackets", "plural"]
-    run_sequence(tasks, out=out, method="iv-guided", model=model_dir, **FAST)
-    inputs = json.loads((out / "inputs.json").read_text())
-    assert inputs["iv_heads"] != "exact" and asked == [None, None]
+    run_sequence(tasks, out=out, method="iv-guided", model=model_dir, iv_heads="shipped", **FAST)
+    assert json.loads((out / "inputs.json").read_text())["iv_heads"] != "exact"
+    assert [u["head_set"]["tasks"] for u in used] == [["antonym", "uppercase"]] * 2
     shutil.rmtree(out / "stages" / "2")  # killed in stage 2
     (out / "results.json").unlink()
     dataclasses.replace(heads, n_top=3).save_pretrained(tmp_path / "shipped")  # then the shipped set changed
     with pytest.raises(InvalidInputError, match="another head set"):
-        run_sequence(tasks, out=out, method="iv-guided", model=model_dir, **FAST)
-    del inputs["iv_heads"]  # as a run begun before the shipped set wrote it
-    (out / "inputs.json").write_text(json.dumps(inputs))
-    asked.clear()
-    run_sequence(tasks, out=out, method="iv-guided", model=model_dir, **FAST)
-    assert asked == ["exact"]
+        run_sequence(tasks, out=out, method="iv-guided", model=model_dir, iv_heads="shipped", **FAST)
+    run_sequence(["brackets"], out=tmp_path / "exact", method="iv-guided", model=model_dir, **FAST)
+    assert json.loads((tmp_path / "exact" / "inputs.json").read_text())["iv_heads"] == "exact"
+    assert not used[-1].get("head_set")  # the default: per-task CIE

@@ -9,6 +9,7 @@ from datasets import Dataset
 from ivtrainer import IVGuidedTrainer, extract_head_set, extract_instruction_vector
 from ivtrainer.datasets.prompt_completion import encode_prompt_completion
 from ivtrainer.datasets.tasks import load_task
+from ivtrainer.errors import InvalidInputError
 from ivtrainer.iv_guided.own_task_iv import training_pairs
 from ivtrainer.testing import tiny_model
 from tests.utils import guided_config
@@ -134,9 +135,9 @@ def test_pairs_from_chats_and_the_iv_read_at_the_generation_prompt(tokenizer):
     assert iv.settings["chat_template"] is True
 
 
-def test_a_head_set_shipped_for_the_model_is_used_unless_exact_is_asked(tmp_path, tokenizer, monkeypatch):
-    """``heads=None`` takes the head set shipped for the model's checkpoint (matched by name and
-    layout), ``"exact"`` runs per-task CIE; another model gets exact CIE whatever ships."""
+def test_the_head_set_shipped_for_the_model_is_used_when_asked(tmp_path, tokenizer, monkeypatch):
+    """``heads="shipped"`` takes the head set shipped for the model's checkpoint (matched by name
+    and layout); the default (None, ``"exact"``) runs per-task CIE; another model has none."""
     from ivtrainer.iv_guided.own_task_iv import own_task_iv
     from ivtrainer.steering import head_set as head_set_module
 
@@ -148,14 +149,16 @@ def test_a_head_set_shipped_for_the_model_is_used_unless_exact_is_asked(tmp_path
     heads.save_pretrained(tmp_path / "shipped")
     monkeypatch.setattr(head_set_module, "SHIPPED", tmp_path / "shipped")
     data = prompt_completion_rows()
-    shipped = own_task_iv(model, tokenizer, data, calibrate=False, n_heads=3, **cheap)
+    shipped = own_task_iv(model, tokenizer, data, heads="shipped", calibrate=False, n_heads=3, **cheap)
     assert shipped.settings["head_set"]["tasks"] == ["antonym", "uppercase"] and shipped.heads == heads.top(3)
-    exact = own_task_iv(model, tokenizer, data, heads="exact", calibrate=False, n_heads=3, **cheap)
-    assert "head_set" not in exact.settings or not exact.settings["head_set"]
-    assert exact.heads != shipped.heads
+    for default in (None, "exact"):
+        exact = own_task_iv(model, tokenizer, data, heads=default, calibrate=False, n_heads=3, **cheap)
+        assert not exact.settings.get("head_set") and exact.heads != shipped.heads
     other = tiny_model("llama")  # another checkpoint's name
     assert head_set_module.shipped_head_set(other) is None
     assert head_set_module.shipped_head_set(tiny_model("qwen2")) is None
+    with pytest.raises(InvalidInputError, match="ships a head set for the default model only"):
+        own_task_iv(other, tokenizer, data, heads="shipped", calibrate=False, n_heads=3, **cheap)
 
 
 @pytest.mark.real

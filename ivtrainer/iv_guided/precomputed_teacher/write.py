@@ -248,6 +248,7 @@ def _write_part(
             input_ids = batch["input_ids"].to(device)
             prompt_end = last_prompt_positions(labels)
             # the exact store keeps the LM head's input: once its check is done, the pass ends there
+            logits: Any  # None from a pass that ended before the LM head
             logits, head_outputs = teacher(
                 input_ids, attention_mask, prompt_end, logits=top_k > 0 or head_error is None
             )
@@ -256,7 +257,7 @@ def _write_part(
                 captured.clear()
                 continue
             if vocab is None:
-                vocab = logits.shape[-1]  # type: ignore[union-attr]  # the first pass has logits
+                vocab = logits.shape[-1]  # the first pass has logits
                 if top_k >= vocab:
                     raise InvalidInputError(
                         f"teacher_top_k ({top_k}) must be smaller than the vocabulary ({vocab})"
@@ -290,7 +291,7 @@ def _write_part(
                         hidden[:8],
                         captured[1][selected][:8],
                         logits[selected][:8],
-                        *head,  # type: ignore[index, misc]
+                        *head,  # type: ignore[misc]
                     )
                 m = slice(position, position + hidden.shape[0])
                 arrays["columns"][m] = (selected[1] - starts[selected[0]]).cpu().numpy()
