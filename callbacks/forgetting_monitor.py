@@ -141,9 +141,7 @@ class ForgettingMonitorCallback(TrainerCallback):
                 f"(another dataset or tokenizer): delete {REFERENCE} from the output_dir to measure from here"
             )
         kl = {
-            direction: torch.cat(
-                [token_kl(n, r, direction) for n, r in zip(now, reference, strict=True)]
-            )
+            direction: torch.cat([token_kl(n, r, direction) for n, r in zip(now, reference, strict=True)])
             .mean()
             .item()
             for direction in ("forward", "reverse")
@@ -158,7 +156,6 @@ class ForgettingMonitorCallback(TrainerCallback):
             control.should_log = should_log
         else:
             state.log_history.append({**logs, "step": state.global_step})
-
 
     def _reference_log_probs(self) -> list[torch.Tensor]:
         if not isinstance(self._reference, Path):
