@@ -10,8 +10,8 @@ IV), ``--positions all``; or the KL at the last prompt token alone (``last_promp
 measurement is a fresh process (and a fresh output folder: no stored teacher is reused), the
 modes alternating, ``--rounds`` times; step time is the median over the timed steps (after one
 warm-up step); peak memory the VmHWM of one more process per mode, run with glibc's mmap
-threshold fixed at 64 KiB (freed memory leaves the process at once: the peak of live memory, the
-same to 1 MiB between runs; the timed processes keep glibc's defaults), the precompute pass the time from
+threshold fixed at 64 KiB (freed memory leaves the process at once: the peak of live memory; the
+timed processes keep glibc's defaults), the precompute pass the time from
 ``on_train_begin`` to the first step, also counted in plain no-grad forwards of a batch. LoRA
 (rank 8 on q_proj, v_proj: PEFT's default for Llama) and full fine-tuning. ``--disk`` also states the
 stored teacher's bytes per example for each position choice and k (``0``: the exact store of
@@ -112,8 +112,8 @@ print(json.dumps(out))
 
 
 # glibc's mmap threshold fixed: a freed tensor's memory goes back to the OS at once, so VmHWM is the
-# peak of live memory (with the adaptive threshold, the same plain run measured 1879-2034 MiB); it
-# slows allocation, so only the memory runs use it
+# peak of live memory, not of glibc's caching (its adaptive threshold keeps freed chunks); it slows
+# allocation, so only the memory runs use it
 _PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
